@@ -1,0 +1,5 @@
+import sys
+
+from hpcsgd.cli import main
+
+sys.exit(main())
