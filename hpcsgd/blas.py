@@ -1,0 +1,174 @@
+"""Pick OpenBLAS's core type before numpy loads it, when OpenBLAS misreads the CPU.
+
+numpy's bundled OpenBLAS chooses its kernels at load time from the CPU model.
+A CPU newer than the OpenBLAS build (e.g. OpenBLAS 0.3.23 on Emerald Rapids)
+is not recognised and gets the generic "Prescott" kernel: about 23 instead of
+150 GFLOP/s per core in sgemm, and Chainer training 1.9x slower. Setting
+``OPENBLAS_CORETYPE`` before the library loads fixes it, and this module does
+that when, and only when:
+
+* the user has not set ``OPENBLAS_CORETYPE`` (a user setting always wins);
+* OpenBLAS, loaded in a throw-away subprocess, reports (threadpoolctl's
+  ``architecture``) a kernel below the CPU's vector class;
+* ``/proc/cpuinfo`` flags show AVX-512 (-> ``SkylakeX``) or AVX2+FMA (-> ``Haswell``).
+
+``HPCSGD_BLAS_SELECT=0`` switches the selection off. Use from Python before anything imports numpy::
+
+    from hpcsgd.blas import select_coretype
+    print(select_coretype())          # one log line; sets os.environ when needed
+
+or from a job script (``hpcsgd train`` calls it itself)::
+
+    eval "$(python -m hpcsgd.blas --export)"
+
+This module never imports numpy in the calling process. :func:`decide` holds the
+decision logic as a pure function of its inputs (tests inject them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Iterable, Mapping, MutableMapping, Optional
+
+ENV = "OPENBLAS_CORETYPE"
+#: Set next to OPENBLAS_CORETYPE by ``--export`` so a later call knows hpcsgd chose it.
+MARK_ENV = "HPCSGD_OPENBLAS_CORETYPE_BY"
+#: ``HPCSGD_BLAS_SELECT=0`` switches the selection off.
+DISABLE_ENV = "HPCSGD_BLAS_SELECT"
+
+AVX512_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+AVX2_FLAGS = frozenset({"avx2", "fma"})
+#: OpenBLAS kernels (lower case) that use AVX-512, and those that use at least AVX2.
+AVX512_KERNELS = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+AVX2_KERNELS = AVX512_KERNELS | frozenset({"haswell", "zen", "excavator"})
+
+_PROBE = (
+    "import json, numpy, threadpoolctl\n"
+    "libs = [i for i in threadpoolctl.threadpool_info() if i.get('internal_api') == 'openblas']\n"
+    "print(json.dumps({'architecture': libs[0].get('architecture') if libs else None,\n"
+    "                  'version': libs[0].get('version') if libs else None}))\n"
+)
+
+
+def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
+    """The CPU feature flags of the first processor in ``path`` (empty when unreadable)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags") and ":" in line:
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def probe_openblas(python: str = sys.executable, environ: Optional[Mapping[str, str]] = None,
+                   timeout: float = 60.0) -> dict:
+    """``{'architecture': .., 'version': ..}`` of the OpenBLAS numpy loads, probed in a subprocess.
+
+    Values are None when numpy does not use OpenBLAS or the probe fails; the
+    caller's process and environment are left untouched.
+    """
+    env = dict(os.environ if environ is None else environ)
+    env.pop(ENV, None)
+    try:
+        out = subprocess.run([python, "-c", _PROBE], env=env, capture_output=True, text=True,
+                             timeout=timeout, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return {"architecture": None, "version": None}
+
+
+def _version_tuple(version: Optional[str]) -> tuple:
+    parts = []
+    for token in (version or "").split(".")[:3]:
+        digits = "".join(ch for ch in token if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def decide(architecture: Optional[str], cpu_flags: Iterable[str], user_value: Optional[str] = None,
+           version: Optional[str] = None) -> tuple[Optional[str], str]:
+    """Return ``(coretype to set or None, one-line reason)``; a pure function of its inputs."""
+    if user_value:
+        return None, f"hpcsgd.blas: {ENV}={user_value} set by the user; kept"
+    if not architecture:
+        return None, "hpcsgd.blas: numpy does not use OpenBLAS (or it could not be probed); nothing to select"
+    flags = frozenset(cpu_flags)
+    arch = architecture.lower()
+    if AVX512_FLAGS <= flags:
+        wanted, good = "SkylakeX", AVX512_KERNELS
+        # SkylakeX kernels are in DYNAMIC_ARCH builds from OpenBLAS 0.3.0 on.
+        if version and _version_tuple(version) < (0, 3, 0):
+            wanted, good = "Haswell", AVX2_KERNELS
+        cls = "AVX-512"
+    elif AVX2_FLAGS <= flags:
+        wanted, good, cls = "Haswell", AVX2_KERNELS, "AVX2"
+    else:
+        return None, f"hpcsgd.blas: OpenBLAS runs its {architecture} kernel; no AVX2 here; nothing to select"
+    if arch in good:
+        return None, f"hpcsgd.blas: OpenBLAS runs its {architecture} kernel on this {cls} CPU; nothing to do"
+    return wanted, (f"hpcsgd.blas: OpenBLAS {version or ''} would run its generic {architecture} kernel "
+                    f"on this {cls} CPU; selecting {ENV}={wanted} (set {ENV} yourself to override)")
+
+
+def select_coretype(environ: Optional[MutableMapping[str, str]] = None, probe=probe_openblas,
+                    cpu_flags: Optional[Iterable[str]] = None,
+                    numpy_loaded: Optional[bool] = None) -> str:
+    """Set ``environ[OPENBLAS_CORETYPE]`` when OpenBLAS would misread the CPU; return one log line.
+
+    ``environ`` defaults to ``os.environ``; ``probe`` and ``cpu_flags`` are
+    injectable for tests. Does nothing (and says so) once numpy is imported,
+    since OpenBLAS reads the variable only when it loads.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(DISABLE_ENV, "") == "0":
+        return f"hpcsgd.blas: {DISABLE_ENV}=0; OpenBLAS core type left alone"
+    user = env.get(ENV)
+    if user and env.get(MARK_ENV) == user:
+        return f"hpcsgd.blas: {ENV}={user} selected earlier by hpcsgd.blas; kept"
+    if user:
+        return decide(None, (), user_value=user)[1]
+    if numpy_loaded is None:
+        numpy_loaded = "numpy" in sys.modules
+    if numpy_loaded:
+        return f"hpcsgd.blas: numpy is already imported; {ENV} can no longer take effect (call me earlier)"
+    info = probe(environ=env)
+    flags = read_cpu_flags() if cpu_flags is None else cpu_flags
+    coretype, line = decide(info.get("architecture"), flags, version=info.get("version"))
+    if coretype:
+        env[ENV] = coretype
+        env[MARK_ENV] = coretype
+    return line
+
+
+def launcher_rank(environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """This process's rank as the MPI launcher exported it (before MPI_Init), or None."""
+    env = os.environ if environ is None else environ
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def main(argv: Optional[list] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hpcsgd.blas", description=__doc__.splitlines()[0])
+    parser.add_argument("--export", action="store_true",
+                        help="print 'export OPENBLAS_CORETYPE=..' for a shell to eval (or nothing)")
+    args = parser.parse_args(argv)
+    env = dict(os.environ)
+    line = select_coretype(env, numpy_loaded=False)
+    print(line, file=sys.stderr)
+    if args.export and env.get(ENV) and env.get(ENV) != os.environ.get(ENV):
+        print(f"export {ENV}={env[ENV]} {MARK_ENV}={env[ENV]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Batch normalisation (training and inference), optionally fused with ReLU, in numba.
+
+Layout NCHW is viewed as ``(N, C, P)`` with ``P = H * W``; every kernel runs
+one channel per task (``prange`` over C). A channel's ``N * P`` values are
+read from memory once and then stay in cache for the kernel's later passes,
+so a forward costs about one read and one write of the activation and a
+backward two reads and one write, against Chainer's chain of whole-array NumPy
+temporaries. Statistics are accumulated in float64.
+
+Training forward: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the
+batch's mean and biased variance, then ``max(y, 0)`` when ``relu``.
+Gradients (``M = N * P``, ``g = gy * (y > 0)`` with ReLU, else ``gy``)::
+
+    gbeta  = sum(g)              ggamma = sum(g * xhat)
+    gx     = gamma * invstd * (g - gbeta / M - xhat * ggamma / M)
+"""
+
+from __future__ import annotations
+
+import math
+
+import chainer
+import numpy as np
+from chainer import function_node
+from numba import prange
+
+from hpcsgd.kernels._numba import kernel
+
+
+@kernel
+def _bn_forward(x, gamma, beta, eps, relu, y, mean, var):
+    n_img, n_ch, n_pix = x.shape
+    m = n_img * n_pix
+    coef = np.empty((n_ch, 3), x.dtype)  # per-channel constants in the data's precision
+    for c in prange(n_ch):
+        s = 0.0
+        for n in range(n_img):
+            for p in range(n_pix):
+                s += x[n, c, p]
+        mu = s / m
+        ss = 0.0
+        for n in range(n_img):
+            for p in range(n_pix):
+                d = x[n, c, p] - mu
+                ss += d * d
+        v = ss / m
+        mean[c] = mu
+        var[c] = v
+        coef[c, 0] = gamma[c] / math.sqrt(v + eps)
+        coef[c, 1] = beta[c]
+        coef[c, 2] = mu
+        sc = coef[c, 0]
+        sh = coef[c, 1]
+        mu32 = coef[c, 2]
+        for n in range(n_img):
+            for p in range(n_pix):
+                t = (x[n, c, p] - mu32) * sc + sh
+                if relu:
+                    t = 0 if t < 0 else t
+                y[n, c, p] = t
+
+
+@kernel
+def _bn_backward(x, y, gy, gamma, mean, var, eps, relu, gx, ggamma, gbeta):
+    n_img, n_ch, n_pix = x.shape
+    m = n_img * n_pix
+    coef = np.empty((n_ch, 4), x.dtype)  # per-channel constants in the data's precision
+    for c in prange(n_ch):
+        mu = mean[c]
+        inv = 1.0 / math.sqrt(var[c] + eps)
+        sg = 0.0
+        sgx = 0.0
+        for n in range(n_img):
+            for p in range(n_pix):
+                g = gy[n, c, p]
+                if relu:
+                    g = g if y[n, c, p] > 0 else 0
+                sg += g
+                sgx += g * (x[n, c, p] - mu)
+        gb = sg
+        gg = sgx * inv
+        gbeta[c] = gb
+        ggamma[c] = gg
+        k = gamma[c] * inv
+        coef[c, 0] = k
+        coef[c, 1] = -k * gb / m
+        coef[c, 2] = -k * gg * inv / m
+        coef[c, 3] = mu
+        a = coef[c, 0]
+        b = coef[c, 1]
+        cx = coef[c, 2]
+        mu32 = coef[c, 3]
+        for n in range(n_img):
+            for p in range(n_pix):
+                g = gy[n, c, p]
+                if relu:
+                    g = g if y[n, c, p] > 0 else 0
+                gx[n, c, p] = a * g + cx * (x[n, c, p] - mu32) + b
+
+
+@kernel
+def _affine_forward(x, scale, shift, relu, y):
+    n_img, n_ch, n_pix = x.shape
+    for c in prange(n_ch):
+        sc = scale[c]
+        sh = shift[c]
+        for n in range(n_img):
+            for p in range(n_pix):
+                t = x[n, c, p] * sc + sh
+                if relu:
+                    t = 0 if t < 0 else t
+                y[n, c, p] = t
+
+
+@kernel
+def _affine_backward(x, y, gy, scale, mean, relu, gx, sum_g, sum_gxc):
+    n_img, n_ch, n_pix = x.shape
+    for c in prange(n_ch):
+        sc = scale[c]
+        mu = mean[c]
+        sg = 0.0
+        sgx = 0.0
+        for n in range(n_img):
+            for p in range(n_pix):
+                g = gy[n, c, p]
+                if relu:
+                    g = g if y[n, c, p] > 0 else 0
+                sg += g
+                sgx += g * (x[n, c, p] - mu)
+                gx[n, c, p] = g * sc
+        sum_g[c] = sg
+        sum_gxc[c] = sgx
+
+
+def _as_ncp(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def _check(x, gamma):
+    if x.ndim < 2 or gamma.shape != (x.shape[1],):
+        raise ValueError(f"batch_norm: gamma of shape {gamma.shape} does not match input {x.shape}")
+
+
+class BatchNorm(function_node.FunctionNode):
+    """Training-mode batch normalisation with batch statistics (optionally + ReLU).
+
+    After ``apply``, ``self.mean`` and ``self.var`` hold the batch's per-channel
+    mean and biased variance (float32 arrays).
+    """
+
+    def __init__(self, eps: float = 2e-5, relu: bool = False):
+        self.eps = float(eps)
+        self.relu = bool(relu)
+
+    def forward_cpu(self, inputs):
+        x, gamma, beta = inputs
+        _check(x, gamma)
+        x3 = _as_ncp(x)
+        y = np.empty(x.shape, dtype=x.dtype)
+        mean = np.empty(x.shape[1], np.float64)
+        var = np.empty(x.shape[1], np.float64)
+        _bn_forward(x3, gamma, beta, self.eps, self.relu, y.reshape(x3.shape), mean, var)
+        self._mean64, self._var64 = mean, var
+        self.mean, self.var = mean.astype(x.dtype), var.astype(x.dtype)
+        self.retain_inputs((0, 1))
+        if self.relu:
+            self.retain_outputs((0,))
+        return (y,)
+
+    def backward(self, indexes, grad_outputs):
+        x, gamma = (v.array for v in self.get_retained_inputs())
+        x3 = _as_ncp(x)
+        y3 = _as_ncp(self.get_retained_outputs()[0].array) if self.relu else x3
+        gy3 = _as_ncp(grad_outputs[0].array)
+        gx = np.empty(x.shape, dtype=x.dtype)
+        ggamma = np.empty(gamma.shape, np.float64)
+        gbeta = np.empty(gamma.shape, np.float64)
+        _bn_backward(x3, y3, gy3, gamma, self._mean64, self._var64, self.eps, self.relu,
+                     gx.reshape(x3.shape), ggamma, gbeta)
+        out = (gx, ggamma.astype(gamma.dtype), gbeta.astype(gamma.dtype))
+        return tuple(chainer.Variable(out[i]) for i in indexes)
+
+
+class FixedBatchNorm(function_node.FunctionNode):
+    """Inference batch normalisation with given statistics (optionally + ReLU)."""
+
+    def __init__(self, eps: float = 2e-5, relu: bool = False):
+        self.eps = float(eps)
+        self.relu = bool(relu)
+
+    def forward_cpu(self, inputs):
+        x, gamma, beta, mean, var = inputs
+        _check(x, gamma)
+        x3 = _as_ncp(x)
+        self._inv = 1.0 / np.sqrt(var.astype(np.float64) + self.eps)
+        scale = gamma * self._inv
+        shift = beta - mean * scale
+        y = np.empty(x.shape, dtype=x.dtype)
+        _affine_forward(x3, scale.astype(x.dtype), shift.astype(x.dtype), self.relu, y.reshape(x3.shape))
+        self.retain_inputs((0, 1, 3))
+        if self.relu:
+            self.retain_outputs((0,))
+        return (y,)
+
+    def backward(self, indexes, grad_outputs):
+        x, gamma, mean = (v.array for v in self.get_retained_inputs())
+        x3 = _as_ncp(x)
+        y3 = _as_ncp(self.get_retained_outputs()[0].array) if self.relu else x3
+        gy3 = _as_ncp(grad_outputs[0].array)
+        scale = (gamma * self._inv).astype(x.dtype)
+        gx = np.empty(x.shape, dtype=x.dtype)
+        sum_g = np.empty(gamma.shape, np.float64)
+        sum_gxc = np.empty(gamma.shape, np.float64)
+        _affine_backward(x3, y3, gy3, scale, mean.astype(np.float64), self.relu, gx.reshape(x3.shape),
+                         sum_g, sum_gxc)
+        inv = self._inv
+        ggamma = sum_gxc * inv
+        gmean = -gamma * inv * sum_g
+        gvar = -0.5 * gamma * inv**3 * sum_gxc
+        dt = gamma.dtype
+        out = (gx, ggamma.astype(dt), sum_g.astype(dt), gmean.astype(dt), gvar.astype(dt))
+        return tuple(chainer.Variable(out[i]) for i in indexes)
+
+
+def batch_norm(x, gamma, beta, eps=2e-5, relu=False):
+    """ops contract: ``(y, mean, var)`` with plain per-channel arrays (biased variance)."""
+    node = BatchNorm(eps, relu)
+    (y,) = node.apply((x, gamma, beta))
+    return y, node.mean, node.var
+
+
+def fixed_batch_norm(x, gamma, beta, mean, var, eps=2e-5, relu=False):
+    """ops contract: inference-mode normalisation with the given statistics."""
+    return FixedBatchNorm(eps, relu).apply((x, gamma, beta, mean, var))[0]

@@ -1,0 +1,213 @@
+"""2-D convolution on NumPy: GEMMs on layouts that need no pad, transpose or reshape copies.
+
+Two layouts, chosen per call from the output's pixel count ``P = Ho * Wo``:
+
+* per-image (``P >= BATCHED_BELOW``): the patch matrix is ``col[n]`` of shape
+  ``(K, P)`` with ``K = Cin * kh * kw``, and ``y[n] = W @ col[n]`` lands in
+  NCHW directly (one stacked ``matmul``, one GEMM per image). A 1x1, stride-1,
+  unpadded convolution uses ``x[n]`` itself as ``col[n]``: a direct GEMM with no
+  im2col at all.
+* batched (small ``P``, the late stages): one GEMM ``(Cout, K) @ (K, N * P)``
+  instead of N skinny ones, whose efficiency collapses at ``P`` of 4-49;
+  the output is then moved to NCHW by a parallel copy (cheap at small ``P``).
+
+im2col/col2im are numba kernels, parallel over (image, channel), that test
+the padding bounds instead of padding a copy of the input; col2im zero-fills
+each output plane in the thread that accumulates into it. The forward patch
+matrix is kept for the weight gradient (no second im2col in backward).
+"""
+
+from __future__ import annotations
+
+import os
+
+import chainer
+import numpy as np
+from chainer import function_node
+from numba import prange
+
+from hpcsgd.kernels._numba import kernel
+
+#: Output pixel count below which the batched (one GEMM per layer) layout is used.
+BATCHED_BELOW = int(os.environ.get("HPCSGD_CONV_BATCHED_BELOW", "128"))
+
+
+@kernel
+def _im2col(x, col, kh, kw, sy, sx, ph, pw):
+    """``col[n, c, i, j, oy, ox] = x[n, c, oy*sy + i - ph, ox*sx + j - pw]`` or 0 outside."""
+    n_img, n_ch, h, w = x.shape
+    ho = col.shape[4]
+    wo = col.shape[5]
+    for nc in prange(n_img * n_ch):
+        n = nc // n_ch
+        c = nc % n_ch
+        for i in range(kh):
+            for j in range(kw):
+                # ox range whose input column lies inside [0, w)
+                lo = max(0, (pw - j + sx - 1) // sx)
+                hi = min(wo, (w - 1 + pw - j) // sx + 1)
+                hi = max(hi, lo)
+                for oy in range(ho):
+                    iy = oy * sy + i - ph
+                    if iy < 0 or iy >= h:
+                        for ox in range(wo):
+                            col[n, c, i, j, oy, ox] = 0
+                        continue
+                    for ox in range(lo):
+                        col[n, c, i, j, oy, ox] = 0
+                    base = j - pw
+                    for ox in range(lo, hi):
+                        col[n, c, i, j, oy, ox] = x[n, c, iy, ox * sx + base]
+                    for ox in range(hi, wo):
+                        col[n, c, i, j, oy, ox] = 0
+
+
+@kernel
+def _col2im(col, gx, kh, kw, sy, sx, ph, pw):
+    """Adjoint of :func:`_im2col`: ``gx`` (overwritten) accumulates every patch entry."""
+    n_img, n_ch, h, w = gx.shape
+    ho = col.shape[4]
+    wo = col.shape[5]
+    for nc in prange(n_img * n_ch):
+        n = nc // n_ch
+        c = nc % n_ch
+        for iy in range(h):
+            for ix in range(w):
+                gx[n, c, iy, ix] = 0
+        for i in range(kh):
+            for j in range(kw):
+                lo = max(0, (pw - j + sx - 1) // sx)
+                hi = min(wo, (w - 1 + pw - j) // sx + 1)
+                base = j - pw
+                for oy in range(ho):
+                    iy = oy * sy + i - ph
+                    if iy < 0 or iy >= h:
+                        continue
+                    for ox in range(lo, hi):
+                        gx[n, c, iy, ox * sx + base] += col[n, c, i, j, oy, ox]
+
+
+@kernel
+def _swap01(a, out):
+    """``out[j, i, :] = a[i, j, :]`` for 3-D arrays (NCP <-> CNP), parallel over rows."""
+    d0, d1, d2 = a.shape
+    for ij in prange(d0 * d1):
+        i = ij // d1
+        j = ij % d1
+        for k in range(d2):
+            out[j, i, k] = a[i, j, k]
+
+
+def swap01(a: np.ndarray) -> np.ndarray:
+    """A contiguous copy of ``a.transpose(1, 0, 2)``."""
+    a = np.ascontiguousarray(a)
+    out = np.empty((a.shape[1], a.shape[0], a.shape[2]), dtype=a.dtype)
+    _swap01(a, out)
+    return out
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        a, b = v
+        return int(a), int(b)
+    return int(v), int(v)
+
+
+class Conv2D(function_node.FunctionNode):
+    """``y = conv2d(x, W) + b`` for NCHW NumPy arrays (no dilation, no groups)."""
+
+    def __init__(self, stride=1, pad=0):
+        self.sy, self.sx = _pair(stride)
+        self.ph, self.pw = _pair(pad)
+
+    def forward_cpu(self, inputs):
+        x, W = inputs[0], inputs[1]
+        b = inputs[2] if len(inputs) == 3 else None
+        if x.ndim != 4 or W.ndim != 4 or x.shape[1] != W.shape[1]:
+            raise ValueError(f"conv2d: input {x.shape} and weight {W.shape} do not match (NCHW, OIHW)")
+        n, c, h, w = x.shape
+        cout, _, kh, kw = W.shape
+        ho = (h + 2 * self.ph - kh) // self.sy + 1
+        wo = (w + 2 * self.pw - kw) // self.sx + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"conv2d: kernel {kh}x{kw}, pad {self.ph},{self.pw} does not fit input {h}x{w}")
+        p = ho * wo
+        k = c * kh * kw
+        self.x_shape = x.shape
+        self.out_hw = (ho, wo)
+        self.direct = kh == 1 and kw == 1 and self.sy == 1 and self.sx == 1 and self.ph == 0 and self.pw == 0
+        self.batched = p < BATCHED_BELOW
+        x = np.ascontiguousarray(x)
+        W2 = np.ascontiguousarray(W).reshape(cout, k)
+        if self.batched:
+            # col: (K, N*P); y = W2 @ col is (Cout, N, P) and is swapped to NCHW.
+            if self.direct:
+                col = swap01(x.reshape(n, c, p)).reshape(k, n * p)
+            else:
+                col = np.empty((k, n * p), dtype=x.dtype)
+                view = col.reshape(c, kh, kw, n, ho, wo).transpose(3, 0, 1, 2, 4, 5)
+                _im2col(x, view, kh, kw, self.sy, self.sx, self.ph, self.pw)
+            y = swap01((W2 @ col).reshape(cout, n, p))
+        else:
+            if self.direct:
+                col = x.reshape(n, k, p)
+            else:
+                col = np.empty((n, k, p), dtype=x.dtype)
+                _im2col(x, col.reshape(n, c, kh, kw, ho, wo), kh, kw, self.sy, self.sx, self.ph, self.pw)
+            y = np.matmul(W2, col)
+        self.col = col
+        if b is not None:
+            y += b.reshape(1, cout, 1)
+        self.retain_inputs((1,))
+        return (y.reshape(n, cout, ho, wo),)
+
+    def backward(self, indexes, grad_outputs):
+        (W,) = self.get_retained_inputs()
+        W = W.array
+        cout, c, kh, kw = W.shape
+        n, _, h, w = self.x_shape
+        ho, wo = self.out_hw
+        p, k = ho * wo, c * kh * kw
+        W2 = np.ascontiguousarray(W).reshape(cout, k)
+        gy = np.ascontiguousarray(grad_outputs[0].array).reshape(n, cout, p)
+        col = self.col
+        out = {}
+        if self.batched:
+            gyt = swap01(gy).reshape(cout, n * p)
+            if 1 in indexes:
+                out[1] = (gyt @ col.T).reshape(W.shape)
+            if 0 in indexes:
+                gcol = W2.T @ gyt
+                if self.direct:
+                    gx = swap01(gcol.reshape(c, n, p))
+                else:
+                    gx = np.empty(self.x_shape, dtype=gy.dtype)
+                    view = gcol.reshape(c, kh, kw, n, ho, wo).transpose(3, 0, 1, 2, 4, 5)
+                    _col2im(view, gx, kh, kw, self.sy, self.sx, self.ph, self.pw)
+                out[0] = gx.reshape(self.x_shape)
+        else:
+            if 1 in indexes:
+                gW = gy[0] @ col[0].T
+                tmp = np.empty_like(gW)
+                for i in range(1, n):
+                    np.matmul(gy[i], col[i].T, out=tmp)
+                    gW += tmp
+                out[1] = gW.reshape(W.shape)
+            if 0 in indexes:
+                gcol = np.matmul(W2.T, gy)
+                if self.direct:
+                    gx = gcol
+                else:
+                    gx = np.empty(self.x_shape, dtype=gy.dtype)
+                    view = gcol.reshape(n, c, kh, kw, ho, wo)
+                    _col2im(view, gx, kh, kw, self.sy, self.sx, self.ph, self.pw)
+                out[0] = gx.reshape(self.x_shape)
+        if 2 in indexes:
+            out[2] = gy.sum(axis=(0, 2))
+        return tuple(chainer.Variable(out[i]) for i in indexes)
+
+
+def conv2d(x, W, b=None, stride=1, pad=0):
+    """ops contract: NCHW convolution of NumPy inputs, a ``chainer.Variable`` out."""
+    inputs = (x, W) if b is None else (x, W, b)
+    return Conv2D(stride, pad).apply(inputs)[0]

@@ -1,0 +1,90 @@
+"""ReLU and the residual join ``relu(a + b)`` as single-pass numba kernels.
+
+Both keep Chainer's semantics: ``relu(NaN) = NaN`` (non-finite values reach the
+loss and the gradients), and the gradient is ``gy * (y > 0)``. The residual
+join's two input gradients are one array, shared (Chainer sums gradients out of
+place, so sharing is safe).
+"""
+
+from __future__ import annotations
+
+import chainer
+import numpy as np
+from chainer import function_node
+from numba import prange
+
+from hpcsgd.kernels._numba import kernel
+
+
+@kernel
+def _relu_forward(x, y):
+    for i in prange(x.size):
+        v = x[i]
+        y[i] = 0 if v < 0 else v
+
+
+@kernel
+def _add_relu_forward(a, b, y):
+    for i in prange(a.size):
+        v = a[i] + b[i]
+        y[i] = 0 if v < 0 else v
+
+
+@kernel
+def _relu_backward(y, gy, gx):
+    for i in prange(y.size):
+        gx[i] = gy[i] if y[i] > 0 else 0
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def relu_backward(y: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """``gy * (y > 0)`` in one pass (arrays of the same shape)."""
+    gx = np.empty(y.shape, dtype=gy.dtype)
+    _relu_backward(_flat(y), _flat(gy), gx.reshape(-1))
+    return gx
+
+
+class ReLU(function_node.FunctionNode):
+    """``max(x, 0)``; retains its output for the gradient mask."""
+
+    def forward_cpu(self, inputs):
+        (x,) = inputs
+        y = np.empty(x.shape, dtype=x.dtype)
+        _relu_forward(_flat(x), y.reshape(-1))
+        self.retain_outputs((0,))
+        return (y,)
+
+    def backward(self, indexes, grad_outputs):
+        (y,) = self.get_retained_outputs()
+        return (chainer.Variable(relu_backward(y.array, grad_outputs[0].array)),)
+
+
+class AddReLU(function_node.FunctionNode):
+    """``max(a + b, 0)``: the residual join of a ResNet block, one pass, no temporary."""
+
+    def forward_cpu(self, inputs):
+        a, b = inputs
+        if a.shape != b.shape:
+            raise ValueError(f"add_relu needs equal shapes, got {a.shape} and {b.shape}")
+        y = np.empty(a.shape, dtype=np.result_type(a.dtype, b.dtype))
+        _add_relu_forward(_flat(a), _flat(b), y.reshape(-1))
+        self.retain_outputs((0,))
+        return (y,)
+
+    def backward(self, indexes, grad_outputs):
+        (y,) = self.get_retained_outputs()
+        g = chainer.Variable(relu_backward(y.array, grad_outputs[0].array))
+        return tuple(g for _ in indexes)
+
+
+def relu(x):
+    """ReLU on NumPy inputs (a ``chainer.Variable`` out)."""
+    return ReLU().apply((x,))[0]
+
+
+def add_relu(a, b):
+    """``relu(a + b)`` on NumPy inputs."""
+    return AddReLU().apply((a, b))[0]
