@@ -1,0 +1,238 @@
+"""Fit the model's parameters to this machine and report its error on measured cases.
+
+Sources, in order of preference:
+
+* allreduce alpha/beta: ``benchmarks/results/allreduce.json`` (COMM-ALGO's benchmark) when it
+  has (bytes, seconds) points for 2 ranks; else this module's own measurement
+  (``mpiexec -n 2 python -m hpcsgd.perfmodel.calibrate``: ``MPI_Allreduce`` of float32
+  buffers from 4 KiB to 32 MiB, median of repeats) stored in
+  ``benchmarks/results/predict_calibration.json``;
+* pack bandwidth: a timed float32 -> float16 copy (the cast the packer does);
+* compute: ``benchmarks/results/scaling.json`` 1-rank phases (forward + backward per image,
+  update) for each model.
+
+The fit is least squares on relative error of ``T(n) = c_alpha(p) alpha + c_beta(p, n) beta``
+with the algorithm's coefficients (ring at p = 2: 2 alpha + n beta).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .costs import Level
+from .model import Cluster, Device, Workload, predict
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+CALIBRATION = RESULTS / "predict_calibration.json"
+
+# Used only when nothing was measured yet (ASSUMPTION: a 2-core VM, MPICH shared memory).
+DEFAULT_SHM = {"alpha": 2e-6, "beta": 1 / 3e9}
+DEFAULT_MEM_BW = 5e9
+
+
+def fit_alpha_beta(points: list[tuple[float, float]], p: int = 2) -> dict[str, float]:
+    """Fit ring-allreduce alpha (s) and beta (s/B) to (bytes, seconds) points of p ranks.
+
+    Coefficients: T = 2(p-1) alpha + 2(p-1)/p n beta. Minimises relative error so
+    small messages (latency) and large ones (bandwidth) both count.
+    """
+    if len(points) < 2:
+        raise ValueError("need at least two (bytes, seconds) points to fit alpha and beta")
+    n = np.array([b for b, _ in points], dtype=float)
+    t = np.array([s for _, s in points], dtype=float)
+    a = np.stack([np.full_like(n, 2 * (p - 1)), 2 * (p - 1) / p * n], axis=1) / t[:, None]
+    coef, *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
+    alpha, beta = float(max(coef[0], 0.0)), float(max(coef[1], 1e-15))
+    pred = 2 * (p - 1) * alpha + 2 * (p - 1) / p * n * beta
+    return {"alpha": alpha, "beta": beta, "max_rel_error": float(np.max(np.abs(pred / t - 1))),
+            "median_rel_error": float(np.median(np.abs(pred / t - 1)))}
+
+
+def measure_cast_bandwidth(n: int = 4_000_000, repeats: int = 7) -> float:
+    """Bytes/s of the float32 -> float16 copy the packer does (read 4 B, write 2 B per element)."""
+    src = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    dst = np.empty(n, np.float16)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src, casting="same_kind")
+        times.append(time.perf_counter() - t0)
+    return 6 * n / statistics.median(times)
+
+
+def measure_allreduce(comm, sizes=tuple(4096 << (2 * i) for i in range(7)), repeats: int = 9) -> list:
+    """(bytes, median seconds) of ``MPI_Allreduce`` on float32 buffers, timed on rank 0."""
+    from mpi4py import MPI
+
+    out = []
+    for nbytes in sizes:
+        buf = np.ones(nbytes // 4, np.float32)
+        res = np.empty_like(buf)
+        comm.Allreduce(buf, res, op=MPI.SUM)  # warm-up
+        times = []
+        for _ in range(repeats):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            comm.Allreduce(buf, res, op=MPI.SUM)
+            times.append(time.perf_counter() - t0)
+        times = comm.allreduce(statistics.median(times), op=MPI.MAX)
+        out.append((nbytes, times))
+    return out
+
+
+def points_from_allreduce_json(path: Path = RESULTS / "allreduce.json", ranks: int = 2) -> list | None:
+    """(bytes, seconds) points for ``ranks`` ranks from COMM-ALGO's allreduce benchmark, if usable.
+
+    Accepts records with a size in bytes and a median time in seconds under common
+    key names; returns None when the file is missing or has no usable points.
+    """
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    records = data.get("results", data.get("records", data)) if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        return None
+    pts = {}
+    for r in records:
+        if not isinstance(r, dict):
+            continue
+        n = r.get("ranks", r.get("size", r.get("n")))
+        nbytes = r.get("bytes", r.get("nbytes", r.get("message_bytes")))
+        sec = r.get("median_s", r.get("seconds", r.get("time_s")))
+        comm = str(r.get("communicator", r.get("algorithm", "")))
+        dtype = str(r.get("dtype", r.get("wire_dtype", "float32")))
+        if n != ranks or nbytes is None or sec is None or "32" not in dtype:
+            continue
+        if comm and comm not in ("flat", "mpi", "hierarchical", "MPI_Allreduce"):
+            continue
+        pts.setdefault(int(nbytes), []).append(float(sec))
+    if len(pts) < 2:
+        return None
+    return sorted((b, min(v)) for b, v in pts.items())
+
+
+def measured_overlap(path: Path = RESULTS / "overlap.json") -> float | None:
+    """Overlap fraction from COMM-BASE's overlap benchmark, when it reports one."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("overlap_fraction", "hidden_fraction", "overlap"):
+        v = data.get(key) if isinstance(data, dict) else None
+        if isinstance(v, (int, float)) and 0 <= v <= 1:
+            return float(v)
+    return None
+
+
+def load_calibration(path: Path = CALIBRATION) -> dict:
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass
+    return {}
+
+
+def local_cluster(calibration: dict | None = None, per_image_s: float = 0.01, fixed_s: float = 0.0,
+                  backward_fraction: float = 2 / 3) -> Cluster:
+    """This machine as a 'cluster': one node of 2 cores, MPICH shared memory between ranks.
+
+    The emulated 2-host cluster (tests/cluster) is modelled as 2 nodes of 2 with the same
+    level between nodes unless the calibration has an ``inter`` fit.
+    """
+    cal = load_calibration() if calibration is None else calibration
+    shm = cal.get("shm", DEFAULT_SHM)
+    inter = cal.get("inter", shm)
+    src = cal.get("source", "ASSUMPTION: defaults, nothing measured yet")
+    intra = Level("MPICH shared memory (this machine)", alpha=shm["alpha"], beta=shm["beta"],
+                  sources={"alpha": src, "beta": src})
+    inter_level = Level("emulated inter-host (this machine)", alpha=inter["alpha"], beta=inter["beta"],
+                        sources={"alpha": src, "beta": src})
+    dev = Device("this machine, 1 core per rank", per_image_s=per_image_s, fixed_s=fixed_s,
+                 mem_bandwidth=cal.get("mem_bandwidth", DEFAULT_MEM_BW), backward_fraction=backward_fraction,
+                 sources={"per_image_s": "benchmarks/results/scaling.json (1 rank)",
+                          "mem_bandwidth": "timed float32->float16 copy"})
+    return Cluster("local", "this machine: 2 cores, MPICH shared memory", device=dev, devices_per_node=2,
+                   intra=intra, inter=inter_level, max_devices=4, communicator="hierarchical",
+                   inter_algorithm="ring", wire_dtype="float32", overlap=0.0,
+                   update_bytes_per_param=20.0, sources={"all": src})
+
+
+def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
+    """Predicted vs. measured iteration time for every multi-rank hpcsgd config in scaling.json.
+
+    Compute (forward + backward per image, update) is taken from the 1-rank run of the same
+    model; the multi-rank runs are then predicted from the calibrated communication model.
+    """
+    rows = []
+    configs = scaling.get("configs", [])
+    singles = {(c["model"], c.get("framework", "hpcsgd")): c for c in configs if c["ranks"] == 1}
+    for c in configs:
+        if c["ranks"] == 1 or c.get("framework", "hpcsgd") != "hpcsgd":
+            continue
+        one = singles.get((c["model"], "hpcsgd"))
+        if one is None:
+            continue
+        ph = one["phases_s"]
+        b = one["per_rank_batch"]
+        fb = ph.get("forward", 0) + ph.get("backward", 0)
+        cluster = local_cluster(calibration, per_image_s=fb / b,
+                                backward_fraction=ph.get("backward", 0) / fb if fb else 2 / 3)
+        cluster = _replace_update(cluster, ph.get("update", 0.0), c["params"])
+        wl = Workload(c["model"], params=c["params"], param_arrays=c.get("param_arrays", 1),
+                      dataset_images=10**6)
+        nodes = c.get("nodes", 1)
+        from dataclasses import replace
+
+        cl = replace(cluster, devices_per_node=c["ranks"] // nodes, max_devices=max(4, c["ranks"]))
+        p = predict(cl, c["ranks"], b * c["ranks"], 1, wl, communicator=c.get("communicator", "hierarchical"),
+                    wire_dtype=c.get("wire_dtype", "float32"), overlap=c.get("overlap_fraction", 0.0))
+        measured = c["iteration_s"]
+        rows.append({"model": c["model"], "ranks": c["ranks"], "nodes": nodes, "measured_s": measured,
+                     "predicted_s": p.iteration_s, "error": p.iteration_s / measured - 1,
+                     "predicted_comm_s": p.comm_s, "measured_comm_s": sum(
+                         c["phases_s"].get(k, 0) for k in ("pack", "allreduce", "unpack"))})
+    return rows
+
+
+def _replace_update(cluster: Cluster, update_s: float, params: int) -> Cluster:
+    """Set update_bytes_per_param so the model's update time equals the measured one."""
+    from dataclasses import replace
+
+    if update_s <= 0 or params <= 0:
+        return cluster
+    return replace(cluster, update_bytes_per_param=update_s * cluster.device.mem_bandwidth / params)
+
+
+def main() -> None:
+    """Under mpiexec -n 2: measure allreduce and cast bandwidth, write predict_calibration.json."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    pts = measure_allreduce(comm)
+    bw = measure_cast_bandwidth()
+    if comm.rank == 0:
+        fit = fit_alpha_beta(pts, comm.size)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = {"source": f"hpcsgd.perfmodel.calibrate: MPI_Allreduce float32, {comm.size} ranks, median of 9",
+               "ranks": comm.size, "points": pts, "shm": {"alpha": fit["alpha"], "beta": fit["beta"]},
+               "fit": fit, "mem_bandwidth": bw, "loadavg": os.getloadavg(),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        CALIBRATION.write_text(json.dumps(out, indent=1))
+        print(json.dumps({k: out[k] for k in ("shm", "fit", "mem_bandwidth", "loadavg")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
