@@ -12,7 +12,7 @@ so the small run's communication is not double-counted as compute:
 
 * P100 (SXM2, Caffe2): Goyal's 8-GPU server. G1: an epoch takes ~30 s on 352
   GPUs (kn = 11,264, 113.7 iterations/epoch -> 0.264 s/iteration) and the
-  time per iteration rises 12% from kn = 256 to 11k -> 0.2357 s/iteration at
+  time per iteration rises 12% from kn = 256 to 11k -> 0.2355 s/iteration at
   8 GPUs x 32 images (DERIVED).
 * P100 (PCIe, MN-1): the SXM2 figure scaled by the FP64 peak ratio 5.3/4.7
   TFLOPS (4.7 from A3; 5.3 SXM2 data sheet, ASSUMPTION) and by the assumption
@@ -35,7 +35,7 @@ ASSUMPTION = "ASSUMPTION"
 
 _P100_SXM2 = Device(
     "P100-SXM2 (Caffe2)", per_image_s=7e-3, fixed_s=0.010, mem_bandwidth=5.0e11,
-    sources={"per_image_s": "DERIVED from G1 8-GPU iteration 0.2357 s (see module doc)",
+    sources={"per_image_s": "DERIVED from G1 8-GPU iteration 0.2355 s (see module doc)",
              "fixed_s": "ASSUMPTION: ~160 layers x fwd/bwd x ~30 us launch/framework overhead",
              "mem_bandwidth": "ASSUMPTION: ~70% of the 732 GB/s HBM2 data-sheet peak",
              "backward_fraction": "ASSUMPTION: backward ~2x forward (common rule of thumb)"})

@@ -1,0 +1,202 @@
+"""Performance model: formulas against hand computation, published runs, monotonicity, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from hpcsgd.cli import main as hpcsgd_main
+from hpcsgd.errors import ConfigError
+from hpcsgd.perfmodel import PUBLISHED, RESNET50, Level, allreduce_cost, get_cluster, pack_cost, predict
+from hpcsgd.perfmodel.costs import halving_doubling_allreduce, ring_allreduce
+from hpcsgd.perfmodel.model import derive_per_image_s
+
+LINK = Level("test", alpha=2e-6, beta=1e-10, gamma=1e-11)
+
+
+# -- formulas -------------------------------------------------------------------------
+
+def test_ring_matches_hand_computation():
+    n, p = 100e6, 16
+    c = ring_allreduce(n, p, LINK)
+    assert c.latency == pytest.approx(2 * 15 * 2e-6)
+    assert c.bandwidth == pytest.approx(2 * 15 / 16 * 100e6 * 1e-10)
+    assert c.reduction == pytest.approx(15 / 16 * 100e6 * 1e-11)
+    assert ring_allreduce(n, 1, LINK).total == 0.0
+
+
+def test_halving_doubling_latency_is_logarithmic_and_bandwidth_equals_ring():
+    n = 64e6
+    for p in (2, 8, 64, 1024):
+        hd, ring = halving_doubling_allreduce(n, p, LINK), ring_allreduce(n, p, LINK)
+        assert hd.latency == pytest.approx(2 * math.log2(p) * LINK.alpha)
+        assert hd.bandwidth == pytest.approx(ring.bandwidth)
+    # Non-power-of-two pays the fold-in/out exchange: strictly more than the next power of two down.
+    assert halving_doubling_allreduce(n, 48, LINK).total > halving_doubling_allreduce(n, 32, LINK).total
+
+
+def test_thin_tree_oversubscription_hurts_halving_doubling_not_ring():
+    thin = replace(LINK, group_size=16, oversubscription=4.0)
+    n, p = 50e6, 128
+    assert ring_allreduce(n, p, thin).total == pytest.approx(ring_allreduce(n, p, LINK).total)
+    hd_thin, hd_full = halving_doubling_allreduce(n, p, thin), halving_doubling_allreduce(n, p, LINK)
+    # Distances 64, 32, 16 cross groups: bytes n/2 + n/4 + n/8 at 4x beta, n/16 + ... at 1x (both phases).
+    crossing = 2 * n * (1 / 2 + 1 / 4 + 1 / 8) * 4.0 * LINK.beta
+    local = 2 * n * (1 / 16 + 1 / 32 + 1 / 64 + 1 / 128) * LINK.beta
+    assert hd_thin.bandwidth == pytest.approx(crossing + local)
+    assert hd_thin.latency == hd_full.latency
+
+
+@pytest.mark.parametrize("comm", ["ring", "hierarchical", "two_dimensional", "naive"])
+def test_fp16_halves_bandwidth_term_and_keeps_latency(comm):
+    intra, inter = Level("i", 5e-6, 1e-10, 1e-11), Level("x", 6e-6, 2e-10, 1e-11, rails=2)
+    c32 = allreduce_cost(comm, 4 * RESNET50.params, 16, 8, intra, inter, "ring", RESNET50.param_arrays)
+    c16 = allreduce_cost(comm, 2 * RESNET50.params, 16, 8, intra, inter, "ring", RESNET50.param_arrays)
+    assert c16.bandwidth == pytest.approx(c32.bandwidth / 2)
+    assert c16.reduction == pytest.approx(c32.reduction / 2)
+    assert c16.latency == pytest.approx(c32.latency)
+
+
+def test_pack_cost_counts_bytes_and_launches():
+    assert pack_cost(1000, 4, 2, 1e9) == pytest.approx(2 * 1000 * 6 / 1e9)
+    batched = pack_cost(10**6, 4, 4, 1e10, param_arrays=161, per_array_s=5e-6, batched=True)
+    unbatched = pack_cost(10**6, 4, 4, 1e10, param_arrays=161, per_array_s=5e-6, batched=False)
+    assert unbatched - batched == pytest.approx(2 * 160 * 5e-6)
+
+
+def test_bad_inputs_name_the_cause():
+    with pytest.raises(ValueError, match="communicator"):
+        allreduce_cost("bogus", 1e6, 2, 1, None, LINK)
+    with pytest.raises(ValueError, match="divisible"):
+        predict(get_cluster("mn1"), 1024, 1000)
+    with pytest.raises(ValueError, match="overlap"):
+        predict(get_cluster("mn1"), 8, 256, overlap=1.5)
+    with pytest.raises(ValueError, match="beta"):
+        Level("bad", alpha=1e-6, beta=0.0)
+
+
+# -- model ----------------------------------------------------------------------------
+
+def _scaled(cluster, factor):
+    """The cluster with every link ``factor`` times faster (beta / factor)."""
+    intra = replace(cluster.intra, beta=cluster.intra.beta / factor) if cluster.intra else None
+    return replace(cluster, intra=intra, inter=replace(cluster.inter, beta=cluster.inter.beta / factor))
+
+
+@pytest.mark.parametrize("name", ["mn1", "bigbasin", "stampede2"])
+def test_more_bandwidth_is_never_slower(name):
+    c = get_cluster(name)
+    for comm in ("ring", "hierarchical", "two_dimensional"):
+        for dtype in ("float16", "float32"):
+            for d in (c.devices_per_node, 64, 1024, 16384):
+                times = [predict(_scaled(c, f), d, 32 * d, communicator=comm, wire_dtype=dtype).iteration_s
+                         for f in (0.5, 1, 2, 8)]
+                assert all(a >= b for a, b in zip(times, times[1:])), (comm, dtype, d, times)
+                fp16 = predict(c, d, 32 * d, communicator=comm, wire_dtype="float16").iteration_s
+                fp32 = predict(c, d, 32 * d, communicator=comm, wire_dtype="float32").iteration_s
+                assert fp16 <= fp32
+
+
+def test_overlap_hides_at_most_backward():
+    c = get_cluster("bigbasin")
+    none, full = predict(c, 256, 8192, overlap=0.0), predict(c, 256, 8192, overlap=1.0)
+    assert none.exposed_comm_s == pytest.approx(none.comm_s)
+    assert full.exposed_comm_s == pytest.approx(max(0.0, full.comm_s - full.backward_s))
+    slow = replace(c, inter=replace(c.inter, beta=c.inter.beta * 100))
+    p = predict(slow, 256, 8192, overlap=1.0)
+    assert p.exposed_comm_s == pytest.approx(p.comm_s - p.backward_s)
+    assert none.time_to_train_s > full.time_to_train_s
+
+
+def test_single_device_has_no_communication_and_full_efficiency():
+    p = predict(get_cluster("mn1"), 1, 32)
+    assert p.comm_s == 0 and p.exposed_comm_s == 0 and p.efficiency == pytest.approx(1.0)
+    assert p.iterations == math.ceil(90 * RESNET50.dataset_images / 32)
+
+
+def test_derived_compute_reproduces_its_baseline():
+    from hpcsgd.perfmodel.clusters import BIG_BASIN, GOYAL_8GPU
+
+    per_image = derive_per_image_s(BIG_BASIN, 8, 256, GOYAL_8GPU.iteration_s)
+    c = replace(BIG_BASIN, device=replace(BIG_BASIN.device, per_image_s=per_image))
+    assert predict(c, 8, 256).iteration_s == pytest.approx(GOYAL_8GPU.iteration_s, rel=1e-9)
+    assert GOYAL_8GPU.iteration_s == pytest.approx(0.2355, abs=1e-4)  # 30 s / 113.74 it / 1.12
+
+
+def test_smaller_per_device_batch_lowers_efficiency():
+    c = get_cluster("mn1")
+    effs = [predict(c, d, 32768).efficiency for d in (1024, 4096, 16384)]
+    assert effs[0] > effs[1] > effs[2]
+
+
+# -- published runs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("run", PUBLISHED, ids=lambda r: r.key)
+@pytest.mark.parametrize("overlap", [None, 0.0, 0.5, 1.0])
+def test_published_runs_within_20_percent(run, overlap):
+    """Each paper's time-to-train within +-20%, whatever the (unpublished) overlap fraction is."""
+    p = predict(get_cluster(run.cluster), run.devices, run.global_batch, run.epochs, overlap=overlap)
+    err = p.time_to_train_s / run.seconds - 1
+    assert abs(err) <= 0.20, f"{run.key}: predicted {p.time_to_train_s:.0f} s vs {run.seconds} s ({err:+.1%})"
+
+
+def test_goyal_efficiency_from_one_server():
+    c = get_cluster("bigbasin")
+    eff = predict(c, 8, 256).iteration_s / predict(c, 256, 8192).iteration_s
+    assert 0.80 <= eff <= 1.0  # G1: ~90% from 8 to 256 GPUs
+
+
+def test_akiba_efficiency_documented_miss():
+    """A7 quotes 80% for Akiba; the model says ~92% (docs/perf.md explains the gap). Guard the gap."""
+    p = predict(get_cluster("mn1"), 1024, 32768)
+    assert 0.85 <= p.efficiency <= 0.97
+
+
+def test_every_cluster_parameter_has_a_source():
+    for name in ("mn1", "bigbasin", "stampede2"):
+        c = get_cluster(name)
+        assert c.device.sources.get("per_image_s"), name
+        for level in (c.intra, c.inter):
+            if level is not None:
+                assert {"alpha", "beta"} <= set(level.sources), (name, level.name)
+
+
+# -- CLI ---------------------------------------------------------------------------------
+
+def test_cli_prints_breakdown(capsys):
+    assert hpcsgd_main(["predict", "--cluster", "mn1", "--gpus", "1024", "--global-batch", "32768",
+                        "--epochs", "90"]) == 0
+    out = capsys.readouterr().out
+    for word in ("forward", "backward", "update", "pack+unpack", "allreduce", "latency", "bandwidth",
+                 "exposed comm", "exposed data", "iteration", "time-to-train", "3519 iterations",
+                 "model error", "float16"):
+        assert word in out, word
+
+
+def test_cli_published_and_json(capsys):
+    assert hpcsgd_main(["predict", "--published", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["key"] for r in rows} == {"akiba", "goyal", "you"}
+    assert all(abs(r["error"]) <= 0.2 for r in rows)
+    assert hpcsgd_main(["predict", "--cluster", "bigbasin", "--json", "--dtype", "float16"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["wire_dtype"] == "float16" and d["devices"] == 256
+
+
+def test_cli_sweep_writes_json_and_png(tmp_path, capsys):
+    prefix = str(tmp_path / "sweep")
+    assert hpcsgd_main(["predict", "--cluster", "mn1", "--sweep", "--out", prefix]) == 0
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert {(s["communicator"], s["dtype"]) for s in data["series"]} == {
+        (c, d) for c in ("ring", "hierarchical", "two_dimensional") for d in ("float16", "float32")}
+
+
+def test_cli_rejects_bad_input():
+    with pytest.raises(ConfigError, match="divisible"):
+        hpcsgd_main(["predict", "--cluster", "mn1", "--gpus", "1024", "--global-batch", "1000"])
+    with pytest.raises(ConfigError, match="overlap"):
+        hpcsgd_main(["predict", "--overlap", "2"])
