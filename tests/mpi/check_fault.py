@@ -1,0 +1,54 @@
+"""Rank side of tests/test_faults.py: a training-like loop of collectives, then a fault.
+
+Usage: check_fault.py MODE VICTIM ITER
+  MODE   raise  -- rank VICTIM raises RuntimeError in iteration ITER (hpcsgd.abort must abort the job)
+         kill   -- rank VICTIM SIGKILLs itself in iteration ITER, between compute and allreduce
+         freeze -- rank VICTIM SIGSTOPs itself in iteration ITER (a hung rank; only the watchdog sees it)
+         ok     -- no fault; prints the final sum
+Run directly (``mpiexec -n N python tests/mpi/check_fault.py ...``), not through
+_launch.py, so that hpcsgd's own hooks are what is tested. The watchdog timeout
+comes from $HPCSGD_COLLECTIVE_TIMEOUT.
+"""
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import hpcsgd.abort
+from hpcsgd import watchdog
+
+mode, victim, fault_iter = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+comm = MPI.COMM_WORLD
+hpcsgd.abort.install()
+dog = watchdog.install(comm)
+print(f"rank {comm.rank} pid {os.getpid()} started", flush=True)
+
+
+def compute_gradients(it: int) -> np.ndarray:
+    if mode == "raise" and comm.rank == victim and it == fault_iter:
+        raise RuntimeError(f"deliberate failure in compute_gradients on rank {comm.rank} iteration {it}")
+    return np.full(1000, comm.rank + it, dtype=np.float64)
+
+
+grad = None
+for it in range(fault_iter + 20):
+    grad = compute_gradients(it)
+    if comm.rank == victim and it == fault_iter:
+        print(f"FAULT {mode} rank {comm.rank} iteration {it} t={time.time():.3f}", flush=True)
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif mode == "freeze":
+            os.kill(os.getpid(), signal.SIGSTOP)
+    out = np.empty_like(grad)
+    with watchdog.collective("allreduce", nbytes=grad.nbytes, iteration=it):
+        comm.Allreduce(grad, out)
+    time.sleep(0.02)
+
+expected = sum(r + it for r in range(comm.size))
+assert out[0] == expected, (out[0], expected)
+watchdog.uninstall()
+print(f"rank {comm.rank} ok {out[0]}", flush=True)
