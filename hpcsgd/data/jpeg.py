@@ -1,0 +1,111 @@
+"""Opening image files robustly, and the reduced-size JPEG decode fast path.
+
+Any file Pillow can identify is accepted whatever its extension (a PNG saved
+as ``.JPEG`` occurs in real ImageNet copies), and any mode is converted to RGB:
+grayscale (L, I;16), CMYK (including Adobe's inverted CMYK, which Pillow's
+JPEG decoder handles), palette and alpha images (alpha dropped).
+
+Fast path: for a JPEG whose crop will be scaled down to ``out`` pixels,
+:func:`open_for_crop` asks libjpeg (through Pillow's ``draft()``) to decode at
+1/2, 1/4 or 1/8 scale directly in the DCT domain, as long as the crop stays at
+least ``out`` pixels in both directions, so no output detail is lost. This
+skips most of the IDCT and colour-conversion work (measured in
+``benchmarks/loader.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from hpcsgd.errors import DataError
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError,
+                  Image.DecompressionBombError, EOFError, IndexError, struct.error)
+
+
+def open_image(path: str) -> Image.Image:
+    """Open ``path`` lazily (header only); DataError naming the file if it can't be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: file not found") from e
+    except PermissionError as e:
+        raise DataError(f"{path}: permission denied") from e
+    except IsADirectoryError as e:
+        raise DataError(f"{path}: is a directory, not an image") from e
+    except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decode (if lazy) and convert any Pillow mode to 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.uint32)
+        scale = 257 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 1
+        arr8 = np.clip(arr // scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if img.mode == "F":
+        arr8 = np.clip(np.asarray(img), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def draft_scale_for(size: tuple[int, int], crop_w: float, crop_h: float,
+                    out_w: int, out_h: int) -> tuple[int, int]:
+    """The ``draft()`` request that keeps a ``crop_w x crop_h`` crop >= ``out_w x out_h`` pixels.
+
+    Pillow picks the largest reduction ``s in {8,4,2,1}`` with
+    ``s <= min(W // req_w, H // req_h)``; requesting ``req = ceil(W * out / crop)``
+    guarantees ``crop / s >= out``.
+    """
+    w, h = size
+    return (max(1, math.ceil(w * out_w / max(crop_w, 1e-9))),
+            max(1, math.ceil(h * out_h / max(crop_h, 1e-9))))
+
+
+def open_for_crop(path: str, box: tuple[float, float, float, float] | None, out_wh: tuple[int, int],
+                  *, size: tuple[int, int] | None = None, img: Image.Image | None = None,
+                  draft: bool = True) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Decode ``path`` (or the already opened lazy ``img``) to RGB for cropping ``box``.
+
+    ``box`` is ``(x0, y0, x1, y1)`` in original pixels (None: the whole image),
+    ``out_wh`` the size the crop will be resized to. Returns the decoded RGB
+    image and ``box`` mapped to its (possibly reduced) pixel grid.
+    """
+    if img is None:
+        img = open_image(path)
+    w, h = size or img.size
+    if box is None:
+        box = (0.0, 0.0, float(w), float(h))
+    try:
+        if draft and img.format == "JPEG":
+            req = draft_scale_for((w, h), box[2] - box[0], box[3] - box[1], *out_wh)
+            img.draft("RGB", req)
+        sx, sy = img.size[0] / w, img.size[1] / h
+        rgb = to_rgb(img)
+        rgb.load()
+    except DataError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from e
+    except MemoryError as e:
+        raise DataError(f"{path}: out of memory while decoding ({w}x{h} pixels)") from e
+    return rgb, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def load_rgb_array(path: str) -> np.ndarray:
+    """Fully decode ``path`` to an RGB ``uint8`` array of shape (H, W, 3)."""
+    rgb, _ = open_for_crop(path, None, (1, 1), draft=False)
+    return np.asarray(rgb)
+
