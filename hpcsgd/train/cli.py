@@ -50,11 +50,12 @@ def _world() -> tuple[int, int]:
 
 
 def _select_blas() -> None:
-    try:
-        from hpcsgd.blas import select_coretype
-    except ImportError:  # hpcsgd.blas not available: keep OpenBLAS's own choice
-        return
-    select_coretype()
+    """Choose OPENBLAS_CORETYPE before numpy loads (hpcsgd.blas); rank 0 prints the decision."""
+    from hpcsgd.blas import launcher_rank, select_coretype
+
+    line = select_coretype()
+    if line and launcher_rank() in (None, 0):
+        print(f"[hpcsgd] {line}", file=sys.stderr, flush=True)
 
 
 def load_config(args, world_size: int, check_paths: bool = True) -> dict:
@@ -107,13 +108,13 @@ def _run_or_abort(cfg: dict, args, timeline_iters: range, rank: int, size: int) 
                         timeline_iters=timeline_iters)
     except Exception as e:
         sys.stdout.flush()
-        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        sys.stderr.write(f"[hpcsgd rank {rank}] training failed:\n{text}")
-        sys.stderr.flush()
-        if size > 1:
-            from mpi4py import MPI
+        if size > 1:  # print this rank's traceback, then MPI_Abort: no rank is left waiting
+            from hpcsgd.abort import abort_job
 
-            MPI.COMM_WORLD.Abort(1)
+            abort_job(f"training failed ({type(e).__name__}: {e}); aborting the MPI job",
+                      (type(e), e, e.__traceback__))
+        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        sys.stderr.write(f"hpcsgd train: training failed:\n{text}")
         return 1
     if rank == 0:
         if summary["top1"] is not None:
@@ -159,12 +160,10 @@ def train_size(cfg: dict) -> tuple[int, str]:
 
 
 def schedule_summary(cfg: dict, iters_per_epoch: int) -> list[dict]:
-    """Recipe hyperparameters at a few epochs (built on a 1-parameter stand-in model)."""
-    import chainer.links as L
-
+    """Recipe hyperparameters at a few epochs (no model needed)."""
     from hpcsgd.optim import build_recipe
 
-    recipe = build_recipe(cfg["recipe"], L.Linear(1, 1), cfg["global_batch"], cfg["epochs"], iters_per_epoch,
+    recipe = build_recipe(cfg["recipe"], None, cfg["global_batch"], cfg["epochs"], iters_per_epoch,
                           **cfg["recipe_options"])
     e = float(cfg["epochs"])
     points = sorted({0.0, 1.0, 5.0, 10.0, 12.5, 30.0, 40.0, 60.0, 70.0, 80.0, 85.0, e * 0.5, e - 1e-9})

@@ -38,7 +38,7 @@ class Key:
 _NUM = (int, float)
 DATASETS = ("fashion_mnist", "imagenet_folder", "imagenet_list", "synthetic")
 RECIPES = ("goyal", "akiba", "lars", "sgd")
-COMMUNICATORS = ("hierarchical", "flat", "naive", "nccl", "pure_nccl", "dummy")
+COMMUNICATORS = ("hierarchical", "flat", "naive", "nccl", "dummy")
 WIRE_DTYPES = (None, "float16", "bfloat16", "float32")
 BN_MODES = ("batch", "recompute", "running", "sync")
 
@@ -213,7 +213,7 @@ def resolve(cfg: dict, world_size: int, check_paths: bool = True,
             f"config key 'global_batch'={glob} must equal ranks x batch_per_rank x grad_accumulation = "
             f"{world_size} x {cfg['batch_per_rank']} x {accum} = {per_step * accum}")
     cfg["global_batch"], cfg["grad_accumulation"], cfg["world_size"] = glob, accum, world_size
-    if cfg["communicator"] in ("nccl", "pure_nccl") and not cfg["gpu"]:
+    if cfg["communicator"] == "nccl" and not cfg["gpu"]:
         raise ConfigError(f"config key 'communicator'={cfg['communicator']!r} needs gpu: true")
     if cfg["kernels"] is None:
         cfg["kernels"] = not cfg["gpu"]

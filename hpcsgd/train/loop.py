@@ -39,19 +39,13 @@ def _comm_seconds(tracer) -> float:
     return sum(tracer.phase_seconds.get(p, 0.0) for p in COMM_PHASES)
 
 
-def _eval_batches(dataset, rank: int, size: int, batch: int, workers: int):
-    """This rank's validation shard (hpcsgd.data.eval_shard), in order, remainder included."""
-    from chainer.datasets import SubDataset
+def _eval_loader(dataset, rank: int, size: int, cfg: dict):
+    """This rank's validation shard (``partition='eval'``: every sample once across ranks, in order)."""
+    from hpcsgd.data import Loader
 
-    from hpcsgd.data import Loader, eval_shard
-
-    shard = eval_shard(len(dataset), rank, size)
-    begin, end = (shard.start, shard.stop) if isinstance(shard, range) else shard
-    if end <= begin:
-        return []
-    sub = SubDataset(dataset, begin, end)
-    return Loader(sub, batch, rank=0, size=1, shuffle=False, workers=workers, transform="eval",
-                  drop_remainder=False)
+    return Loader(dataset, cfg["eval_batch"], rank=rank, size=size, shuffle=False,
+                  workers=cfg["loader_workers"], prefetch=cfg["prefetch"], transform="eval",
+                  drop_remainder=False, partition="eval")
 
 
 def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None = None,
@@ -98,20 +92,19 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
     loader = Loader(train_set, cfg["batch_per_rank"], rank=rank, size=size, seed=cfg["seed"],
                     shuffle=True, workers=cfg["loader_workers"], prefetch=cfg["prefetch"],
                     transform="train" if cfg["augment"] else "eval")
+    val_loader = _eval_loader(val_set, rank, size, cfg)
     accum = cfg["grad_accumulation"]
     iters_per_epoch = len(loader) // accum
     if iters_per_epoch < 1:
         raise ValueError(f"one epoch of {len(train_set)} samples has fewer than one step of "
                          f"{cfg['global_batch']} images: lower global_batch")
     total_iters = math.ceil(cfg["epochs"] * iters_per_epoch)
-    x0, _ = train_set[0]
-    n_classes = int(getattr(train_set, "n_classes", 0) or cfg["model_options"].get("n_classes", 10))
-    model_kw = {k: v for k, v in cfg["model_options"].items() if k != "n_classes"}
+    model_kw = dict(cfg["model_options"])
     chainer.global_config.dtype = np.dtype("float32")
     if cfg["bn_mode"] == "sync":
         model_kw["comm"] = comm
-    model = build_model(cfg["model"], n_classes, in_channels=int(np.shape(x0)[0]), bn_mode=cfg["bn_mode"],
-                        zero_init_residual=cfg["zero_init_residual"], **model_kw)
+    model = build_model(cfg["model"], train_set.n_classes, in_channels=train_set.channels,
+                        bn_mode=cfg["bn_mode"], zero_init_residual=cfg["zero_init_residual"], **model_kw)
     if cfg["gpu"]:
         model.to_gpu()
     recipe = build_recipe(cfg["recipe"], model, cfg["global_batch"], cfg["epochs"], iters_per_epoch,
@@ -158,8 +151,7 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
             recompute = Loader(train_set, cfg["batch_per_rank"], rank=rank, size=size, seed=cfg["seed"] + 1,
                                workers=0, transform="eval")
         prepare_for_eval(model, comm, batches=recompute)
-        batches = _eval_batches(val_set, rank, size, cfg["eval_batch"], cfg["loader_workers"])
-        result = evaluate(model, batches, comm, n_total=len(val_set))
+        result = evaluate(model, val_loader, comm, n_total=len(val_set))
         rec = {"kind": "eval", "iteration": it, "epoch": it / iters_per_epoch, **result}
         history.append(rec)
         log.write("eval", **{k: v for k, v in rec.items() if k != "kind"})
@@ -182,8 +174,7 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
     while iteration < stop:
         epoch_index = iteration // iters_per_epoch
         if stream is None or stream_epoch != epoch_index:
-            if not (stream is None and iteration % iters_per_epoch):
-                loader.set_epoch(epoch_index)  # a mid-epoch resume keeps the restored position
+            loader.set_epoch(epoch_index)  # same epoch as a restored loader state: keeps its position
             stream, stream_epoch = iter(loader), epoch_index
         tracer.start_iteration(iteration)
         recipe.on_iteration(iteration / iters_per_epoch)
@@ -246,6 +237,6 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
     log.write("end", **{k: summary[k] for k in ("iterations", "top1", "top5", "images_per_s",
                                                 "wall_seconds")})
     log.close()
-    if hasattr(loader, "close"):
-        loader.close()
+    loader.close()
+    val_loader.close()
     return summary
