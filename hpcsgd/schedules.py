@@ -109,14 +109,14 @@ def alpha_sgd(epoch: float, center: float = 10.0, period: float = 5.0, form: str
     """
     if period <= 0:
         raise ConfigError(f"alpha_sgd period must be positive, got {period}")
+    if form not in ("elu", "transcribed"):
+        raise ConfigError(f"alpha_sgd form must be 'elu' or 'transcribed', got {form!r}")
     if epoch < center:
         value = 0.5 * math.exp(2.0 * (epoch - center) / period)
     elif form == "elu":
         value = 0.5 + (epoch - center) / period
-    elif form == "transcribed":
-        value = 0.5 + 2.0 * (epoch - center) / period
     else:
-        raise ConfigError(f"alpha_sgd form must be 'elu' or 'transcribed', got {form!r}")
+        value = 0.5 + 2.0 * (epoch - center) / period
     return min(value, 1.0)
 
 
