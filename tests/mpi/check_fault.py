@@ -30,6 +30,7 @@ print(f"rank {comm.rank} pid {os.getpid()} started", flush=True)
 
 def compute_gradients(it: int) -> np.ndarray:
     if mode == "raise" and comm.rank == victim and it == fault_iter:
+        print(f"FAULT raise rank {comm.rank} iteration {it} t={time.time():.3f}", flush=True)
         raise RuntimeError(f"deliberate failure in compute_gradients on rank {comm.rank} iteration {it}")
     return np.full(1000, comm.rank + it, dtype=np.float64)
 
@@ -37,7 +38,7 @@ def compute_gradients(it: int) -> np.ndarray:
 grad = None
 for it in range(fault_iter + 20):
     grad = compute_gradients(it)
-    if comm.rank == victim and it == fault_iter:
+    if comm.rank == victim and it == fault_iter and mode != "raise":
         print(f"FAULT {mode} rank {comm.rank} iteration {it} t={time.time():.3f}", flush=True)
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
