@@ -82,3 +82,29 @@ def write_list(path: str, entries, root: str) -> None:
     with open(path, "w") as f:
         for p, label in entries:
             f.write(f"{os.path.relpath(p, root)} {label}\n")
+
+
+class ExitingTransform:
+    """Identity, except that the worker exits with ``code`` on sample ``index`` (worker-death tests)."""
+
+    def __init__(self, index: int, code: int = 3, hang: bool = False):
+        self.index, self.code, self.hang = index, code, hang
+
+    def output_hw(self, hw):
+        return tuple(hw)
+
+    def __call__(self, sample, rng):
+        if int(sample[0, 0, 0]) == self.index:
+            if self.hang:
+                import time
+
+                time.sleep(3600)
+            os._exit(self.code)
+        return sample
+
+
+def index_images(n: int, hw=(4, 4)) -> np.ndarray:
+    """uint8 (n, h, w, 1) images whose first pixel is ``i % 256`` (which sample was delivered)."""
+    img = np.zeros((n, *hw, 1), np.uint8)
+    img[:, 0, 0, 0] = np.arange(n) % 256
+    return img

@@ -89,10 +89,12 @@ def open_for_crop(path: str, box: tuple[float, float, float, float] | None, out_
     if box is None:
         box = (0.0, 0.0, float(w), float(h))
     try:
+        sx = sy = 1.0
         if draft and img.format == "JPEG":
             req = draft_scale_for((w, h), box[2] - box[0], box[3] - box[1], *out_wh)
-            img.draft("RGB", req)
-        sx, sy = img.size[0] / w, img.size[1] / h
+            res = img.draft("RGB", req)
+            if res is not None:  # the DCT scale is exact: 1/s, whatever the rounded-up pixel count
+                sx, sy = res[1][2] / w, res[1][3] / h
         rgb = to_rgb(img)
         rgb.load()
     except DataError:
