@@ -5,6 +5,8 @@ Usage: check_fault.py MODE VICTIM ITER
          kill   -- rank VICTIM SIGKILLs itself in iteration ITER, between compute and allreduce
          freeze -- rank VICTIM SIGSTOPs itself in iteration ITER (a hung rank; only the watchdog sees it)
          ok     -- no fault; prints the final sum
+         steady -- no fault from inside; rank 0 prints "iteration K" every 10 iterations, for ITER
+                   iterations (the test cuts a link from outside)
 Run directly (``mpiexec -n N python tests/mpi/check_fault.py ...``), not through
 _launch.py, so that hpcsgd's own hooks are what is tested. The watchdog timeout
 comes from $HPCSGD_COLLECTIVE_TIMEOUT.
@@ -36,7 +38,10 @@ def compute_gradients(it: int) -> np.ndarray:
 
 
 grad = None
-for it in range(fault_iter + 20):
+n_iters = fault_iter if mode == "steady" else fault_iter + 20
+for it in range(n_iters):
+    if mode == "steady" and comm.rank == 0 and it % 10 == 0:
+        print(f"iteration {it} t={time.time():.3f}", flush=True)
     grad = compute_gradients(it)
     if comm.rank == victim and it == fault_iter and mode != "raise":
         print(f"FAULT {mode} rank {comm.rank} iteration {it} t={time.time():.3f}", flush=True)
