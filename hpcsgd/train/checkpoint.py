@@ -307,3 +307,32 @@ def restore_rng(state: dict) -> None:
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+
+
+# -- per-rank BatchNorm statistics -------------------------------------------------
+
+def rank_local_bn_stats(model) -> dict[str, np.ndarray]:
+    """Running BN averages of ``bn_mode='running'`` layers, which differ by rank.
+
+    Every rank's running averages follow its own batches until evaluation
+    averages them; a resume must give each rank back its own, or the
+    statistics after the resume differ from an uninterrupted run. Cost: two
+    floats per BN channel per rank (ResNet-50: ~210 KB per rank, gathered to
+    rank 0). Other modes need nothing: 'batch' and 'recompute' statistics are
+    rebuilt before evaluation, 'sync' averages are identical on every rank.
+    """
+    out = {}
+    for path, link in sorted(model.namedlinks()):
+        if getattr(link, "mode", None) == "running" and hasattr(link, "avg_mean"):
+            out[path + "/avg_mean"] = np.array(_host(link.avg_mean))
+            out[path + "/avg_var"] = np.array(_host(link.avg_var))
+    return out
+
+
+def restore_bn_stats(model, stats: dict[str, np.ndarray]) -> None:
+    links = dict(model.namedlinks())
+    for key, value in stats.items():
+        path, name = key.rsplit("/", 1)
+        link = links[path]
+        xp = getattr(link, "xp", np)
+        setattr(link, name, xp.asarray(value))

@@ -50,11 +50,12 @@ def _world() -> tuple[int, int]:
 
 
 def _select_blas() -> None:
-    """Choose OPENBLAS_CORETYPE before numpy loads (hpcsgd.blas); rank 0 prints the decision."""
+    """Choose OPENBLAS_CORETYPE before numpy loads (hpcsgd.blas); rank 0 says when it set one."""
     from hpcsgd.blas import launcher_rank, select_coretype
 
+    before = os.environ.get("OPENBLAS_CORETYPE")
     line = select_coretype()
-    if line and launcher_rank() in (None, 0):
+    if line and os.environ.get("OPENBLAS_CORETYPE") != before and launcher_rank() in (None, 0):
         print(f"[hpcsgd] {line}", file=sys.stderr, flush=True)
 
 

@@ -64,7 +64,10 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
     comm = hpcsgd.create_communicator(cfg["communicator"], allreduce_grad_dtype=cfg["wire_dtype"],
                                       **cfg["communicator_options"])
     rank, size = comm.rank, comm.size
-    topology = comm.topology.describe() if getattr(comm, "topology", None) is not None else {}
+    if getattr(comm, "topology", None) is not None:
+        topology = comm.topology.describe()
+    else:  # a ChainerMN communicator
+        topology = {"size": size, "nodes": comm.inter_size, "ranks_per_node": comm.intra_size}
     tracer = get_tracer()
     tracer.rank = rank
     if timeline:
@@ -127,6 +130,7 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
             if len(state.rank_states) == size:
                 ckpt.restore_rng(state.rank_states[rank]["rng"])
                 loader.load_state_dict(state.rank_states[rank]["loader"])
+                ckpt.restore_bn_stats(model, state.rank_states[rank]["bn"])
             elif rank == 0:
                 print(f"[hpcsgd] checkpoint was written by {len(state.rank_states)} ranks, now {size}: "
                       f"data order restarts within epoch {iteration // iters_per_epoch}")
@@ -141,7 +145,8 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
                     "history": history}
             ckpt.save_checkpoint(ckpt_dir, {"iteration": it, "arrays": arrays, "meta": meta, "model": model,
                                             "rank_state": {"rng": ckpt.capture_rng(),
-                                                           "loader": loader.state_dict()}},
+                                                           "loader": loader.state_dict(),
+                                                           "bn": ckpt.rank_local_bn_stats(model)}},
                                  comm, keep=cfg["keep_checkpoints"])
         log.write("checkpoint", iteration=it)
 
