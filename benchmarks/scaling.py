@@ -1,0 +1,404 @@
+"""Weak-scaling step benchmark: per-phase breakdown, images/s, T1/TN, hpcsgd vs ChainerMN.
+
+    python benchmarks/scaling.py                       # resnet_small + resnet50, 1 and 2 ranks
+    python benchmarks/scaling.py --cluster             # + 4 ranks on the emulated 2-host cluster
+    python benchmarks/scaling.py --models resnet_small --iters 6 --quick
+
+Every configuration runs as its own ``mpiexec -n N`` job of this file in worker
+mode, one thread per rank (OMP/OpenBLAS/numba = 1, ``OPENBLAS_CORETYPE=SkylakeX``
+as the brief says, recorded with threadpoolctl). Data are synthetic arrays made
+before the loop (no I/O), so ``data_wait`` is the cost of handing over a batch.
+
+Frameworks, same model, same kernels, same run:
+
+* ``hpcsgd``: ``hpcsgd.create_communicator('hierarchical')`` +
+  ``hpcsgd.create_multi_node_optimizer`` (pack / allreduce / unpack / update traced
+  by the communicator and optimizer themselves);
+* ``hpcsgd-overlap``: ``hpcsgd.comm.overlap.OverlappedReducer`` (buckets reduced
+  during backward), then the plain optimizer update; ``hpcsgd-nooverlap`` is the
+  same reducer with ``overlap=False`` (the in-run baseline);
+* ``chainermn``: ``chainermn.create_communicator('naive')`` +
+  ``chainermn.create_multi_node_optimizer``; its ``multi_node_mean_grad`` is
+  timed as ``allreduce`` (pack/unpack are inside it), the rest of ``update`` as update.
+
+Per configuration: median over the timed iterations of rank 0's iteration wall
+time and of each phase; images/s = ranks x batch / iteration; weak-scaling
+efficiency T1/TN against the 1-rank run of the same model and framework.
+Output: ``benchmarks/results/scaling.json`` and ``scaling.png`` (stacked bars
+per configuration + efficiency curves); the calibrated performance model's
+error on these measurements is stored in the JSON under ``model_check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PHASES = ("data_wait", "forward", "backward", "pack", "allreduce", "unpack", "update")
+COMM_PHASES = ("pack", "allreduce", "unpack")
+
+#: model -> (build kwargs, image size, per-rank batch, classes). Spatial sizes are small for the CPU:
+#: ResNet-50 at 64 px (not 224) keeps one iteration around a second on one core.
+MODELS = {
+    "resnet_small": ({"depth": 20, "width": 16}, 32, 32, 10),
+    "resnet50": ({}, 64, 8, 1000),
+}
+QUICK = {"resnet_small": ({"depth": 8, "width": 8}, 16, 16, 10), "resnet50": ({}, 32, 2, 100)}
+
+
+# ----------------------------------------------------------------------------- worker
+def _thread_info() -> list[dict]:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return [{k: d.get(k) for k in ("internal_api", "num_threads", "architecture", "version")}
+                for d in threadpool_info()]
+    except Exception as e:  # informative only
+        return [{"error": str(e)}]
+
+
+def worker(a: argparse.Namespace) -> None:
+    import chainer
+    import chainer.functions as F
+    import numpy as np
+    from mpi4py import MPI
+
+    import hpcsgd.kernels
+    from hpcsgd.models import build_model, count_params
+    from hpcsgd.trace import get_tracer
+
+    hpcsgd.kernels.enable(threads=1)
+    world = MPI.COMM_WORLD
+    tracer = get_tracer()
+    tracer.rank = world.rank
+    if a.timeline:
+        from hpcsgd.trace import parse_iter_range
+
+        tracer.enable_timeline(a.timeline, parse_iter_range(a.timeline_iters), rank=world.rank)
+    kw, size, batch, classes = json.loads(a.spec)
+    chainer.config.train = True
+    model = build_model(a.model, n_classes=classes, in_channels=3, **kw)
+    rng = np.random.default_rng(world.rank)
+    batches = [(rng.standard_normal((batch, 3, size, size)).astype(np.float32),
+                rng.integers(0, classes, batch).astype(np.int32)) for _ in range(2)]
+    base = chainer.optimizers.MomentumSGD(lr=0.01, momentum=0.9)
+    reducer = None
+    if a.framework == "chainermn":
+        import chainermn
+
+        comm = chainermn.create_communicator("naive", mpi_comm=world)
+        mean_grad = comm.multi_node_mean_grad
+
+        def timed_mean_grad(*args, **kwargs):
+            with tracer.span("allreduce", bytes=4 * count_params(model), dtype="float32"):
+                return mean_grad(*args, **kwargs)
+
+        comm.multi_node_mean_grad = timed_mean_grad
+        opt = chainermn.create_multi_node_optimizer(base, comm)
+        opt.setup(model)
+    else:
+        import hpcsgd
+
+        comm = hpcsgd.create_communicator(a.communicator, mpi_comm=world)
+        if a.framework in ("hpcsgd-overlap", "hpcsgd-nooverlap"):
+            from hpcsgd.comm.overlap import OverlappedReducer
+
+            reducer = OverlappedReducer(comm, model, overlap=a.framework == "hpcsgd-overlap")
+            opt = base
+            opt.setup(model)
+            comm.bcast_data(model)
+        else:
+            opt = hpcsgd.create_multi_node_optimizer(base, comm)
+            opt.setup(model)
+    loadavg_before = os.getloadavg()
+    iters, phases = [], []
+    world.Barrier()
+    for it in range(a.warmup + a.iters):
+        tracer.start_iteration(it)
+        t0 = time.perf_counter()
+        with tracer.span("data_wait"):
+            x, t = batches[it % len(batches)]
+        with tracer.span("forward"):
+            loss = F.softmax_cross_entropy(model(x), t)
+        c0 = sum(tracer.phase_seconds.get(p, 0.0) for p in COMM_PHASES)
+        with tracer.span("backward"):
+            model.cleargrads()
+            if reducer is not None:
+                with reducer:
+                    loss.backward()
+            else:
+                loss.backward()
+        nested_comm = sum(tracer.phase_seconds.get(p, 0.0) for p in COMM_PHASES) - c0
+        if reducer is not None:
+            reducer.wait()
+            with tracer.span("update"):
+                opt.update()
+        elif a.framework == "chainermn":
+            with tracer.span("update"):
+                opt.update()
+        else:
+            opt.update()
+        t1 = time.perf_counter()
+        ph = tracer.pop_phases()
+        ph["backward"] = ph.get("backward", 0.0) - nested_comm  # comm hidden in backward is not compute
+        if a.framework == "chainermn":
+            ph["update"] = ph.get("update", 0.0) - ph.get("allreduce", 0.0)
+        if it >= a.warmup:
+            iters.append(t1 - t0)
+            phases.append(ph)
+        del loss
+    if a.timeline:
+        tracer.write(comm=world)
+    all_iters = world.gather(iters, root=0)
+    if world.rank != 0:
+        return
+    per_rank_median = [statistics.median(v) for v in all_iters]
+    names = sorted({k for p in phases for k in p})
+    med = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in names}
+    it_s = statistics.median(iters)
+    n_arrays = sum(1 for _ in model.params())
+    out = {
+        "model": a.model, "framework": a.framework, "ranks": world.size,
+        "nodes": int(os.environ.get("HPCSGD_BENCH_NODES", "1")),
+        "communicator": "naive (chainermn)" if a.framework == "chainermn" else a.communicator,
+        "wire_dtype": "float32", "per_rank_batch": batch, "image_size": size, "model_kwargs": kw,
+        "params": count_params(model), "param_arrays": n_arrays,
+        "iteration_s": it_s, "iteration_s_all": iters, "iteration_s_per_rank_median": per_rank_median,
+        "phases_s": med, "other_s": it_s - sum(med.get(k, 0.0) for k in PHASES),
+        "images_per_s": world.size * batch / it_s, "loadavg_before": loadavg_before,
+        "loadavg_after": os.getloadavg(), "threads": _thread_info(),
+        "overlap_stats": getattr(reducer, "stats", None) if reducer is not None else None,
+    }
+    with open(a.json, "w") as f:
+        json.dump(out, f, default=str)
+
+
+# ----------------------------------------------------------------------------- driver
+def _mpiexec() -> str:
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else "mpiexec"
+
+
+def bench_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "NUMBA_NUM_THREADS": "1", "OPENBLAS_CORETYPE": "SkylakeX", "PYTHONUNBUFFERED": "1"})
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                         if p])
+    env.update(extra or {})
+    return env
+
+
+def run_config(model: str, framework: str, ranks: int, spec, args, cluster=None) -> dict | None:
+    """One mpiexec job; returns its JSON record or None (printing why) on failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "r.json")
+        worker_argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model,
+                       "--framework", framework, "--communicator", args.communicator,
+                       "--spec", json.dumps(spec), "--iters", str(args.iters), "--warmup", str(args.warmup),
+                       "--json", out]
+        if args.timeline:
+            tl = f"{args.timeline}_{model}_{framework}_{ranks}r{'_cluster' if cluster else ''}.json"
+            worker_argv += ["--timeline", tl, "--timeline-iters", args.timeline_iters]
+        env = bench_env()
+        mpi_args = ["-n", str(ranks)]
+        if cluster is not None:
+            mpi_args = cluster.mpiexec_args(ranks // cluster.n_hosts) if hasattr(cluster, "n_hosts") else \
+                cluster.mpiexec_args(2)
+            env.update(cluster.env())
+            env["HPCSGD_BENCH_NODES"] = str(getattr(cluster, "n_hosts", 2))
+        cmd = [_mpiexec(), *mpi_args, *worker_argv]
+        t0 = time.time()
+        try:
+            res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  {model} {framework} n={ranks}: TIMEOUT after {args.timeout} s", flush=True)
+            return None
+        if res.returncode != 0 or not os.path.exists(out):
+            tail = (res.stdout + res.stderr)[-1500:]
+            print(f"  {model} {framework} n={ranks}: FAILED rc={res.returncode}\n{tail}", flush=True)
+            return None
+        rec = json.load(open(out))
+        rec["job_seconds"] = time.time() - t0
+        ph = rec["phases_s"]
+        print(f"  {model:12s} {framework:16s} n={ranks} iter {rec['iteration_s'] * 1e3:8.1f} ms  "
+              f"{rec['images_per_s']:7.1f} img/s  fwd {ph.get('forward', 0) * 1e3:.0f} bwd "
+              f"{ph.get('backward', 0) * 1e3:.0f} comm "
+              f"{sum(ph.get(k, 0) for k in COMM_PHASES) * 1e3:.1f} upd {ph.get('update', 0) * 1e3:.1f} ms  "
+              f"load {rec['loadavg_before'][0]:.1f}", flush=True)
+        return rec
+
+
+def _available_frameworks(wanted: list[str]) -> list[str]:
+    ok = []
+    for fw in wanted:
+        try:
+            if fw == "chainermn":
+                import chainermn  # noqa: F401
+            else:
+                from hpcsgd.comm import communicator_class
+
+                communicator_class("hierarchical")
+                if fw != "hpcsgd":
+                    import hpcsgd.comm.overlap  # noqa: F401
+            ok.append(fw)
+        except Exception as e:
+            print(f"skipping framework {fw}: {type(e).__name__}: {e}")
+    return ok
+
+
+def add_efficiency(configs: list[dict]) -> None:
+    base = {(c["model"], c["framework"]): c["iteration_s"] for c in configs if c["ranks"] == 1}
+    for c in configs:
+        t1 = base.get((c["model"], c["framework"]))
+        c["efficiency"] = t1 / c["iteration_s"] if t1 else None
+    ref = {(c["model"], c["ranks"], c["nodes"]): c["iteration_s"]
+           for c in configs if c["framework"] == "chainermn"}
+    for c in configs:
+        r = ref.get((c["model"], c["ranks"], c["nodes"]))
+        c["speedup_vs_chainermn"] = r / c["iteration_s"] if r else None
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = data["configs"]
+    models = sorted({c["model"] for c in configs})
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(6 * len(models) + 5, 5))
+    colors = dict(zip(PHASES + ("other",), plt.cm.tab10.colors))
+    for ax, model in zip(axes, models):
+        mine = [c for c in configs if c["model"] == model]
+        labels = [f"{c['framework']}\n{c['ranks']}r/{c['nodes']}n" for c in mine]
+        bottom = [0.0] * len(mine)
+        for ph in PHASES + ("other",):
+            vals = [max(0.0, c["other_s"] if ph == "other" else c["phases_s"].get(ph, 0.0)) * 1e3
+                    for c in mine]
+            ax.bar(range(len(mine)), vals, bottom=bottom, color=colors[ph], label=ph)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_xticks(range(len(mine)), labels, fontsize=7)
+        ax.set(ylabel="ms per iteration (median, rank 0)",
+               title=f"{model} (batch {mine[0]['per_rank_batch']}/rank, {mine[0]['image_size']} px)")
+    axes[0].legend(fontsize=7)
+    ax = axes[-1]
+    for model in models:
+        for fw in sorted({c["framework"] for c in configs}):
+            pts = sorted((c["ranks"], c["efficiency"]) for c in configs
+                         if c["model"] == model and c["framework"] == fw and c["efficiency"])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} {fw}")
+    ax.set(xlabel="ranks (1 thread each)", ylabel="weak-scaling efficiency T1/TN", ylim=(0, 1.15),
+           title=f"load avg {data['loadavg_start'][0]:.1f} -> {data['loadavg_end'][0]:.1f} (2 cores)")
+    ax.set_xticks(sorted({c["ranks"] for c in configs}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def driver(args: argparse.Namespace) -> int:
+    specs = QUICK if args.quick else MODELS
+    frameworks = _available_frameworks(args.frameworks.split(","))
+    if not frameworks:
+        print("no framework available; nothing to run")
+        return 1
+    data = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "loadavg_start": os.getloadavg(),
+            "cpus": os.cpu_count(), "iters": args.iters, "warmup": args.warmup,
+            "note": "synthetic data, 1 thread per rank, OPENBLAS_CORETYPE=SkylakeX; machine shared with "
+                    "other jobs (see loadavg per config); ResNet-50 at reduced spatial size for the CPU",
+            "configs": []}
+    for model in args.models.split(","):
+        spec = specs[model]
+        for ranks in [int(r) for r in args.ranks.split(",")]:
+            for fw in frameworks:
+                rec = run_config(model, fw, ranks, spec, args)
+                if rec:
+                    data["configs"].append(rec)
+    if args.cluster:
+        _cluster_runs(args, specs, frameworks, data)
+    add_efficiency(data["configs"])
+    data["loadavg_end"] = os.getloadavg()
+    try:
+        from hpcsgd.perfmodel.calibrate import load_calibration, model_errors
+
+        data["model_check"] = model_errors(data, load_calibration())
+        for r in data["model_check"]:
+            print(f"  model check {r['model']} n={r['ranks']}: measured {r['measured_s'] * 1e3:.1f} ms, "
+                  f"predicted {r['predicted_s'] * 1e3:.1f} ms ({r['error']:+.1%})")
+    except Exception as e:
+        data["model_check_error"] = f"{type(e).__name__}: {e}"
+        print("model check failed:", data["model_check_error"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
+    if data["configs"]:
+        plot(data, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and .png")
+    return 0
+
+
+def _cluster_runs(args, specs, frameworks, data) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from cluster.netns import EmulatedCluster, unavailable_reason
+    except Exception as e:
+        print(f"4-rank emulated cluster skipped: tests/cluster not importable ({e})")
+        return
+    reason = unavailable_reason()
+    if reason:
+        print(f"4-rank emulated cluster skipped: {reason}")
+        return
+    print("4 ranks on the emulated 2-host cluster (2 ranks per host; 4 ranks on 2 cores: oversubscribed, "
+          "shows the communication structure, not a timing claim)")
+    with EmulatedCluster(n_hosts=2).up() as cl:
+        for model in args.models.split(","):
+            for fw in frameworks:
+                rec = run_config(model, fw, 4, specs[model], args, cluster=cl)
+                if rec:
+                    rec["oversubscribed"] = True
+                    data["configs"].append(rec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--framework", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
+    p.add_argument("--models", default="resnet_small,resnet50")
+    p.add_argument("--frameworks", default="hpcsgd,hpcsgd-nooverlap,hpcsgd-overlap,chainermn")
+    p.add_argument("--communicator", default="hierarchical")
+    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--cluster", action="store_true", help="also 4 ranks on the emulated 2-host cluster")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    p.add_argument("--timeout", type=float, default=1200)
+    p.add_argument("--timeline", default=None,
+                   help="path prefix: each configuration writes PREFIX_<model>_<framework>_<N>r.json "
+                        "(Chrome trace of --timeline-iters)")
+    p.add_argument("--timeline-iters", default="3:6")
+    p.add_argument("--out", default=str(RESULTS / "scaling"))
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    return driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
