@@ -44,7 +44,8 @@ def test_bad_config_exits_with_the_key_named(tmp_path, request, case):
     assert "Traceback" not in out, f"a config error should be one clear line, not a traceback:\n{out}"
     assert not (tmp_path / "out" / "checkpoints").exists()
     record(f"f7_config_{case}", order=7.0 + 0.1 * ["unknown_key", "bad_value", "missing_data"].index(case),
-           fault="Bad config: " + what, injected=f"hpcsgd train bad.yaml with {yaml_text.strip()!r}",
+           fault="Bad config: " + what,
+           injected="hpcsgd train bad.yaml with " + yaml_text.strip().replace("\n", "; "),
            outcome=f"exit code {res.returncode} before any collective; the message names {expect!r}",
            detect_s=seconds, data_lost="none (nothing started)", test=request.node.nodeid,
            evidence=out.strip()[-300:])
