@@ -59,6 +59,7 @@ class Device:
     fixed_s: float = 0.0        # seconds per iteration independent of the batch
     mem_bandwidth: float = 5e11  # bytes/s for pack/unpack/update
     backward_fraction: float = 2 / 3  # share of compute spent in backward
+    cast_bandwidth: float | None = None  # bytes/s of the float32 -> 16-bit packing cast (None: mem_bandwidth)
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def compute_s(self, batch: int) -> float:
@@ -192,7 +193,9 @@ def predict(cluster: Cluster, devices: int, global_batch: int, epochs: float = 9
         ar = allreduce_cost(comm_name, nbytes, nodes, k, cluster.intra, cluster.inter, algo,
                             workload.param_arrays)
         batched = cluster.batched_pack and comm_name != "naive"
-        pack = pack_cost(workload.params, dtype_bytes(grad_dtype), dtype_bytes(wire), dev.mem_bandwidth,
+        casting = dtype_bytes(wire) != dtype_bytes(grad_dtype) and dev.cast_bandwidth
+        pack = pack_cost(workload.params, dtype_bytes(grad_dtype), dtype_bytes(wire),
+                         dev.cast_bandwidth if casting else dev.mem_bandwidth,
                          workload.param_arrays, cluster.per_array_s, batched)
     else:
         ar, pack = CommCost(), 0.0
