@@ -1,0 +1,16 @@
+"""Build the communicator named on the command line, for MODELS' MPI checks.
+
+``chainermn-naive`` is ChainerMN's per-parameter MPI communicator (same
+interface, used until hpcsgd's own algorithms exist); any other name goes to
+``hpcsgd.create_communicator``.
+"""
+
+
+def make_comm(name: str):
+    if name == "chainermn-naive":
+        import chainermn
+
+        return chainermn.create_communicator("naive")
+    import hpcsgd
+
+    return hpcsgd.create_communicator(name)

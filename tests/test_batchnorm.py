@@ -1,0 +1,126 @@
+"""BatchNorm link: the four evaluation-statistics modes, single process and across ranks."""
+
+from pathlib import Path
+
+import chainer
+import chainer.functions as F
+import numpy as np
+import pytest
+
+from hpcsgd.errors import ConfigError
+from hpcsgd.models import build_model, prepare_for_eval
+from hpcsgd.models.batchnorm import BatchNorm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def comm_names():
+    """ChainerMN's naive communicator until hpcsgd's algorithms land, then those too."""
+    names = ["chainermn-naive"]
+    names += [n for n in ("flat", "hierarchical") if (ROOT / "hpcsgd" / "comm" / f"{n}.py").exists()]
+    return names
+
+
+class OneBN(chainer.Chain):
+    def __init__(self, **kw):
+        super().__init__()
+        with self.init_scope():
+            self.bn = BatchNorm(3, **kw)
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+def batch(seed, n=4, shift=0.0):
+    return (np.random.RandomState(seed).randn(n, 3, 2, 2) * 2 + shift).astype(np.float32)
+
+
+def test_training_uses_batch_stats_and_keeps_last():
+    m = OneBN(mode="batch")
+    x = batch(0)
+    y = m(x).array
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean((0, 2, 3), keepdims=True)) / np.sqrt(x64.var((0, 2, 3), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    m(batch(1))
+    x1 = batch(1).astype(np.float64)
+    np.testing.assert_allclose(m.bn.last_mean, x1.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    assert m.bn.last_count == 16
+    np.testing.assert_array_equal(m.bn.avg_mean, 0)  # no moving averages in 'batch' mode
+    prepare_for_eval(m)
+    np.testing.assert_allclose(m.bn.avg_var, x1.var((0, 2, 3), ddof=1), rtol=1e-5)
+    with chainer.using_config("train", False):
+        xe = batch(9)
+        out = m(xe).array
+    expect = (xe - m.bn.avg_mean.reshape(1, 3, 1, 1)) / np.sqrt(m.bn.avg_var.reshape(1, 3, 1, 1) + 1e-5)
+    np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_running_averages_decay_0_9():
+    m = OneBN(mode="running")
+    avg_m, avg_v = np.zeros(3), np.ones(3)
+    for s in range(3):
+        x = batch(s, shift=s).astype(np.float64)
+        m(x.astype(np.float32))
+        avg_m = 0.9 * avg_m + 0.1 * x.mean((0, 2, 3))
+        avg_v = 0.9 * avg_v + 0.1 * x.var((0, 2, 3), ddof=1)
+    np.testing.assert_allclose(m.bn.avg_mean, avg_m, rtol=1e-5)
+    np.testing.assert_allclose(m.bn.avg_var, avg_v, rtol=1e-5)
+
+
+def test_recompute_population_stats():
+    m = OneBN(mode="recompute")
+    m(batch(0))
+    xs = [batch(s, shift=s) for s in range(4)]
+    assert prepare_for_eval(m, None, batches=[(x, None) for x in xs])["recompute_batches"] == 4
+    allx = np.concatenate(xs).astype(np.float64)
+    np.testing.assert_allclose(m.bn.avg_mean, allx.mean((0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(m.bn.avg_var, allx.var((0, 2, 3), ddof=1), rtol=1e-5)
+    with pytest.raises(ConfigError, match="needs batches"):
+        prepare_for_eval(m)
+
+
+def test_batch_mode_needs_a_training_step():
+    with pytest.raises(ConfigError, match="training step"):
+        prepare_for_eval(OneBN(mode="batch"))
+
+
+def test_sync_mode_single_rank_equals_plain_bn():
+    class OneRank:
+        size, rank = 1, 0
+
+        def allreduce(self, x):
+            return x.copy()
+
+    a, b = OneBN(mode="sync", comm=OneRank()), OneBN(mode="batch")
+    a.cleargrads()
+    b.cleargrads()
+    x = batch(3)
+    xa, xb = chainer.Variable(x.copy()), chainer.Variable(x.copy())
+    w = np.random.RandomState(1).randn(*x.shape).astype(np.float32)
+    F.sum(a(xa) * w).backward()
+    F.sum(b(xb) * w).backward()
+    np.testing.assert_allclose(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.bn.gamma.grad, b.bn.gamma.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_model_level_modes():
+    x = np.random.RandomState(0).randn(4, 1, 28, 28).astype(np.float32)
+    for mode in ("batch", "recompute", "running"):
+        m = build_model("resnet_small", 5, in_channels=1, depth=8, width=4, bn_mode=mode)
+        m(x)
+        report = prepare_for_eval(m, None, batches=[x, x] if mode == "recompute" else None)
+        assert report[mode] == 9
+        with chainer.using_config("train", False):
+            assert np.isfinite(m(x).array).all()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("comm_name", comm_names())
+@pytest.mark.parametrize("n,env", [(2, None), (3, None), (4, {"HPCSGD_RANKS_PER_NODE": "2"})],
+                         ids=["n2", "n3", "n4-2nodes"])
+def test_bn_across_ranks(mpirun, comm_name, n, env):
+    if comm_name == "chainermn-naive" and env:
+        pytest.skip("virtual nodes only matter for hpcsgd's hierarchical communicator")
+    res = mpirun("tests/mpi/check_bn_sync.py", n, [comm_name], env=env, timeout=120)
+    assert res.stdout.count("bn ok") == n
