@@ -200,3 +200,50 @@ def test_cli_rejects_bad_input():
         hpcsgd_main(["predict", "--cluster", "mn1", "--gpus", "1024", "--global-batch", "1000"])
     with pytest.raises(ConfigError, match="overlap"):
         hpcsgd_main(["predict", "--overlap", "2"])
+
+
+# -- calibration --------------------------------------------------------------------------
+
+def test_fit_alpha_beta_recovers_known_parameters():
+    from hpcsgd.perfmodel.calibrate import fit_alpha_beta
+
+    alpha, beta, p = 4e-6, 3e-10, 2
+    pts = [(n, 2 * (p - 1) * alpha + 2 * (p - 1) / p * n * beta) for n in (4096, 65536, 1 << 20, 1 << 24)]
+    fit = fit_alpha_beta(pts, p)
+    assert fit["alpha"] == pytest.approx(alpha, rel=1e-6)
+    assert fit["beta"] == pytest.approx(beta, rel=1e-6)
+    with pytest.raises(ValueError, match="two"):
+        fit_alpha_beta(pts[:1])
+
+
+def test_measured_overlap_from_overlap_benchmark(tmp_path):
+    from hpcsgd.perfmodel.calibrate import measured_overlap
+
+    path = tmp_path / "overlap.json"
+    assert measured_overlap(path) is None
+    cfgs = {"compute": {"exposed_comm_s": 0.0}, "no_overlap": {"exposed_comm_s": 0.040},
+            "poll_4MB": {"exposed_comm_s": 0.010}, "thread_1MB": {"exposed_comm_s": 0.030}}
+    path.write_text(json.dumps({"runs": [{"tag": "plain", "configs": cfgs}]}))
+    assert measured_overlap(path) == pytest.approx(0.75)
+    assert measured_overlap(path, "thread_1MB") == pytest.approx(0.25)
+    cfgs["poll_4MB"]["exposed_comm_s"] = 0.08  # overlap slower than none: clamped to 0
+    path.write_text(json.dumps({"runs": [{"tag": "plain", "configs": cfgs}]}))
+    assert measured_overlap(path) == 0.0
+
+
+def test_model_errors_predicts_multi_rank_from_one_rank():
+    from hpcsgd.perfmodel.calibrate import model_errors
+
+    cal = {"shm": {"alpha": 1e-5, "beta": 1e-9}, "mem_bandwidth": 2e9}
+    one = {"model": "m", "framework": "hpcsgd", "ranks": 1, "per_rank_batch": 8, "params": 10**6,
+           "param_arrays": 10, "iteration_s": 0.10,
+           "phases_s": {"forward": 0.03, "backward": 0.06, "update": 0.01}}
+    # Hand-computed 2-rank hierarchical on one node: reduce (alpha + n beta) + bcast (alpha + n beta)
+    # + pack/unpack 2 * n_elems * 8 B / 2e9 + one launch each (per_array_s = 5 us).
+    n = 4e6
+    comm = 2 * (1e-5 + n * 1e-9) + 2 * 10**6 * 8 / 2e9 + 2 * 5e-6
+    two = dict(one, ranks=2, iteration_s=0.10 + comm, phases_s={})
+    rows = model_errors({"configs": [one, two]}, cal)
+    assert len(rows) == 1
+    assert rows[0]["predicted_s"] == pytest.approx(0.10 + comm, rel=1e-6)
+    assert rows[0]["error"] == pytest.approx(0.0, abs=1e-6)
