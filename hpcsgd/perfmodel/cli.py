@@ -118,7 +118,7 @@ def sweep(cluster_name: str, per_device_batch: int, fixed_global_batch: int, epo
           overlap: float | None = None) -> dict:
     """Weak-scaling efficiency and fixed-batch time-to-train for each communicator x dtype."""
     c = get_cluster(cluster_name)
-    out = {"cluster": cluster_name, "per_device_batch": per_device_batch,
+    out = {"cluster": cluster_name, "max_devices": c.max_devices, "per_device_batch": per_device_batch,
            "fixed_global_batch": fixed_global_batch, "epochs": epochs, "series": []}
     devices = [d for d in SWEEP_DEVICES if d >= c.devices_per_node]
     for comm in ("ring", "hierarchical", "two_dimensional"):
@@ -160,6 +160,10 @@ def plot_sweep(data: dict, path: str) -> None:
           title=f"{data['cluster']}: global batch {data['fixed_global_batch']}, {data['epochs']:g} epochs")
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
+        if data.get("max_devices"):
+            ax.axvline(data["max_devices"], color="gray", ls=":", lw=1)
+            ax.text(data["max_devices"], ax.get_ylim()[0], " real machine | extrapolated", fontsize=7,
+                    color="gray", va="bottom")
     a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
