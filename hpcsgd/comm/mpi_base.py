@@ -51,6 +51,7 @@ class MpiCommunicatorBase(CommunicatorBase):
         self._finalized = False
         self._topology: Topology = create_topology(self._mpi_comm, **self._topology_kwargs())
         self._param_checker = ConsistencyChecker()
+        self._background = None  # BackgroundMeanGrad, created by the first async call
         super().__init__(**config)
 
     def _topology_kwargs(self) -> dict:
@@ -111,8 +112,24 @@ class MpiCommunicatorBase(CommunicatorBase):
         if self._finalized:
             return
         self._finalized = True
+        if self._background is not None:
+            self._background.close()
         self._topology.free()
         self._mpi_comm.Free()
+
+    def multi_node_mean_grad_async(self, model, zero_fill: bool = False):
+        """Start :meth:`multi_node_mean_grad` on a worker thread; ``handle.wait()`` finishes it.
+
+        Runs this class's own algorithm on a private clone of the communicator
+        (:class:`hpcsgd.comm.overlap.BackgroundMeanGrad`), so the result is bitwise that
+        of the blocking call and the caller may run other collectives meanwhile. Do
+        not touch ``model``'s grads before ``wait()``; one reduction is in flight at a time.
+        """
+        if self._background is None:
+            from hpcsgd.comm.overlap import BackgroundMeanGrad
+
+            self._background = BackgroundMeanGrad(self)
+        return self._background.start(model, zero_fill)
 
     # -- point-to-point ----------------------------------------------------------
     def send(self, data, dest: int, tag: int) -> None:

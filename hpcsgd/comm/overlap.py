@@ -35,14 +35,17 @@ How it works:
 * ``overlap=False`` keeps everything identical except that all buckets start in
   ``wait()``: the in-run baseline, bitwise equal for float32.
 
-Double buffering (ChainerMN's one-step-stale gradients) uses the same machinery
-without the hook: :func:`mean_grad_async` packs all grads at once, reduces them
-on the worker thread during the next forward/backward, and ``wait()`` writes
-the means back.
+Double buffering (ChainerMN's one-step-stale gradients) needs the reduction of
+step t to progress during step t+1's forward/backward:
+:class:`BackgroundMeanGrad` (behind every ``MpiCommunicatorBase.multi_node_mean_grad_async``)
+runs the communicator's own ``multi_node_mean_grad`` (same algorithm, same bits)
+on a private clone of the communicator in a worker thread. :func:`mean_grad_async`
+does the same with a reducer's buckets.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -57,6 +60,8 @@ from hpcsgd.watchdog import collective
 
 #: Default bucket size in bytes of float32 gradients; see docs/overlap.md for the measurement.
 DEFAULT_BUCKET_BYTES = 4 << 20
+#: Default progress engine; see docs/overlap.md for the measurement.
+DEFAULT_PROGRESS = "poll"
 
 
 class _Layout:
@@ -99,7 +104,7 @@ class OverlappedReducer:
         rebuild_order: rebuild the buckets once from the observed readiness order.
     """
 
-    def __init__(self, comm, model, bucket_bytes: int | None = None, progress: str = "poll",
+    def __init__(self, comm, model, bucket_bytes: int | None = None, progress: str = DEFAULT_PROGRESS,
                  zero_fill: bool = True, overlap: bool = True, rebuild_order: bool = True) -> None:
         if progress not in ENGINES:
             raise ConfigError(f"progress must be one of {ENGINES}, got {progress!r}")
@@ -315,3 +320,60 @@ def mean_grad_async(reducer: OverlappedReducer) -> _AsyncHandle:
     reducer._launch_ready()
     reducer._active = True
     return _AsyncHandle(reducer)
+
+
+class _ThreadHandle:
+    """Handle of one background ``multi_node_mean_grad``: ``wait()`` joins it and re-raises its error."""
+
+    def __init__(self, thread: threading.Thread, box: dict) -> None:
+        self._thread, self._box = thread, box
+
+    def test(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        with collective("mean_grad_async_wait"):
+            self._thread.join()
+        err, self._box["error"] = self._box.get("error"), None
+        if err is not None:
+            raise err
+
+
+class BackgroundMeanGrad:
+    """Runs ``comm.multi_node_mean_grad`` on a private clone of ``comm`` in a worker thread.
+
+    The clone (``comm.split(0, rank)``: same class, same config, its own MPI
+    communicators) keeps the reduction in flight from ever interleaving with the
+    caller's collectives on ``comm``. One reduction at a time: :meth:`start` first
+    waits for the previous one. The model passed must not be touched until ``wait()``
+    (double buffering passes a shadow copy).
+    """
+
+    def __init__(self, comm) -> None:
+        self._clone = comm.split(0, comm.rank)
+        self._last: _ThreadHandle | None = None
+
+    def start(self, model, zero_fill: bool = False) -> _ThreadHandle:
+        if self._last is not None:
+            self._last.wait()
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                self._clone.multi_node_mean_grad(model, zero_fill)
+            except BaseException as e:  # re-raised by wait() on the caller's thread
+                box["error"] = e
+
+        thread = threading.Thread(target=run, name="hpcsgd-mean-grad-async", daemon=True)
+        thread.start()
+        self._last = _ThreadHandle(thread, box)
+        return self._last
+
+    def close(self) -> None:
+        """Wait for the reduction in flight (its error is dropped) and free the clone."""
+        if self._last is not None:
+            self._last._thread.join()
+            self._last = None
+        if self._clone is not None:
+            self._clone.finalize()
+            self._clone = None

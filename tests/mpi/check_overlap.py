@@ -161,6 +161,43 @@ def check_nonfinite_and_async(comm):
     reducer.finalize()
 
 
+def check_comm_async(comm, model):
+    """comm.multi_node_mean_grad_async: bitwise the blocking result; the caller may use comm meanwhile."""
+    import copy
+
+    backward(model, comm.rank, 5)
+    shadow = copy.deepcopy(model)
+    comm.multi_node_mean_grad(model)
+    handle = comm.multi_node_mean_grad_async(shadow)
+    assert comm.allreduce_obj(1) == comm.size  # a collective on comm while the reduction is in flight
+    handle.wait()
+    for (n, p), (_, q) in zip(sorted(model.namedparams()), sorted(shadow.namedparams())):
+        assert np.array_equal(p.grad, q.grad), f"async mean of {n} differs from the blocking one"
+    shadow.cleargrads()
+    for _, q in shadow.namedparams():
+        q.grad = np.full(q.shape, np.nan if comm.rank == 0 else 1.0, np.float32)
+
+    class Boom(Exception):
+        pass
+
+    original = comm._background._clone.multi_node_mean_grad
+
+    def failing(model, zero_fill=False):
+        original(model, zero_fill)
+        raise Boom("raised in the worker")
+
+    comm._background._clone.multi_node_mean_grad = failing
+    handle = comm.multi_node_mean_grad_async(shadow)
+    try:
+        handle.wait()
+    except Boom:
+        pass
+    else:
+        raise AssertionError("an error in the background reduction must surface in wait()")
+    comm._background._clone.multi_node_mean_grad = original
+    assert np.isnan(shadow.fc.W.grad).all(), "nan from rank 0 must reach every rank's mean"
+
+
 def main(argv):
     name = argv[0] if argv else "base"
     comm = make_comm(name)
@@ -168,6 +205,7 @@ def main(argv):
     model(batch(0, 0)[0])
     comm.bcast_data(model)
     check_engines(comm, model)
+    check_comm_async(comm, model)
     check_tied_and_zero_fill(comm)
     check_nonfinite_and_async(comm)
     comm.finalize()

@@ -1,0 +1,244 @@
+"""Allreduce overlapped with backward vs. not, in the same run (issue 7, "Overlap").
+
+    OPENBLAS_CORETYPE=SkylakeX python benchmarks/overlap.py            # 2 ranks, ResNet-50 @ 32x32
+    python benchmarks/overlap.py --model resnet_small --hw 32 --batch 32
+
+The driver launches ``mpiexec -n RANKS`` twice: once plain and once with MPICH's
+asynchronous progress thread (``MPIR_CVAR_ASYNC_PROGRESS=1``). Each launch runs,
+interleaved round-robin so that load changes hit all of them alike, steps of:
+
+* ``compute``: forward + backward only (no communication): the compute time;
+* ``no_overlap``: backward, then all buckets reduced (``OverlappedReducer(overlap=False)``);
+* ``comm_<name>``: backward, then the communicator's own ``multi_node_mean_grad``
+  (ChainerMN-style, after backward; ``per_param`` when the algorithm modules are missing);
+* ``double_buffer_<name>``: ChainerMN's double buffering: step t waits for step t-1's
+  mean and starts its own with ``multi_node_mean_grad_async`` (one step stale);
+* ``poll_<MB>``, ``thread_<MB>``: overlapped with progress by ``MPI_Testall`` from the
+  backward hook, or by a worker thread, for several bucket sizes;
+* ``none_<MB>`` (async-progress launch only): overlapped, no polling.
+
+Step time is the slowest rank's time from a barrier to the averaged grads (median of
+repeats). Exposed communication = median step time - median compute time of the
+same launch. Writes ``benchmarks/results/overlap.json`` and ``overlap.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--hw", type=int, default=32, help="input height/width in pixels")
+    p.add_argument("--batch", type=int, default=4, help="images per rank")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--bucket-mb", default="1,4,16", help="bucket sizes (MiB of float32) to sweep")
+    p.add_argument("--communicator", default="hierarchical", help="comm_<name> baseline if it exists")
+    p.add_argument("--out", default=str(RESULTS / "overlap"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON path: run as an MPI rank
+    p.add_argument("--tag", default="plain", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# -- rank side ---------------------------------------------------------------------------------
+
+def _worker(a) -> None:
+    import copy
+
+    import chainer.functions as F
+    import numpy as np
+    from mpi4py import MPI
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from hpcsgd.comm import create_communicator
+    from hpcsgd.comm.mpi_base import MpiCommunicatorBase
+    from hpcsgd.comm.overlap import OverlappedReducer
+    from hpcsgd.models import build_model
+
+    threadpool_limits(1)  # one thread per rank: the machine has 2 cores
+    world = MPI.COMM_WORLD
+
+    class PerParamCommunicator(MpiCommunicatorBase):
+        """Fallback when the algorithm modules are missing: one Allreduce per parameter (like naive)."""
+
+        def multi_node_mean_grad(self, model, zero_fill=False):
+            for _, p in sorted(model.namedparams()):
+                if p.grad is None and zero_fill:
+                    p.grad = p.xp.zeros_like(p.array)
+                if p.grad is not None:
+                    self._multi_node_mean(None, p.grad)
+
+    comm = PerParamCommunicator()
+    try:
+        algo, algo_name = create_communicator(a.communicator), a.communicator
+    except (ValueError, ImportError, NotImplementedError):
+        algo, algo_name = comm, "per_param"
+    model = build_model(a.model, 1000 if a.model.startswith("resnet") and a.model != "resnet_small" else 10,
+                        bn_mode="batch")
+    rng = np.random.default_rng(comm.rank)
+    x = rng.standard_normal((a.batch, 3, a.hw, a.hw)).astype(np.float32)
+    t = rng.integers(0, 10, a.batch).astype(np.int32)
+    model(x)
+    comm.bcast_data(model)
+    n_floats = sum(p.size for p in model.params())
+
+    def fwd_bwd(reducer=None):
+        model.cleargrads()
+        loss = F.softmax_cross_entropy(model(x), t)
+        if reducer is None:
+            loss.backward()
+        else:
+            with reducer:
+                loss.backward()
+
+    configs = {"compute": lambda: fwd_bwd()}
+    reducers = {}
+    base = OverlappedReducer(comm, model, bucket_bytes=4 << 20, overlap=False)
+    reducers["no_overlap"] = base
+    configs["no_overlap"] = lambda: (fwd_bwd(base), base.wait())
+    configs[f"comm_{algo_name}"] = lambda: (fwd_bwd(), algo.multi_node_mean_grad(model, True))
+    shadow, pending = copy.deepcopy(model), []
+
+    def double_buffered():
+        """ChainerMN double buffering: wait for step t-1's mean, start step t's in the background."""
+        fwd_bwd()
+        if pending:
+            pending.pop().wait()  # the optimizer would apply these (one step stale) now
+        for (_, p), (_, q) in zip(sorted(model.namedparams()), sorted(shadow.namedparams())):
+            p.grad, q.grad = q.grad, p.grad
+        pending.append(algo.multi_node_mean_grad_async(shadow, True))
+
+    configs[f"double_buffer_{algo_name}"] = double_buffered
+    engines = ["poll", "thread"] + (["none"] if a.tag == "async" else [])
+    for mb in [float(v) for v in a.bucket_mb.split(",")]:
+        for engine in engines:
+            name = f"{engine}_{mb:g}MB"
+            r = OverlappedReducer(comm, model, bucket_bytes=int(mb * (1 << 20)), progress=engine)
+            reducers[name] = r
+            configs[name] = (lambda r=r: (fwd_bwd(r), r.wait()))
+
+    times = {k: [] for k in configs}
+    stats = {k: [] for k in reducers}
+    for rep in range(a.warmup + a.repeats):
+        for name, step in configs.items():
+            world.Barrier()
+            t0 = time.perf_counter()
+            step()
+            dt = world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            if rep >= a.warmup:
+                times[name].append(dt)
+                if name in reducers:
+                    stats[name].append(reducers[name].stats)
+    if pending:
+        pending.pop().wait()
+    for r in reducers.values():
+        r.finalize()
+    if world.rank != 0:
+        return
+    compute = statistics.median(times["compute"])
+    out = {"tag": a.tag, "ranks": world.size, "model": a.model, "hw": a.hw, "batch": a.batch,
+           "grad_floats": int(n_floats), "grad_bytes": int(4 * n_floats),
+           "async_progress_env": os.environ.get("MPIR_CVAR_ASYNC_PROGRESS"),
+           "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+           "blas": [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                    for i in threadpool_info()],
+           "configs": {}}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        entry = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "samples_s": ts,
+                 "exposed_comm_s": med - compute}
+        if stats.get(name):
+            entry["early_buckets_median"] = statistics.median(s["overlapped_buckets"] for s in stats[name])
+            entry["buckets"] = stats[name][-1]["buckets"]
+            entry["wait_after_backward_s"] = statistics.median(s["wait_s"] for s in stats[name])
+        out["configs"][name] = entry
+    Path(a.worker).write_text(json.dumps(out, indent=1))
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+def _launch(a, tag: str, env_extra: dict) -> dict:
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "out.json"
+        cmd = [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(a.ranks), sys.executable, "-m",
+               "mpi4py", __file__, "--worker", str(path), "--tag", tag, "--model", a.model, "--hw", str(a.hw),
+               "--batch", str(a.batch), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
+               "--bucket-mb", a.bucket_mb, "--communicator", a.communicator]
+        env = dict(os.environ, **env_extra)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        load0 = os.getloadavg()
+        subprocess.run(cmd, env=env, check=True, timeout=3600)
+        res = json.loads(path.read_text())
+        res["loadavg_before"], res["loadavg_after"] = load0, os.getloadavg()
+        return res
+
+
+def _plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 4.5), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        names = [n for n in run["configs"] if n != "compute"]
+        exposed = [1e3 * run["configs"][n]["exposed_comm_s"] for n in names]
+        ax.barh(names, exposed, color=["tab:gray" if n[0] not in "ptn" else "tab:blue" for n in names])
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel("exposed communication = step - compute (ms, median)")
+        ax.set_title(f"{run['model']} {run['hw']}px b={run['batch']}, {run['ranks']} ranks, {run['tag']}\n"
+                     f"compute {1e3 * run['configs']['compute']['median_s']:.0f} ms, "
+                     f"grads {run['grad_bytes'] / 1e6:.0f} MB, load {run['loadavg_before'][0]:.1f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    if a.worker:
+        _worker(a)
+        return 0
+    runs = [_launch(a, "plain", {}), _launch(a, "async", {"MPIR_CVAR_ASYNC_PROGRESS": "1"})]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        base = run["configs"]["no_overlap"]["median_s"]
+        for entry in run["configs"].values():
+            entry["speedup_vs_no_overlap"] = base / entry["median_s"]
+    from hpcsgd.comm.overlap import DEFAULT_BUCKET_BYTES, DEFAULT_PROGRESS
+
+    plain = runs[0]["configs"]
+    default = f"{DEFAULT_PROGRESS}_{DEFAULT_BUCKET_BYTES / 2**20:g}MB"  # the shipped defaults
+    fraction, base = None, plain["no_overlap"]["exposed_comm_s"]
+    if default in plain and base > 0:
+        fraction = max(0.0, min(1.0, 1 - plain[default]["exposed_comm_s"] / base))
+    summary = {"overlap_fraction": fraction, "overlap_fraction_config": default, "runs": runs}
+    Path(f"{out}.json").write_text(json.dumps(summary, indent=1))
+    _plot(runs, Path(f"{out}.png"))
+    for run in runs:
+        print(f"== {run['tag']} (load {run['loadavg_before'][0]:.1f} -> {run['loadavg_after'][0]:.1f})")
+        for name, e in run["configs"].items():
+            print(f"  {name:16s} step {1e3 * e['median_s']:8.1f} ms  "
+                  f"exposed {1e3 * e['exposed_comm_s']:7.1f} ms  "
+                  f"x{e['speedup_vs_no_overlap']:.3f} vs no_overlap")
+    print(f"wrote {out}.json and {out}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
