@@ -125,6 +125,22 @@ def timeout_from_env(default: float = DEFAULT_TIMEOUT) -> float:
     return value
 
 
+STALE_BOARD_AGE = 86400.0  # seconds: boards of killed jobs older than this are removed at install
+
+
+def _remove_stale_boards(root: Path) -> None:
+    """Delete boards that jobs killed long ago left under ``root`` (best effort)."""
+    cutoff = time.time() - STALE_BOARD_AGE
+    for board in root.glob("hpcsgd-watchdog-*"):
+        try:
+            if board.stat().st_mtime < cutoff:
+                for path in board.iterdir():
+                    path.unlink(missing_ok=True)
+                board.rmdir()
+        except OSError:
+            pass
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host and is not a zombie."""
     try:
@@ -157,6 +173,8 @@ class Watchdog:
         self.shared_board = base is not None
         root = Path(base) if base else Path("/dev/shm")
         self.board = root / f"hpcsgd-watchdog-{job}"
+        if self.rank == 0:
+            _remove_stale_boards(root)
         self.board.mkdir(parents=True, exist_ok=True)
         self._path = self.board / f"rank{self.rank}.json"
         self._peers: dict[int, int] = {}  # rank -> pid of the other ranks on this host

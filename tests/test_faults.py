@@ -39,10 +39,10 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_rank_exception_aborts_the_job(request):
+def test_rank_exception_aborts_the_job(request, tmp_path):
     """Fault 1: rank 3 raises; the job aborts within 10 s with rank 3's traceback, exit code != 0."""
     res = run_job([sys.executable, *CHECK[1:], "raise", "3", "5"], 4, timeout=40,
-                  env={"HPCSGD_COLLECTIVE_TIMEOUT": "30"})
+                  env={"HPCSGD_COLLECTIVE_TIMEOUT": "30", "HPCSGD_WATCHDOG_DIR": tmp_path})
     assert not res.timed_out, res.output
     assert res.returncode != 0, res.output
     out = res.output
@@ -80,10 +80,10 @@ def test_exception_in_a_thread_aborts_the_job():
     assert res.seconds < 10, res.seconds
 
 
-def test_sigkilled_rank_ends_the_job(request):
+def test_sigkilled_rank_ends_the_job(request, tmp_path):
     """Fault 2a: a rank SIGKILLed mid-iteration; nobody hangs (MPICH's launcher ends the job)."""
     res = run_job([sys.executable, *CHECK[1:], "kill", "2", "25"], 4, timeout=40,
-                  env={"HPCSGD_COLLECTIVE_TIMEOUT": "5"})
+                  env={"HPCSGD_COLLECTIVE_TIMEOUT": "5", "HPCSGD_WATCHDOG_DIR": tmp_path})
     assert not res.timed_out, res.output
     assert res.returncode != 0, res.output
     assert " ok " not in res.output
@@ -100,11 +100,12 @@ def test_sigkilled_rank_ends_the_job(request):
            test=request.node.nodeid, evidence=res.output[res.output.find("BAD TERMINATION"):][:300])
 
 
-def test_frozen_rank_trips_the_collective_watchdog(request):
+def test_frozen_rank_trips_the_collective_watchdog(request, tmp_path):
     """Fault 2b: a rank hangs (SIGSTOP); the watchdog aborts naming the collective and the missing rank."""
     timeout = 3.0
     res = run_job([sys.executable, *CHECK[1:], "freeze", "1", "10"], 4, timeout=40,
-                  env={"HPCSGD_COLLECTIVE_TIMEOUT": str(timeout), "HPCSGD_WATCHDOG_HEARTBEAT": "0.5"})
+                  env={"HPCSGD_COLLECTIVE_TIMEOUT": str(timeout), "HPCSGD_WATCHDOG_HEARTBEAT": "0.5",
+                       "HPCSGD_WATCHDOG_DIR": tmp_path})
     out = res.output
     pids = _pids(out)
     if 1 in pids and not _gone(pids[1]):  # never leave a stopped process behind
@@ -116,6 +117,7 @@ def test_frozen_rank_trips_the_collective_watchdog(request):
     assert "ranks that did not arrive: 1\n" in out, out
     assert "no heartbeat" in out and f"pid {pids[1]}" in out, out
     assert "ranks waiting in 'allreduce': 0, 2, 3" in out, out
+    assert f"board: {tmp_path}" in out, out
     detect = res.detect_seconds()
     assert detect is not None and timeout <= detect < timeout + 7, (detect, out)
     record("f2b_rank_frozen", order=2.1, fault="A rank hangs (frozen, SIGSTOP) mid-iteration",

@@ -68,7 +68,8 @@ def _installed(name: str) -> bool:
 
 
 def _train(cluster, cfg: Path, out: Path, *extra, timeout=150, on_line=None):
-    env = {**cluster.env(), "HPCSGD_COLLECTIVE_TIMEOUT": TIMEOUT, "OMP_NUM_THREADS": 1}
+    env = {**cluster.env(), "HPCSGD_COLLECTIVE_TIMEOUT": TIMEOUT, "OMP_NUM_THREADS": 1,
+           "HPCSGD_WATCHDOG_DIR": out.parent / "watchdog"}
     return run_job([sys.executable, "-c", TRAIN, str(cfg), "--out", str(out), *extra], 4,
                    timeout=timeout, env=env, mpiexec_args=cluster.mpiexec_args(ranks_per_host=2),
                    on_line=on_line)
@@ -154,7 +155,7 @@ def test_link_cut_aborts_and_resume_completes(two_hosts, tmp_path, request):
            test=request.node.nodeid, evidence=evidence)
 
 
-def test_link_cut_watchdog_message(two_hosts):
+def test_link_cut_watchdog_message(two_hosts, tmp_path):
     """MPI only: cut host 1's link while 4 ranks loop over allreduces; the watchdog explains."""
     cut_at: list[float] = []
 
@@ -165,7 +166,9 @@ def test_link_cut_watchdog_message(two_hosts):
 
     try:
         res = run_job([sys.executable, "tests/mpi/check_fault.py", "steady", "0", "100000"], 4,
-                      timeout=60, env={**two_hosts.env(), "HPCSGD_COLLECTIVE_TIMEOUT": 4},
+                      timeout=60,
+                      env={**two_hosts.env(), "HPCSGD_COLLECTIVE_TIMEOUT": 4,
+                           "HPCSGD_WATCHDOG_DIR": tmp_path},
                       mpiexec_args=two_hosts.mpiexec_args(ranks_per_host=2), on_line=on_line)
     finally:
         two_hosts.restore_link(1)
