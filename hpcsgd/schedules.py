@@ -91,7 +91,8 @@ def akiba_lr(epoch: float, base_lr: float, milestones: Sequence[float] = AKIBA_M
     defaults give 6.4 / 0.96 / 0.128 / 0.0128 for 32k.
     """
     if len(milestones) != len(factors):
-        raise ConfigError(f"akiba milestones ({len(milestones)}) and factors ({len(factors)}) differ in length")
+        raise ConfigError(f"akiba milestones ({len(milestones)}) and factors ({len(factors)}) "
+                          "differ in length")
     factor = factors[0]
     for m, f in zip(milestones, factors):
         if epoch >= m:

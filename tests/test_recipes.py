@@ -57,7 +57,8 @@ def test_epoch_scaling_rule():
     assert r.settings["warmup_epochs"] == pytest.approx(0.5)
     assert r.hyperparams(0.5)["lr"] == pytest.approx(0.4) and r.hyperparams(3.0)["lr"] == pytest.approx(0.04)
     a = build_recipe("akiba", None, 32768, 9, 10)
-    assert a.hyperparams(1.0)["alpha_sgd"] == pytest.approx(0.5) and a.hyperparams(4.0)["lr"] == pytest.approx(0.96)
+    assert a.hyperparams(1.0)["alpha_sgd"] == pytest.approx(0.5)
+    assert a.hyperparams(4.0)["lr"] == pytest.approx(0.96)
     raw = build_recipe("goyal", None, 1024, 9, 10, scale_epochs=False)
     assert raw.settings["milestones"] == (30.0, 60.0, 80.0)
 

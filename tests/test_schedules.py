@@ -41,7 +41,8 @@ def test_alpha_sgd_transcribed_form_is_clamped_and_continuous_form_fractional():
 
 def test_akiba_slow_start_32k():
     base = S.linear_scaling_lr(32768)
-    for e, lr in [(0, 6.4), (39.99, 6.4), (40, 0.96), (69.9, 0.96), (70, 0.128), (85, 0.0128), (89.9, 0.0128)]:
+    table = [(0, 6.4), (39.99, 6.4), (40, 0.96), (69.9, 0.96), (70, 0.128), (85, 0.0128), (89.9, 0.0128)]
+    for e, lr in table:
         assert S.akiba_lr(e, base) == pytest.approx(lr), e
 
 
@@ -85,7 +86,7 @@ def test_cli_akiba_32k_prints_6_4_for_epochs_0_to_40(tmp_path):
     rows = [line.split() for line in text.splitlines() if not line.startswith("#")][1:]
     lr = {int(r[0]): float(r[2]) for r in rows}
     assert all(lr[e] == pytest.approx(6.4) for e in range(40))
-    assert lr[40] == pytest.approx(0.96) and lr[70] == pytest.approx(0.128) and lr[85] == pytest.approx(0.0128)
+    assert (lr[40], lr[70], lr[85]) == pytest.approx((0.96, 0.128, 0.0128))
     alpha = {int(r[0]): float(r[3]) for r in rows}
     assert alpha[10] == pytest.approx(0.5) and alpha[13] == 1.0
 

@@ -58,7 +58,8 @@ def _combine_last_batch(bns: list[BatchNorm], comm) -> None:
     for bn in bns:
         c = bn.size
         mean = buf[offs:offs + c]
-        means.append((mean, buf[offs + c:offs + 2 * c], buf[offs + 2 * c:offs + 3 * c], float(buf[offs + 3 * c])))
+        var_biased, var_unbiased = buf[offs + c:offs + 2 * c], buf[offs + 2 * c:offs + 3 * c]
+        means.append((mean, var_biased, var_unbiased, float(buf[offs + 3 * c])))
         spread_parts.append((bn.last_mean.astype(f64) - mean) ** 2)
         offs += 3 * c + 1
     needs_spread = any(bn.var_combine == "corrected" for bn in bns) and size > 1

@@ -32,10 +32,10 @@ class SmallResNet(chainer.Chain):
         self.depth, self.width = depth, width
         with self.init_scope():
             self.stem = ConvBN(in_channels, width, 3, 1, 1, **kw)
-            self.stage1 = Stage(BasicBlock, n, width, width, 1, zero_init_residual=zero_init_residual, **kw)
-            self.stage2 = Stage(BasicBlock, n, width, 2 * width, 2, zero_init_residual=zero_init_residual, **kw)
-            self.stage3 = Stage(BasicBlock, n, 2 * width, 4 * width, 2, zero_init_residual=zero_init_residual,
-                                **kw)
+            zi = dict(zero_init_residual=zero_init_residual, **kw)
+            self.stage1 = Stage(BasicBlock, n, width, width, 1, **zi)
+            self.stage2 = Stage(BasicBlock, n, width, 2 * width, 2, **zi)
+            self.stage3 = Stage(BasicBlock, n, 2 * width, 4 * width, 2, **zi)
             self.fc = fc_layer(4 * width, n_classes)
 
     def forward(self, x):

@@ -59,7 +59,8 @@ def ref_bn(x, gamma, beta, w):
     y = g * xhat + beta.reshape(1, -1, 1, 1)
     gbeta = w.sum(axes)
     ggamma = (w * xhat).sum(axes)
-    gx = g / np.sqrt(var + EPS) * (w - w.mean(axes, keepdims=True) - xhat * (w * xhat).mean(axes, keepdims=True))
+    mean_w, mean_wx = w.mean(axes, keepdims=True), (w * xhat).mean(axes, keepdims=True)
+    gx = g / np.sqrt(var + EPS) * (w - mean_w - xhat * mean_wx)
     return y, gx, ggamma, gbeta, mean.ravel(), var.ravel()
 
 
@@ -75,7 +76,8 @@ def check_sync(sizes):
     x = chainer.Variable(xl)
     y = model.bn(x)
     F.sum(y * wg[a:b]).backward()
-    y_ref, gx_ref, gg_ref, gb_ref, mean_ref, var_ref = ref_bn(xg, model.bn.gamma.array, model.bn.beta.array, wg)
+    bn = model.bn
+    y_ref, gx_ref, gg_ref, gb_ref, mean_ref, var_ref = ref_bn(xg, bn.gamma.array, bn.beta.array, wg)
     np.testing.assert_allclose(y.array, y_ref[a:b], rtol=1e-4, atol=1e-4, err_msg=f"sync forward {sizes}")
     np.testing.assert_allclose(x.grad, gx_ref[a:b], rtol=1e-3, atol=1e-4, err_msg=f"sync gx {sizes}")
     # local gamma/beta grads sum (over ranks) to the single-process ones
