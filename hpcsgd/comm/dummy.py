@@ -1,0 +1,43 @@
+"""``dummy``: pack and unpack only, no communication (measures the packing cost).
+
+Each bucket is packed to the wire format and unpacked again, with the same
+kernels, buckets, tracing and non-finite check as ``flat``. The gradients stay
+this rank's own (cast through the wire format), so this is *not* a mean: use it
+only to time packing (ChainerMN's ``dummy`` communicator has the same role).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcsgd.comm import kernels
+from hpcsgd.comm.bucketed import BucketedCommunicator
+from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm.packing import GradLayout
+from hpcsgd.trace import get_tracer
+
+
+class DummyAlgorithm(BucketAlgorithm):
+    def __init__(self, layout: GradLayout, wire: str, bucket_bytes: int):
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
+        self.wire = wire
+        self.low_precision = wire != "float32"
+        width = max((hi - lo for lo, hi in self.ranges), default=0)
+        self.buf = np.empty(width, kernels.wire_storage_dtype(wire))
+
+    def run(self, i: int) -> int:
+        lo, hi = self.ranges[i]
+        buf = self.buf[: hi - lo]
+        info = {"bytes": int(buf.nbytes), "dtype": self.wire, "bucket": i}
+        with get_tracer().span("pack", **info):
+            self.grads.pack(lo, hi, buf, 1.0, self.wire)
+        with get_tracer().span("unpack", **info):
+            return self.grads.unpack(lo, hi, buf, 1.0, self.wire)
+
+
+class DummyCommunicator(BucketedCommunicator):
+    """Packs and unpacks the gradients without communicating (benchmarks only)."""
+
+    def _new_algorithm(self, layout: GradLayout) -> DummyAlgorithm:
+        intra, inter = self.wire_formats()
+        return DummyAlgorithm(layout, intra, self.get_config("bucket_bytes"))

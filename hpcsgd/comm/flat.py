@@ -1,0 +1,80 @@
+"""``flat``: one MPI allreduce over all ranks of the packed gradients, bucket by bucket.
+
+Per bucket (``bucket_bytes`` of wire data, default 4 MiB):
+
+1. pack: ``buf = wire(grad / size)`` (one fused numba pass);
+2. reduce: float32 -> ``MPI_Allreduce(IN_PLACE, SUM)``; float16/bfloat16 ->
+   :class:`~hpcsgd.comm.fp16_reduce.LowPrecisionAllreduce` (Alltoallv +
+   float32 accumulation + Allgatherv), since MPI's own float16 sum is slow;
+3. unpack: ``grad = float32(buf)`` with the non-finite count in the same pass.
+
+The whole rank set is one level, so the wire format is ``allreduce_grad_dtype``
+(or ``inter_dtype``/``intra_dtype`` if set; default float32: on one node the two
+casts cost more than the bytes they save, see docs/comm_algorithms.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from hpcsgd.comm import kernels
+from hpcsgd.comm.bucketed import BucketedCommunicator
+from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm.fp16_reduce import LowPrecisionAllreduce
+from hpcsgd.comm.packing import GradLayout
+from hpcsgd.trace import get_tracer
+from hpcsgd.watchdog import collective
+
+
+class FlatAlgorithm(BucketAlgorithm):
+    """Pack, reduce over ``comm``, unpack, one bucket at a time."""
+
+    def __init__(self, layout: GradLayout, comm, wire: str, bucket_bytes: int):
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
+        self.comm = comm.Dup()  # private: buckets may run on a worker thread
+        self.size = comm.Get_size()
+        self.wire = wire
+        self.low_precision = wire != "float32"
+        width = max((hi - lo for lo, hi in self.ranges), default=0)
+        self.buf = np.empty(width, kernels.wire_storage_dtype(wire))
+        self._lowp = LowPrecisionAllreduce(self.comm, wire) if self.low_precision else None
+
+    def run(self, i: int) -> int:
+        lo, hi = self.ranges[i]
+        buf = self.buf[: hi - lo]
+        tracer = get_tracer()
+        info = {"bytes": int(buf.nbytes), "dtype": self.wire, "bucket": i}
+        with tracer.span("pack", **info):
+            self.grads.pack(lo, hi, buf, 1.0 / self.size, self.wire)
+        with tracer.span("allreduce", **info):
+            if self.size > 1:
+                if self._lowp is not None:
+                    self._lowp(buf)
+                else:
+                    with collective("allreduce", nbytes=int(buf.nbytes), bucket=i):
+                        self.comm.Allreduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM)
+        with tracer.span("unpack", **info):
+            return self.grads.unpack(lo, hi, buf, 1.0, self.wire)
+
+    def free(self) -> None:
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None
+
+
+class FlatCommunicator(BucketedCommunicator):
+    """Bucketed MPI allreduce of the packed gradients over all ranks (CPU)."""
+
+    DEFAULT_WIRE = ("float32", "float32")
+
+    def wire(self) -> str:
+        """The single wire format (inter_dtype wins when the job spans nodes)."""
+        intra, inter = self.wire_formats()
+        return inter if self.inter_size > 1 else intra
+
+    def _wire_label(self) -> str:
+        return self.wire()
+
+    def _new_algorithm(self, layout: GradLayout) -> FlatAlgorithm:
+        return FlatAlgorithm(layout, self._mpi_comm, self.wire(), self.get_config("bucket_bytes"))

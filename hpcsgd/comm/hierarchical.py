@@ -1,0 +1,151 @@
+"""``hierarchical`` (the default): reduce-scatter in the node, allreduce between nodes, allgather.
+
+CPU algorithm, per bucket ``[lo, hi)`` of the flat layout, with ``k`` ranks per
+node and node-local rank ``r``; shard ``s`` is the ``s``-th of ``k`` equal parts
+of the bucket:
+
+1. pack: rank ``r`` writes ``intra_wire(grad / size)`` of every shard *except*
+   its own into its segment of a node-wide MPI-3 shared-memory window
+   (:class:`~hpcsgd.comm.shm.SharedSegments`). Its own shard needs no copy;
+2. fence (``Win_sync`` + node barrier);
+3. reduce-scatter: rank ``r`` sums shard ``r`` straight out of the other ranks'
+   segments plus its own gradients (float32 accumulation) into its segment;
+4. inter-node allreduce of shard ``r`` among the ranks with the same
+   ``intra_rank`` (``topology.inter_comm``): float16 on the wire by default
+   (:class:`~hpcsgd.comm.fp16_reduce.LowPrecisionAllreduce`, float32
+   accumulation), or ``MPI_Allreduce`` for float32;
+5. fence;
+6. allgather + unpack: every rank reads every shard from its owner's segment
+   and writes its gradients, counting non-finite values in the same pass.
+
+No MPI message carries intra-node data: peers read each other's segments
+directly. Every shard is computed once, so all ranks get bitwise identical
+gradients. A segment region written in step 1 of a call is only read by
+peers in step 3 of the same call, and the owner-written region of step 3
+only in step 6; the fence after step 1 of the next call orders it after
+every peer's step 6, so two fences per bucket suffice.
+
+Defaults: float32 inside a node (shared memory moves bytes at memory speed;
+casting costs more than the bytes saved), float16 between nodes. Nodes must
+all have the same number of ranks; otherwise this communicator falls back to
+the ``flat`` algorithm (with a warning), as the shards would not line up.
+GPU gradients use NCCL: see :mod:`hpcsgd.comm.nccl`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from mpi4py import MPI
+
+from hpcsgd.comm import kernels
+from hpcsgd.comm.bucketed import BucketedCommunicator
+from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm.flat import FlatAlgorithm
+from hpcsgd.comm.fp16_reduce import LowPrecisionAllreduce
+from hpcsgd.comm.packing import GradLayout
+from hpcsgd.comm.shm import SharedSegments
+from hpcsgd.trace import get_tracer
+from hpcsgd.watchdog import collective
+
+
+class HierarchicalAlgorithm(BucketAlgorithm):
+    """Shared-memory reduce-scatter/allgather in the node, MPI between nodes (CPU)."""
+
+    def __init__(self, layout: GradLayout, topology, intra_wire: str, inter_wire: str,
+                 bucket_bytes: int):
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, 4))
+        self.size = topology.size
+        self.k, self.r = topology.intra_size, topology.intra_rank
+        self.intra_wire, self.inter_wire = intra_wire, inter_wire
+        self.n_nodes = topology.inter_size
+        self.low_precision = intra_wire != "float32" or (self.n_nodes > 1 and inter_wire != "float32")
+        self.intra = topology.intra_comm.Dup()
+        self.inter = topology.inter_comm.Dup() if self.n_nodes > 1 else None
+        self.shm = SharedSegments(self.intra, layout.total, kernels.wire_storage_dtype(intra_wire))
+        width = max((hi - lo for lo, hi in self.ranges), default=0) // self.k + 1
+        self._acc = np.empty(width, np.float32)
+        self._lowp = None
+        if self.inter is not None and inter_wire != "float32":
+            self._lowp = LowPrecisionAllreduce(self.inter, inter_wire)
+            self._wire16 = np.empty(width, np.uint16)
+
+    def _shard(self, lo: int, hi: int, s: int) -> tuple[int, int]:
+        n = hi - lo
+        return lo + n * s // self.k, lo + n * (s + 1) // self.k
+
+    def _reduce_own(self, a: int, b: int) -> None:
+        """Shard ``[a, b)``: own grads / size + the peers' packed values, into this rank's segment."""
+        segs, r = self.shm.segments, self.r
+        peers = [s for s in range(self.k) if s != r]
+        scale = 1.0 / self.size
+        f32 = self.intra_wire == "float32"
+        acc = segs[r][a:b] if f32 else self._acc[: b - a]
+        for i, pa, pb in self.layout.pieces(a, b):
+            g = self.grads.piece(i, pa, pb)
+            out = acc[pa - a:pb - a]
+            if f32:
+                kernels.scaled_plus(g, scale, [segs[s][pa:pb] for s in peers], out)
+            else:
+                kernels.scaled_plus(g, scale, [], out)
+                for s in peers:
+                    kernels.accumulate(out, segs[s][pa:pb], self.intra_wire)
+        if self.inter is not None and b > a:
+            with collective("allreduce_inter", nbytes=int(acc.nbytes)):
+                if self._lowp is not None:
+                    w16 = self._wire16[: b - a]
+                    kernels.pack_into(acc, w16, 1.0, self.inter_wire)
+                    self._lowp(w16)
+                    kernels.unpack_from(w16, acc, 1.0, self.inter_wire)
+                else:
+                    self.inter.Allreduce(MPI.IN_PLACE, [acc, MPI.FLOAT], op=MPI.SUM)
+        if not f32:
+            kernels.pack_into(acc, segs[r][a:b], 1.0, self.intra_wire)
+
+    def run(self, i: int) -> int:
+        lo, hi = self.ranges[i]
+        tracer = get_tracer()
+        segs, mine = self.shm.segments, self.shm.mine
+        info = {"bytes": int((hi - lo) * mine.itemsize), "dtype": self.intra_wire, "bucket": i}
+        with tracer.span("pack", **info):
+            for s in range(self.k):
+                if s != self.r:
+                    a, b = self._shard(lo, hi, s)
+                    self.grads.pack(a, b, mine[a:b], 1.0 / self.size, self.intra_wire)
+        with tracer.span("allreduce", inter_dtype=self.inter_wire, **info):
+            self.shm.fence("allreduce_intra", bucket=i, stage="reduce_scatter")
+            self._reduce_own(*self._shard(lo, hi, self.r))
+            self.shm.fence("allreduce_intra", bucket=i, stage="allgather")
+        bad = 0
+        with tracer.span("unpack", **info):
+            for s in range(self.k):
+                a, b = self._shard(lo, hi, s)
+                bad += self.grads.unpack(a, b, segs[s][a:b], 1.0, self.intra_wire)
+        return bad
+
+    def free(self) -> None:
+        if self.shm is not None:
+            self.shm.free()
+            self.shm = None
+            self.intra.Free()
+            if self.inter is not None:
+                self.inter.Free()
+
+
+class HierarchicalCommunicator(BucketedCommunicator):
+    """Two-level allreduce: shared memory inside a node, MPI (float16 by default) between nodes."""
+
+    DEFAULT_WIRE = ("float32", "float16")
+
+    def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
+        intra, inter = self.wire_formats()
+        topo = self.topology
+        if not topo.uniform:
+            if not getattr(self, "_warned_uniform", False):
+                warnings.warn("hierarchical: nodes have different numbers of ranks; falling back to "
+                              "the flat algorithm over all ranks", RuntimeWarning, stacklevel=3)
+                self._warned_uniform = True
+            wire = inter if topo.inter_size > 1 else intra
+            return FlatAlgorithm(layout, self._mpi_comm, wire, self.get_config("bucket_bytes"))
+        return HierarchicalAlgorithm(layout, topo, intra, inter, self.get_config("bucket_bytes"))

@@ -1,0 +1,464 @@
+"""Fused cast kernels for gradient packing: one pass per array, on CPU (numba) and GPU (CuPy).
+
+Wire formats (``WIRE_FORMATS``): ``float32``, ``float16`` and ``bfloat16``. A
+16-bit wire buffer is stored as ``uint16`` bits (NumPy has no bfloat16, and the
+kernels work on bits anyway); :func:`wire_storage_dtype` gives the storage dtype.
+
+CPU kernels (numba, ``nogil`` so a worker thread can overlap them with Python):
+
+* :func:`pack_into` ``dst = wire(src * scale)``: scale (1/world size, *before*
+  the cast, so float16 cannot overflow on large worlds) and cast in one pass.
+* :func:`unpack_from` ``dst = float32(src) * scale`` and returns the number of
+  non-finite results: the divergence check rides along for free.
+* :func:`sum_rows_to_wire`: float32 accumulation of ``k`` 16-bit rows, rounded
+  once to the wire format (the inter-node float16 reduction).
+* :func:`reduce_shards`: ``dst = (a + b + ...) * scale`` over float32 shared-memory
+  segments, counting non-finite results.
+
+float32 <-> float16 conversion: numba has no CPU half type, so the conversion is
+an LLVM ``fptrunc``/``fpext`` to ``half`` emitted by a numba ``@intrinsic``. On
+x86 with F16C (every AVX2 CPU) LLVM lowers it to ``vcvtps2ph``/``vcvtph2ps`` and
+vectorises the loop. If that cannot be compiled (e.g. a target without
+half-precision support where the JIT cannot link ``__truncsfhf2``), a
+bit-manipulation version (round to nearest even, subnormals, inf, nan) is used.
+Both are bit-exact against ``numpy.astype`` for every float32 except signalling
+NaN payloads (the hardware quiets them; still NaN). bfloat16 uses
+round-to-nearest-even on the upper 16 bits (NaN stays NaN, quieted).
+
+GPU: :func:`cupy_pack_kernel`/:func:`cupy_unpack_kernel` are CuPy elementwise
+kernels (ChainerMN's ``batched_copy`` idea) with the same semantics; untested on
+this machine (no CUDA), exercised only where CuPy finds a device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+WIRE_FORMATS = ("float32", "float16", "bfloat16")
+
+
+def wire_storage_dtype(wire: str) -> np.dtype:
+    """NumPy dtype holding a buffer of ``wire`` format (16-bit formats as ``uint16`` bits)."""
+    if wire == "float32":
+        return np.dtype(np.float32)
+    if wire in ("float16", "bfloat16"):
+        return np.dtype(np.uint16)
+    raise ValueError(f"unknown wire format {wire!r}; choose one of {WIRE_FORMATS}")
+
+
+def wire_itemsize(wire: str) -> int:
+    """Bytes per element on the wire."""
+    return wire_storage_dtype(wire).itemsize
+
+
+# -- scalar conversions -----------------------------------------------------------------------
+
+
+@intrinsic
+def _llvm_f32_to_f16(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _llvm_f16_to_f32(typingctx, x):
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, x):
+    """Reinterpret the low 32 bits of an integer as a float32."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if x.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif x.bitwidth < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@njit(inline="always")
+def _soft_f32_to_f16(x):
+    """Round-to-nearest-even float32 -> float16 bits without hardware support."""
+    f = _f32_bits(x)
+    sign = np.uint16((f >> np.uint32(16)) & np.uint32(0x8000))
+    a = f & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x7F800000):  # inf or nan
+        if a == np.uint32(0x7F800000):
+            return sign | np.uint16(0x7C00)
+        return sign | np.uint16(0x7E00) | np.uint16((a >> np.uint32(13)) & np.uint32(0x3FF))
+    if a >= np.uint32(0x477FF000):  # rounds to >= 65520: overflow
+        return sign | np.uint16(0x7C00)
+    if a < np.uint32(0x38800000):  # float16 subnormal or zero
+        if a < np.uint32(0x33000000):  # below half the smallest subnormal: +-0
+            return sign
+        e = a >> np.uint32(23)
+        m = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+        shift = np.uint32(126) - e  # 14 .. 24
+        half = m >> shift
+        rem = m & ((np.uint32(1) << shift) - np.uint32(1))
+        mid = np.uint32(1) << (shift - np.uint32(1))
+        if rem > mid or (rem == mid and (half & np.uint32(1)) != 0):
+            half += np.uint32(1)
+        return sign | np.uint16(half)
+    r = a - np.uint32(0x38000000)  # rebias exponent 127 -> 15
+    r = r + np.uint32(0xFFF) + ((r >> np.uint32(13)) & np.uint32(1))
+    return sign | np.uint16(r >> np.uint32(13))
+
+
+@njit(inline="always")
+def _soft_f16_to_f32(h):
+    h32 = np.uint32(h)
+    sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
+    e = (h32 >> np.uint32(10)) & np.uint32(0x1F)
+    m = h32 & np.uint32(0x3FF)
+    if e == np.uint32(0x1F):
+        return _bits_f32(sign | np.uint32(0x7F800000) | (m << np.uint32(13)))
+    if e == np.uint32(0):
+        # subnormal: m * 2^-24 is exact in float32
+        v = np.float32(m) * np.float32(5.9604644775390625e-08)
+        return -v if sign else v
+    return _bits_f32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13)))
+
+
+@njit(inline="always")
+def _f32_to_bf16(x):
+    f = _f32_bits(x)
+    if (f & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # nan: keep it nan (quiet bit)
+        return np.uint16((f >> np.uint32(16)) | np.uint32(0x40))
+    f = f + np.uint32(0x7FFF) + ((f >> np.uint32(16)) & np.uint32(1))
+    return np.uint16(f >> np.uint32(16))
+
+
+@njit(inline="always")
+def _bf16_to_f32(h):
+    return _bits_f32(np.uint32(h) << np.uint32(16))
+
+
+@njit(cache=True)
+def _probe_hardware_half(x, out):
+    for i in range(x.size):
+        out[i] = _llvm_f32_to_f16(x[i])
+
+
+def _hardware_half_works() -> bool:
+    """True if the LLVM half conversion compiles and matches NumPy on a few probes."""
+    try:
+        x = np.array([1.0, 65520.0, 1e-8, -2.0 ** -25 * 3, np.inf], np.float32)
+        out = np.empty(x.size, np.uint16)
+        _probe_hardware_half(x, out)
+        with np.errstate(over="ignore"):
+            ref = x.astype(np.float16).view(np.uint16)
+        return bool((out == ref).all())
+    except Exception:
+        return False
+
+
+HARDWARE_HALF = _hardware_half_works()
+if HARDWARE_HALF:
+    _to_f16, _from_f16 = _llvm_f32_to_f16, _llvm_f16_to_f32
+else:  # pragma: no cover - depends on the CPU/LLVM build
+    _to_f16, _from_f16 = _soft_f32_to_f16, _soft_f16_to_f32
+
+
+# -- array kernels ------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def _pack_f32(src, dst, scale):
+    for i in range(src.size):
+        dst[i] = src[i] * scale
+
+
+@njit(nogil=True, cache=True)
+def _pack_f16(src, dst, scale):
+    for i in range(src.size):
+        dst[i] = _to_f16(src[i] * scale)
+
+
+@njit(nogil=True, cache=True)
+def _pack_bf16(src, dst, scale):
+    for i in range(src.size):
+        dst[i] = _f32_to_bf16(src[i] * scale)
+
+
+@njit(nogil=True, cache=True)
+def _unpack_f32(src, dst, scale):
+    bad = 0
+    for i in range(src.size):
+        v = src[i] * scale
+        dst[i] = v
+        bad += (v - v) != 0  # inf - inf and nan - nan are nan
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def _unpack_f16(src, dst, scale):
+    bad = 0
+    for i in range(src.size):
+        v = _from_f16(src[i]) * scale
+        dst[i] = v
+        bad += (v - v) != 0
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def _unpack_bf16(src, dst, scale):
+    bad = 0
+    for i in range(src.size):
+        v = _bf16_to_f32(src[i]) * scale
+        dst[i] = v
+        bad += (v - v) != 0
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def _sum_rows_f16(rows, out):
+    bad = 0
+    k, n = rows.shape
+    for i in range(n):
+        acc = np.float32(0.0)
+        for j in range(k):
+            acc += _from_f16(rows[j, i])
+        h = _to_f16(acc)
+        out[i] = h
+        bad += (h & np.uint16(0x7C00)) == np.uint16(0x7C00)
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def _sum_rows_bf16(rows, out):
+    bad = 0
+    k, n = rows.shape
+    for i in range(n):
+        acc = np.float32(0.0)
+        for j in range(k):
+            acc += _bf16_to_f32(rows[j, i])
+        h = _f32_to_bf16(acc)
+        out[i] = h
+        bad += (h & np.uint16(0x7F80)) == np.uint16(0x7F80)
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def _add2_f32(a, b, out, scale):
+    bad = 0
+    for i in range(out.size):
+        v = (a[i] + b[i]) * scale
+        out[i] = v
+        bad += (v - v) != 0
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def _add_into_f32(acc, b):
+    for i in range(acc.size):
+        acc[i] += b[i]
+
+
+@njit(nogil=True, cache=True)
+def _scale_count_f32(x, scale):
+    bad = 0
+    for i in range(x.size):
+        v = x[i] * scale
+        x[i] = v
+        bad += (v - v) != 0
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def _count_nonfinite_f32(x):
+    bad = 0
+    for i in range(x.size):
+        v = x[i]
+        bad += (v - v) != 0
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def _axpy_add_f32(g, scale, p, out):
+    for i in range(out.size):
+        out[i] = g[i] * scale + p[i]
+
+
+@njit(nogil=True, cache=True)
+def _acc_f16(acc, src):
+    for i in range(acc.size):
+        acc[i] += _from_f16(src[i])
+
+
+@njit(nogil=True, cache=True)
+def _acc_bf16(acc, src):
+    for i in range(acc.size):
+        acc[i] += _bf16_to_f32(src[i])
+
+
+_PACK = {"float32": _pack_f32, "float16": _pack_f16, "bfloat16": _pack_bf16}
+_UNPACK = {"float32": _unpack_f32, "float16": _unpack_f16, "bfloat16": _unpack_bf16}
+_SUM_ROWS = {"float16": _sum_rows_f16, "bfloat16": _sum_rows_bf16}
+
+
+def pack_into(src: np.ndarray, dst: np.ndarray, scale: float, wire: str) -> None:
+    """``dst[:] = wire(src * scale)`` for 1-D float32 ``src`` and 1-D wire-storage ``dst``.
+
+    Non-float32 sources (float16/float64 parameters) take a NumPy path.
+    """
+    if src.dtype == np.float32:
+        _PACK[wire](src, dst, np.float32(scale))
+    else:
+        _PACK[wire](np.multiply(src, scale, dtype=np.float32), dst, np.float32(1.0))
+
+
+def unpack_from(src: np.ndarray, dst: np.ndarray, scale: float, wire: str) -> int:
+    """``dst[:] = float32(src) * scale``; returns the number of non-finite results.
+
+    ``dst`` may be float16/float64 (NumPy path: cast through a float32 temporary).
+    """
+    if dst.dtype == np.float32:
+        return int(_UNPACK[wire](src, dst, np.float32(scale)))
+    tmp = np.empty(dst.shape, np.float32)
+    bad = int(_UNPACK[wire](src, tmp, np.float32(scale)))
+    dst[...] = tmp
+    return bad
+
+
+def sum_rows_to_wire(rows: np.ndarray, out: np.ndarray, wire: str) -> int:
+    """``out = wire(sum_j float32(rows[j]))``: float32 accumulation, one rounding.
+
+    ``rows`` is a 2-D ``uint16`` array of 16-bit wire values; returns the number of
+    non-finite (overflowed) results.
+    """
+    return int(_SUM_ROWS[wire](rows, out))
+
+
+def reduce_shards(parts: list, out: np.ndarray, scale: float) -> int:
+    """``out = sum(parts) * scale`` over float32 1-D arrays; returns the non-finite count.
+
+    ``out`` may alias ``parts[0]``. Two parts take one fused pass; more parts add up
+    pairwise into ``out`` first.
+    """
+    s = np.float32(scale)
+    if len(parts) == 1:
+        if out is not parts[0]:
+            return int(_unpack_f32(parts[0], out, s))
+        return int(_scale_count_f32(out, s))
+    if len(parts) == 2:
+        return int(_add2_f32(parts[0], parts[1], out, s))
+    _add2_f32(parts[0], parts[1], out, np.float32(1.0))
+    for p in parts[2:-1]:
+        _add_into_f32(out, p)
+    return int(_add2_f32(out, parts[-1], out, s))
+
+
+def scaled_plus(g: np.ndarray, scale: float, parts: list, out: np.ndarray) -> None:
+    """``out = g * scale + sum(parts)`` over float32 1-D arrays (``g`` may be float16/64)."""
+    if g.dtype != np.float32:
+        g = g.astype(np.float32)
+    if not parts:
+        _pack_f32(g, out, np.float32(scale))
+        return
+    _axpy_add_f32(g, np.float32(scale), parts[0], out)
+    for p in parts[1:]:
+        _add_into_f32(out, p)
+
+
+def accumulate(acc: np.ndarray, src: np.ndarray, wire: str) -> None:
+    """``acc += float32(src)`` where ``src`` holds ``wire`` values."""
+    if wire == "float32":
+        _add_into_f32(acc, src)
+    elif wire == "float16":
+        _acc_f16(acc, src)
+    else:
+        _acc_bf16(acc, src)
+
+
+def scale_and_count(x: np.ndarray, scale: float) -> int:
+    """In place ``x *= scale`` (float32); returns the non-finite count."""
+    return int(_scale_count_f32(x, np.float32(scale)))
+
+
+def count_nonfinite(x: np.ndarray) -> int:
+    """Number of inf/nan elements of a 1-D float32 array."""
+    return int(_count_nonfinite_f32(x))
+
+
+# -- reference conversions (NumPy, for tests and fallbacks) -----------------------------------------
+
+
+def bf16_bits_reference(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits with NumPy integer ops (round to nearest even)."""
+    f = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    nan = (f & 0x7FFFFFFF) > 0x7F800000
+    r = ((f + 0x7FFF + ((f >> 16) & 1)) >> 16) & 0xFFFF
+    r = np.where(nan, ((f >> 16) | 0x40) & 0xFFFF, r)
+    return r.astype(np.uint16)
+
+
+def bf16_to_f32_reference(h: np.ndarray) -> np.ndarray:
+    return (np.asarray(h, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# -- GPU (CuPy) ------------------------------------------------------------------------------------
+
+
+def cupy_pack_kernel(wire: str):
+    """CuPy ElementwiseKernel ``(float32 src, float32 scale) -> wire dst`` (one fused pass)."""
+    import cupy
+
+    if wire == "float32":
+        return cupy.ElementwiseKernel("float32 x, float32 s", "float32 y", "y = x * s", "hpcsgd_pack_f32")
+    if wire == "float16":
+        return cupy.ElementwiseKernel("float32 x, float32 s", "float16 y", "y = (float16)(x * s)",
+                                      "hpcsgd_pack_f16")
+    return cupy.ElementwiseKernel(
+        "float32 x, float32 s", "uint16 y",
+        """
+        float v = x * s; unsigned int f = __float_as_uint(v);
+        if ((f & 0x7fffffffu) > 0x7f800000u) { y = (unsigned short)((f >> 16) | 0x40u); }
+        else { y = (unsigned short)((f + 0x7fffu + ((f >> 16) & 1u)) >> 16); }
+        """, "hpcsgd_pack_bf16")
+
+
+def cupy_unpack_kernel(wire: str):
+    """CuPy ReductionKernel-free unpack: ``(wire src, float32 scale) -> float32 dst, int32 bad``.
+
+    ``bad`` is 1 where the result is not finite; ``bad.sum()`` gives the count.
+    """
+    import cupy
+
+    src_t = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[wire]
+    load = {"float32": "float v = (float)x;", "float16": "float v = (float)x;",
+            "bfloat16": "float v = __uint_as_float(((unsigned int)x) << 16);"}[wire]
+    return cupy.ElementwiseKernel(
+        f"{src_t} x, float32 s", "float32 y, int32 bad",
+        f"{load} v = v * s; y = v; bad = isfinite(v) ? 0 : 1;", f"hpcsgd_unpack_{wire}")

@@ -1,0 +1,146 @@
+"""Batched gradient packing: every gradient of a link in one flat layout, sorted by name.
+
+:class:`GradLayout` fixes where each parameter's gradient lives in the flat
+buffer (element offsets, sorted parameter-name order, as ChainerMN) and cuts the
+flat range into buckets of ``bucket_bytes`` of wire data. A bucket may split a
+large parameter; :meth:`GradLayout.pieces` maps a flat range back to
+``(param index, flat lo, flat hi)`` pieces.
+
+:class:`BoundGrads` holds this call's gradients as 1-D views (one per layout
+slot) and packs/unpacks any flat range with the fused kernels of
+:mod:`hpcsgd.comm.kernels`: ``pack`` scales by ``1/size`` and casts in one pass,
+``unpack`` casts back and counts non-finite values in the same pass.
+
+Why pack at all instead of keeping gradients as views of the flat buffer?
+Chainer 7.8.1 never writes a gradient in place: backward computes each
+parameter's gradient as a new array and *replaces* ``param.grad`` with it
+(``_backprop._backprop_to_all`` -> ``Variable._set_grad_var_without_check``);
+when a gradient already exists (after ``zerograds()`` or when accumulating)
+it is summed with ``chainer.functions.add``, again into a new array. A view
+installed before backward is therefore gone after it (``tests/test_packing.py``
+checks this), so the fused single-pass pack per bucket is the path; it runs on
+cache-sized buckets right before they are reduced.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpcsgd.comm import kernels
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter's place in the flat buffer (offsets and sizes in elements)."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    offset: int
+    size: int
+
+
+class GradLayout:
+    """Flat layout of the gradients of a parameter list, in sorted-name order."""
+
+    def __init__(self, slots: list[Slot]):
+        self.slots = tuple(slots)
+        self.total = slots[-1].offset + slots[-1].size if slots else 0
+        self._starts = [s.offset for s in self.slots]
+        self.key = tuple((s.name, s.shape, s.dtype) for s in self.slots)
+
+    @classmethod
+    def from_named(cls, named_params) -> GradLayout:
+        """Layout of ``[(name, param), ...]`` (already selected and sorted)."""
+        slots, off = [], 0
+        for name, p in named_params:
+            n = int(p.array.size)
+            slots.append(Slot(name, tuple(p.array.shape), np.dtype(p.array.dtype).name, off, n))
+            off += n
+        return cls(slots)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def bucket_ranges(self, bucket_bytes: int, itemsize: int) -> list[tuple[int, int]]:
+        """Cut ``[0, total)`` into ranges of at most ``bucket_bytes`` of wire data (elements)."""
+        step = max(1, int(bucket_bytes) // itemsize)
+        return [(lo, min(lo + step, self.total)) for lo in range(0, self.total, step)]
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """``(slot index, flat lo, flat hi)`` for each parameter overlapping ``[lo, hi)``."""
+        out = []
+        i = max(0, bisect.bisect_right(self._starts, lo) - 1)
+        while i < len(self.slots) and self.slots[i].offset < hi:
+            s = self.slots[i]
+            a, b = max(lo, s.offset), min(hi, s.offset + s.size)
+            if a < b:
+                out.append((i, a, b))
+            i += 1
+        return out
+
+
+def select_params(model, zero_fill: bool) -> list:
+    """``[(name, param)]`` that take part in a gradient mean, sorted by name (ChainerMN rules).
+
+    Parameters without data are skipped. ``zero_fill=True``: a parameter with
+    ``grad is None`` gets a zero gradient and joins; ``False``: it is skipped.
+    """
+    out = []
+    for name, p in sorted(model.namedparams()):
+        if p.array is None:
+            continue
+        if p.grad is None:
+            if not zero_fill:
+                continue
+            p.grad = p.xp.zeros_like(p.array)
+        out.append((name, p))
+    return out
+
+
+def flat_view(param) -> np.ndarray:
+    """``param.grad`` as a 1-D view; a non-contiguous grad is first replaced by a contiguous copy."""
+    g = param.grad
+    if not g.flags.c_contiguous:
+        param.grad = g = np.ascontiguousarray(g)
+    return g.reshape(-1)
+
+
+class BoundGrads:
+    """This call's gradients (1-D views, aligned with a layout) with fused pack/unpack of flat ranges."""
+
+    def __init__(self, layout: GradLayout, params: list):
+        self.layout = layout
+        self.vectors = [flat_view(p) for _, p in params]
+
+    def piece(self, i: int, a: int, b: int) -> np.ndarray:
+        """Elements ``[a, b)`` (flat coordinates) of slot ``i``'s gradient."""
+        off = self.layout.slots[i].offset
+        return self.vectors[i][a - off:b - off]
+
+    def pack(self, lo: int, hi: int, dst: np.ndarray, scale: float, wire: str) -> None:
+        """``dst[k] = wire(flat[lo + k] * scale)`` for ``k < hi - lo``."""
+        for i, a, b in self.layout.pieces(lo, hi):
+            kernels.pack_into(self.piece(i, a, b), dst[a - lo:b - lo], scale, wire)
+
+    def unpack(self, lo: int, hi: int, src: np.ndarray, scale: float, wire: str) -> int:
+        """``flat[lo + k] = float(src[k]) * scale``; returns the number of non-finite results."""
+        bad = 0
+        for i, a, b in self.layout.pieces(lo, hi):
+            bad += kernels.unpack_from(src[a - lo:b - lo], self.piece(i, a, b), scale, wire)
+        return bad
+
+
+def pack_all(layout: GradLayout, params: list, buffer: np.ndarray, scale: float = 1.0,
+             wire: str = "float32") -> None:
+    """Pack every gradient into ``buffer`` (wire storage, ``layout.total`` elements)."""
+    BoundGrads(layout, params).pack(0, layout.total, buffer, scale, wire)
+
+
+def unpack_all(layout: GradLayout, params: list, buffer: np.ndarray, scale: float = 1.0,
+               wire: str = "float32") -> int:
+    """Unpack ``buffer`` into every gradient; returns the non-finite count."""
+    return BoundGrads(layout, params).unpack(0, layout.total, buffer, scale, wire)
