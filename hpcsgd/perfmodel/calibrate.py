@@ -204,20 +204,36 @@ def local_cluster(calibration: dict | None = None, per_image_s: float = 0.01, fi
                    update_bytes_per_param=20.0, sources={"all": src})
 
 
-def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
-    """Predicted vs. measured iteration time for every multi-rank hpcsgd config in scaling.json.
+def _framework_comm(c: dict) -> tuple[str, int, float]:
+    """(model communicator, allreduce calls per step, overlap fraction) of a scaling.json record."""
+    fw = c.get("framework", "hpcsgd")
+    if fw == "chainermn":  # naive: one MPI allreduce per parameter array, unbatched copies
+        return "naive", c.get("param_arrays", 1), 0.0
+    if fw in ("hpcsgd-overlap", "hpcsgd-nooverlap"):  # one MPI allreduce per 4 MiB bucket
+        buckets = max(1, -(-4 * c["params"] // (4 << 20)))
+        ov = (measured_overlap() or 0.0) if fw == "hpcsgd-overlap" else 0.0
+        return "naive", buckets, ov
+    return c.get("communicator", "hierarchical"), c.get("param_arrays", 1), 0.0
 
-    Compute (forward + backward per image, update) is taken from the 1-rank run of the same
-    model; the multi-rank runs are then predicted from the calibrated communication model.
+
+def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
+    """Predicted vs. measured iteration time for every multi-rank config in scaling.json.
+
+    Compute (forward + backward per image, update) is taken from the 1-rank run of the
+    same model and framework; the multi-rank runs are then predicted from the calibrated
+    communication model (hpcsgd hierarchical; ChainerMN naive = one allreduce per array;
+    the bucketed reducer = one allreduce per bucket, overlapped by the fraction measured
+    in benchmarks/results/overlap.json).
     """
+    from dataclasses import replace
+
     rows = []
     configs = scaling.get("configs", [])
     singles = {(c["model"], c.get("framework", "hpcsgd")): c for c in configs if c["ranks"] == 1}
     for c in configs:
-        if c["ranks"] == 1 or c.get("framework", "hpcsgd") != "hpcsgd":
-            continue
-        one = singles.get((c["model"], "hpcsgd"))
-        if one is None:
+        fw = c.get("framework", "hpcsgd")
+        one = singles.get((c["model"], fw))
+        if c["ranks"] == 1 or one is None:
             continue
         ph = one["phases_s"]
         b = one["per_rank_batch"]
@@ -225,19 +241,21 @@ def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
         cluster = local_cluster(calibration, per_image_s=fb / b,
                                 backward_fraction=ph.get("backward", 0) / fb if fb else 2 / 3)
         cluster = _replace_update(cluster, ph.get("update", 0.0), c["params"])
-        wl = Workload(c["model"], params=c["params"], param_arrays=c.get("param_arrays", 1),
-                      dataset_images=10**6)
+        comm_name, calls, overlap = _framework_comm(c)
+        batched = fw != "chainermn"
+        wl = Workload(c["model"], params=c["params"], param_arrays=calls, dataset_images=10**6)
         nodes = c.get("nodes", 1)
-        from dataclasses import replace
-
-        cl = replace(cluster, devices_per_node=c["ranks"] // nodes, max_devices=max(4, c["ranks"]))
-        p = predict(cl, c["ranks"], b * c["ranks"], 1, wl, communicator=c.get("communicator", "hierarchical"),
-                    wire_dtype=c.get("wire_dtype", "float32"), overlap=c.get("overlap_fraction", 0.0))
+        cl = replace(cluster, devices_per_node=c["ranks"] // nodes, max_devices=max(4, c["ranks"]),
+                     batched_pack=batched)
+        p = predict(cl, c["ranks"], b * c["ranks"], 1, wl, communicator=comm_name,
+                    wire_dtype=c.get("wire_dtype", "float32"), overlap=overlap)
         measured = c["iteration_s"]
-        rows.append({"model": c["model"], "ranks": c["ranks"], "nodes": nodes, "measured_s": measured,
-                     "predicted_s": p.iteration_s, "error": p.iteration_s / measured - 1,
-                     "predicted_comm_s": p.comm_s, "measured_comm_s": sum(
-                         c["phases_s"].get(k, 0) for k in ("pack", "allreduce", "unpack"))})
+        rows.append({"model": c["model"], "framework": fw, "ranks": c["ranks"], "nodes": nodes,
+                     "measured_s": measured, "predicted_s": p.iteration_s,
+                     "error": p.iteration_s / measured - 1,
+                     "predicted_comm_s": p.comm_s, "predicted_exposed_comm_s": p.exposed_comm_s,
+                     "measured_comm_s": sum(c["phases_s"].get(k, 0) for k in ("pack", "allreduce", "unpack")),
+                     "overlap_used": overlap})
     return rows
 
 
