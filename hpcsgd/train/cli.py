@@ -102,11 +102,18 @@ def _iter_range(text: str) -> range:
 
 
 def _run_or_abort(cfg: dict, args, timeline_iters: range, rank: int, size: int) -> int:
+    import hpcsgd.abort
+    import hpcsgd.watchdog
     from hpcsgd.train.loop import train
 
+    hpcsgd.abort.install()  # an uncaught exception in any thread aborts the whole job
+    # Collective watchdog ($HPCSGD_COLLECTIVE_TIMEOUT, default 600 s; 0: off); its board of
+    # per-rank states lives in the output directory, which every node sees when checkpoints do.
+    hpcsgd.watchdog.install(board_dir=os.path.join(args.out, "watchdog"))
     try:
         summary = train(cfg, args.out, resume=args.resume, timeline=args.timeline,
                         timeline_iters=timeline_iters)
+        hpcsgd.watchdog.uninstall()
     except Exception as e:
         sys.stdout.flush()
         if size > 1:  # print this rank's traceback, then MPI_Abort: no rank is left waiting
