@@ -1,0 +1,245 @@
+"""Allreduce benchmark: OSU-style size sweep and the ResNet-50 gradient set (not a test).
+
+Run (2 ranks on one node; never more ranks than cores for timing)::
+
+    OPENBLAS_CORETYPE=SkylakeX .venv/bin/mpiexec -n 2 .venv/bin/python -m mpi4py \
+        benchmarks/allreduce.py [--quick] [--repeats 15]
+
+In one run, as medians over interleaved repeats (every case runs once per round,
+so machine load hits all cases alike):
+
+* an OSU-style sweep of ``MPI_Allreduce`` (float32 SUM) over message sizes;
+* the ResNet-50 gradients (Chainer's ``ResNet50Layers``: 162 arrays, 25,557,096
+  float32 = 102.2 MB; built from shapes, no weights) averaged by ChainerMN's
+  ``naive`` communicator, by MPI's own Allreduce of a packed float32 buffer
+  (whole and in 4 MiB buckets, without packing), and by hpcsgd's naive / flat /
+  hierarchical communicators with float32 and float16 on the wire.
+
+Reported per case: median ms (max over ranks of each repeat), algbw = gradient
+bytes (float32) / time and busbw = algbw * 2(n-1)/n (nccl-tests definitions),
+and the ratio to ChainerMN naive. Writes ``benchmarks/results/allreduce.json``
+and ``.png``; records ``os.getloadavg()`` before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def resnet50_shapes() -> list[tuple[str, tuple]]:
+    """(name, shape) of every parameter of ``chainer.links.ResNet50Layers``, sorted by name."""
+    out = [("/conv1/W", (64, 3, 7, 7)), ("/conv1/b", (64,)), ("/bn1/gamma", (64,)), ("/bn1/beta", (64,)),
+           ("/fc6/W", (1000, 2048)), ("/fc6/b", (1000,))]
+
+    def bn(prefix, c):
+        out.extend([(f"{prefix}/gamma", (c,)), (f"{prefix}/beta", (c,))])
+
+    for stage, (n, cin, mid, cout) in enumerate([(3, 64, 64, 256), (4, 256, 128, 512),
+                                                 (6, 512, 256, 1024), (3, 1024, 512, 2048)], start=2):
+        p = f"/res{stage}/a"
+        for conv, shape in (("conv1", (mid, cin, 1, 1)), ("conv2", (mid, mid, 3, 3)),
+                            ("conv3", (cout, mid, 1, 1)), ("conv4", (cout, cin, 1, 1))):
+            out.append((f"{p}/{conv}/W", shape))
+            bn(f"{p}/bn{conv[-1]}", shape[0])
+        for b in range(1, n):
+            p = f"/res{stage}/b{b}"
+            for conv, shape in (("conv1", (mid, cout, 1, 1)), ("conv2", (mid, mid, 3, 3)),
+                                ("conv3", (cout, mid, 1, 1))):
+                out.append((f"{p}/{conv}/W", shape))
+                bn(f"{p}/bn{conv[-1]}", shape[0])
+    return sorted(out)
+
+
+def grad_model(shapes, seed: int):
+    """A ``chainer.Link`` whose parameters have ``shapes`` (names kept, sorted order preserved)."""
+    import chainer
+
+    link = chainer.Link()
+    rng = np.random.default_rng(seed)
+    with link.init_scope():
+        for i, (_, shape) in enumerate(shapes):
+            p = chainer.Parameter(np.zeros(shape, np.float32))
+            p.grad = rng.standard_normal(shape).astype(np.float32) * 1e-2
+            setattr(link, f"p{i:03d}", p)
+    return link
+
+
+def timed(comm, fn, reset) -> float:
+    reset()
+    comm.Barrier()
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    return comm.allreduce(dt, op=__import__("mpi4py").MPI.MAX)
+
+
+def osu_sweep(comm, sizes, repeats: int) -> list[dict]:
+    from mpi4py import MPI
+
+    n = comm.Get_size()
+    rows = []
+    for nbytes in sizes:
+        buf = np.ones(max(1, nbytes // 4), np.float32)
+        iters = max(3, min(200, int(2e7 // max(nbytes, 1))))
+        meds = []
+        for _ in range(repeats):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            meds.append(comm.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
+        t = float(np.median(meds))
+        algbw = buf.nbytes / t / 1e9
+        rows.append({"bytes": int(buf.nbytes), "us": t * 1e6, "algbw_GBps": algbw,
+                     "busbw_GBps": algbw * 2 * (n - 1) / n})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: few sizes, 3 repeats (< 20 s)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "allreduce.json"))
+    args = ap.parse_args()
+
+    import chainer  # noqa: F401
+    from mpi4py import MPI
+
+    import hpcsgd
+    from hpcsgd.comm import kernels
+
+    comm = MPI.COMM_WORLD
+    rank, n = comm.Get_rank(), comm.Get_size()
+    repeats = 3 if args.quick else args.repeats
+    load_before = os.getloadavg()
+
+    sizes = [4 << k for k in range(0, 25, 2)] if not args.quick else [4, 4096, 1 << 20, 8 << 20]
+    osu = osu_sweep(comm, sizes, max(3, repeats // 3))
+
+    shapes = resnet50_shapes()
+    if args.quick:
+        shapes = shapes[::4]
+    model = grad_model(shapes, seed=rank)
+    params = [p for _, p in sorted(model.namedparams())]
+    originals = [p.grad.copy() for p in params]
+    nbytes = sum(g.nbytes for g in originals)
+
+    def reset():
+        for p, g in zip(params, originals):
+            np.copyto(p.grad, g)
+
+    cases = {}
+    import chainermn
+
+    cmn = chainermn.create_communicator("naive", mpi_comm=comm)
+    cases["chainermn naive"] = lambda: cmn.multi_node_mean_grad(model)
+    packed = np.concatenate([g.reshape(-1) for g in originals])
+    cases["MPI Allreduce packed f32 (no pack)"] = lambda: comm.Allreduce(MPI.IN_PLACE, packed, op=MPI.SUM)
+    step = (4 << 20) // 4
+
+    def mpi_buckets():
+        for lo in range(0, packed.size, step):
+            comm.Allreduce(MPI.IN_PLACE, packed[lo:lo + step], op=MPI.SUM)
+
+    cases["MPI Allreduce 4MiB buckets f32 (no pack)"] = mpi_buckets
+    comms = {}
+    for name in ("naive", "flat", "hierarchical"):
+        for dt in ("float32", "float16"):
+            c = hpcsgd.create_communicator(name, allreduce_grad_dtype=dt)
+            comms[(name, dt)] = c
+            cases[f"hpcsgd {name} {dt}"] = (lambda c=c: c.multi_node_mean_grad(model))
+    default = hpcsgd.create_communicator()
+    cases["hpcsgd default (hierarchical)"] = lambda: default.multi_node_mean_grad(model)
+    dummy = hpcsgd.create_communicator("dummy")
+    cases["hpcsgd dummy f32 (pack+unpack only)"] = lambda: dummy.multi_node_mean_grad(model)
+    dummy16 = hpcsgd.create_communicator("dummy", allreduce_grad_dtype="float16")
+    cases["hpcsgd dummy f16 (pack+unpack only)"] = lambda: dummy16.multi_node_mean_grad(model)
+
+    for fn in cases.values():  # warm-up: JIT, windows, page faults
+        timed(comm, fn, reset)
+    times: dict[str, list] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            times[k].append(timed(comm, fn, reset))
+    load_after = os.getloadavg()
+
+    if rank != 0:
+        return 0
+    base = float(np.median(times["chainermn naive"]))
+    results = {}
+    for k, ts in times.items():
+        t = float(np.median(ts))
+        algbw = nbytes / t / 1e9
+        results[k] = {"median_ms": t * 1e3, "min_ms": float(np.min(ts)) * 1e3,
+                      "algbw_GBps": algbw, "busbw_GBps": algbw * 2 * (n - 1) / n,
+                      "ratio_to_chainermn_naive": t / base, "repeats_ms": [x * 1e3 for x in ts]}
+    out = {
+        "ranks": n, "quick": args.quick, "repeats": repeats, "arrays": len(shapes),
+        "elements": int(sum(int(np.prod(s)) for _, s in shapes)), "grad_bytes": int(nbytes),
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(), "cpus": os.cpu_count(), "mpi": MPI.Get_library_version().splitlines()[0],
+        "numba_hardware_half": kernels.HARDWARE_HALF, "bucket_bytes": default.get_config("bucket_bytes"),
+        "osu_allreduce_f32": osu, "resnet50": results,
+        "command": "mpiexec -n 2 python -m mpi4py benchmarks/allreduce.py" + (" --quick" if args.quick else ""),
+    }
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    plot(out, path.with_suffix(".png"))
+    w = max(len(k) for k in results)
+    print(f"ResNet-50 gradients: {len(shapes)} arrays, {nbytes / 1e6:.1f} MB, {n} ranks, "
+          f"load {load_before[0]:.2f}->{load_after[0]:.2f}")
+    for k, r in results.items():
+        print(f"  {k:<{w}}  {r['median_ms']:8.2f} ms  algbw {r['algbw_GBps']:5.2f} GB/s  "
+              f"busbw {r['busbw_GBps']:5.2f} GB/s  x{r['ratio_to_chainermn_naive']:.2f} of ChainerMN naive")
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    osu = data["osu_allreduce_f32"]
+    a1.semilogx([r["bytes"] for r in osu], [r["busbw_GBps"] for r in osu], "o-")
+    a1.set_xlabel("message bytes")
+    a1.set_ylabel("busbw GB/s")
+    a1.set_title(f"MPI_Allreduce float32, {data['ranks']} ranks")
+    a1.grid(alpha=0.3)
+    res = data["resnet50"]
+    labels = list(res)
+    vals = [res[k]["median_ms"] for k in labels]
+    colors = ["C3" if "chainermn" in k else "C2" if "default" in k else "C7" if "MPI" in k or "dummy" in k
+              else "C0" for k in labels]
+    bars = a2.barh(labels, vals, color=colors)
+    for b, k in zip(bars, labels):
+        a2.text(b.get_width(), b.get_y() + b.get_height() / 2,
+                f" {res[k]['median_ms']:.1f} ms  x{res[k]['ratio_to_chainermn_naive']:.2f}", va="center",
+                fontsize=7)
+    a2.invert_yaxis()
+    a2.tick_params(axis="y", labelsize=7)
+    a2.set_xlim(0, max(vals) * 1.35)
+    a2.set_xlabel("ms per gradient mean (median)")
+    la = data["loadavg_before"][0]
+    a2.set_title(f"ResNet-50 grads ({data['grad_bytes'] / 1e6:.0f} MB), load {la:.1f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""Ranks for tests/test_allreduce.py: every communicator x wire format against float64 NumPy.
+
+One launch runs all checks (a launch costs 1-2 s). Each check raises
+AssertionError naming the communicator, wire format and what differed.
+
+Tolerance (per element, ``n`` ranks, ``m = mean_i |g_i|``, ``u`` = unit roundoff
+of the 16-bit format: 2^-11 float16, 2^-8 bfloat16):
+
+* float32 wire: ``|got - ref| <= 4 (n + 2) 2^-24 m + 1e-30``: n-1 float32 additions
+  and one scaling, each off by at most half an ulp of a partial sum <= n m;
+* 16-bit wire: ``|got - ref| <= 2 u m + 2 u |ref| + (n + 2) 2^-25 + float32 terms``:
+  each rank's ``g_i / n`` is rounded once to 16 bits (<= u |g_i| / n, or half the
+  smallest float16 subnormal, 2^-25, in the subnormal range), the sum is
+  accumulated in float32 and rounded once more (<= u |ref|). The hierarchical
+  algorithm rounds node partial sums instead of single gradients, which the same
+  bound covers since sum |partial| <= n m.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import chainer
+import numpy as np
+from mpi4py import MPI
+
+import hpcsgd
+from hpcsgd.errors import GradientOverflowError, NonFiniteGradientError, ParameterMismatchError
+
+world = MPI.COMM_WORLD
+rank, size = world.Get_rank(), world.Get_size()
+SHAPES = {"a/W": (33, 5), "a/b": (7,), "b/W": (17, 3, 3, 3), "c/b": (3,), "d/W": (1000,), "e/W": (64, 9)}
+UNIT = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+def make_model(shapes=SHAPES, skip_grad=()):
+    link = chainer.Link()
+    with link.init_scope():
+        for name, shape in shapes.items():
+            setattr(link, name.replace("/", "_"), chainer.Parameter(np.zeros(shape, np.float32)))
+    return link
+
+
+def fill(model, seed, scale=1.0, skip=()):
+    """Random grads spanning 6 decades (incl. float16 subnormals); returns float64 copies by name."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, p in sorted(model.namedparams()):
+        if name in skip:
+            p.grad = None
+            continue
+        g = rng.standard_normal(p.shape) * 10.0 ** rng.uniform(-4, 2, p.shape) * scale
+        p.grad = g.astype(np.float32)
+        out[name] = p.grad.astype(np.float64)
+    return out
+
+
+def reference(local: dict, zero_fill: bool, model=None):
+    """float64 mean over ranks, and mean |g| (the tolerance scale).
+
+    ``zero_fill``: every parameter of ``model`` takes part, missing grads count as zeros.
+    """
+    everyone = world.allgather(local)
+    names = sorted(set().union(*everyone))
+    shapes = {n: p.shape for n, p in model.namedparams()} if model is not None else {}
+    if zero_fill:
+        names = sorted(shapes)
+    ref, mabs = {}, {}
+    for n in names:
+        shape = shapes.get(n) or next(d[n].shape for d in everyone if n in d)
+        arrs = [d.get(n, np.zeros(shape)) for d in everyone]
+        ref[n] = np.mean(arrs, axis=0)
+        mabs[n] = np.mean(np.abs(arrs), axis=0)
+    return ref, mabs
+
+
+def tolerance(wire: str, ref, mabs):
+    f32 = 4 * (size + 2) * UNIT["float32"] * mabs + 1e-30
+    if wire == "float32":
+        return f32
+    u = UNIT[wire]
+    sub = (size + 2) * 2.0 ** -25 if wire == "float16" else 1e-37
+    return 2 * u * mabs + 2 * u * np.abs(ref) + sub + 2 * f32
+
+
+def digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.namedparams()):
+        h.update(name.encode())
+        if p.grad is not None:
+            h.update(np.ascontiguousarray(p.grad).tobytes())
+    return h.hexdigest()
+
+
+def check_mean(comm, label, wire, zero_fill=False, skip=(), seed=0, async_=False):
+    model = make_model()
+    local = fill(model, seed=1000 * seed + rank, skip=skip)
+    ref, mabs = reference(local, zero_fill, model)
+    if async_:
+        comm.multi_node_mean_grad_async(model, zero_fill=zero_fill).wait()
+    else:
+        comm.multi_node_mean_grad(model, zero_fill=zero_fill)
+    for name, p in sorted(model.namedparams()):
+        if name not in ref:
+            assert p.grad is None, f"{label}: {name} had no grad anywhere but got one"
+            continue
+        got = p.grad.astype(np.float64)
+        err = np.abs(got - ref[name])
+        tol = tolerance(wire, ref[name], mabs[name])
+        worst = int(np.argmax(err - tol))
+        assert (err <= tol).all(), (
+            f"{label}: {name} off by {err.flat[worst]:.3g} > tol {tol.flat[worst]:.3g} "
+            f"(got {got.flat[worst]!r}, ref {ref[name].flat[worst]!r})")
+    digests = world.allgather(digest(model))
+    assert len(set(digests)) == 1, f"{label}: results differ across ranks (not bitwise identical)"
+
+
+def expect_error(comm, label, exc, words, make):
+    model, zero_fill = make()
+    try:
+        comm.multi_node_mean_grad(model, zero_fill=zero_fill)
+    except exc as e:
+        msg = str(e)
+        for w in words:
+            assert w in msg, f"{label}: error message {msg!r} lacks {w!r}"
+        return model
+    except Exception as e:  # noqa: BLE001 - report what came instead
+        raise AssertionError(f"{label}: expected {exc.__name__}, got {type(e).__name__}: {e}") from e
+    raise AssertionError(f"{label}: expected {exc.__name__}, nothing raised")
+
+
+def check_errors(comm, label, wire):
+    low = wire != "float32"
+    last = size - 1
+
+    def mismatch_shape():
+        shapes = dict(SHAPES)
+        if rank == last:
+            shapes["c/b"] = (4,)
+        m = make_model(shapes)
+        fill(m, rank)
+        return m, False
+
+    def missing_grad():
+        m = make_model()
+        fill(m, rank, skip=("/d_W",) if rank == last else ())
+        return m, False
+
+    if size > 1:
+        expect_error(comm, f"{label} shape", ParameterMismatchError, ["/c_b", "(4,)"], mismatch_shape)
+        expect_error(comm, f"{label} grad", ParameterMismatchError, ["/d_W", "grad None"], missing_grad)
+
+    def nonfinite():
+        m = make_model()
+        fill(m, rank)
+        if rank == 0:
+            m.b_W.grad[1, 2, 0, 0] = np.inf if size == 1 else np.nan
+        return m, False
+
+    exc = GradientOverflowError if low else NonFiniteGradientError
+    m = expect_error(comm, f"{label} nonfinite", exc, ["diverged"], nonfinite)
+    assert not np.isfinite(m.b_W.grad[1, 2, 0, 0]), f"{label}: non-finite grads were not written back"
+    assert np.isfinite(m.a_W.grad).all(), f"{label}: finite grads were not written back"
+
+    if wire == "float16":
+        def overflow():  # 1e6 does not fit float16 even after dividing by the world size
+            m = make_model()
+            fill(m, rank)
+            m.d_W.grad[:] = 1e6 * size
+            return m, False
+
+        expect_error(comm, f"{label} overflow", GradientOverflowError, ["overflow"], overflow)
+        # 60000 per rank: the mean fits, and dividing *before* the cast keeps the sum finite
+        m = make_model()
+        fill(m, rank)
+        m.d_W.grad[:] = 60000.0
+        comm.multi_node_mean_grad(m)
+        assert np.allclose(m.d_W.grad, 60000.0, rtol=2 ** -10), f"{label}: 60000 mean came back wrong"
+
+
+def check_bucket_api(comm, label):
+    model = make_model()
+    local = fill(model, rank + 77)
+    ref, _ = reference(local, False)
+    reducer = comm.bucket_reducer(model, zero_fill=False, threaded=True)
+    assert reducer.n_buckets >= 2, f"{label}: expected several buckets, got {reducer.n_buckets}"
+    names = set()
+    for i in range(reducer.n_buckets):
+        names.update(reducer.bucket_params(i))
+        reducer.start(i)
+        reducer.wait(i)
+    assert names == set(ref), f"{label}: buckets cover {sorted(names)}"
+    assert reducer.wait_all() == 0
+    for name, p in sorted(model.namedparams()):
+        assert np.allclose(p.grad, ref[name], rtol=1e-5, atol=1e-6), f"{label}: bucket API result for {name}"
+
+
+def main():
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["naive", "flat", "hierarchical"]
+    for name in names:
+        for wire in ("float32", "float16", "bfloat16"):
+            comm = hpcsgd.create_communicator(name, allreduce_grad_dtype=wire, bucket_bytes=1536)
+            label = f"{name}/{wire} n={size} nodes={comm.inter_size}x{comm.intra_size}"
+            check_mean(comm, label, wire, seed=1)
+            check_mean(comm, label + " zero_fill", wire, zero_fill=True, skip=("/a_b",) if rank == 0 else (),
+                       seed=2)
+            check_mean(comm, label + " no grads anywhere", wire, zero_fill=False, skip=("/e_W",), seed=3)
+            check_errors(comm, label, wire)
+            if name != "naive" and wire == "float32":
+                check_mean(comm, label + " async", wire, seed=4, async_=True)
+                check_bucket_api(comm, label)
+            comm.finalize()
+    # the default: hierarchical, float32 inside nodes, float16 between them
+    comm = hpcsgd.create_communicator()
+    label = f"default n={size} nodes={comm.inter_size}x{comm.intra_size}"
+    wire = "float16" if comm.inter_size > 1 else "float32"
+    check_mean(comm, label, wire, seed=5)
+    check_mean(comm, label + " repeat (cached buffers)", wire, seed=6)
+    comm.set_config("bucket_bytes", 4096)
+    check_mean(comm, label + " after set_config", wire, seed=7)
+    check_errors(comm, label, "float16" if comm.inter_size > 1 else "float32")
+    comm.finalize()
+    print(f"rank {rank}: allreduce checks passed")
+
+
+main()
