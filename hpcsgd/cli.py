@@ -22,15 +22,6 @@ SUBCOMMANDS = {
 }
 
 
-def _select_blas_coretype() -> None:
-    """Choose OPENBLAS_CORETYPE when OpenBLAS would misread the CPU; one log line on rank 0."""
-    from hpcsgd.blas import launcher_rank, select_coretype
-
-    line = select_coretype()
-    if launcher_rank() in (None, 0):
-        print(line, file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="hpcsgd", description=__doc__.splitlines()[0])
@@ -38,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         # Import only the module of the chosen subcommand.
         name = argv[0]
-        if name == "train":
-            _select_blas_coretype()  # must run before anything imports numpy
         module = importlib.import_module(SUBCOMMANDS[name][0])
         p = sub.add_parser(name, help=SUBCOMMANDS[name][1])
         module.add_arguments(p)
