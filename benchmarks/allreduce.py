@@ -192,7 +192,8 @@ def main() -> int:
         "host": platform.node(), "cpus": os.cpu_count(), "mpi": MPI.Get_library_version().splitlines()[0],
         "numba_hardware_half": kernels.HARDWARE_HALF, "bucket_bytes": default.get_config("bucket_bytes"),
         "osu_allreduce_f32": osu, "resnet50": results,
-        "command": "mpiexec -n 2 python -m mpi4py benchmarks/allreduce.py" + (" --quick" if args.quick else ""),
+        "command": ("mpiexec -n 2 python -m mpi4py benchmarks/allreduce.py"
+                    + (" --quick" if args.quick else "")),
     }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
