@@ -14,11 +14,16 @@ from hpcsgd.models.batchnorm import BatchNorm
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def comm_names():
-    """ChainerMN's naive communicator until hpcsgd's algorithms land, then those too."""
-    names = ["chainermn-naive"]
-    names += [n for n in ("flat", "hierarchical") if (ROOT / "hpcsgd" / "comm" / f"{n}.py").exists()]
-    return names
+def mpi_cases():
+    """(communicator, ranks, env) to launch: ChainerMN's naive communicator (the baseline) on 2 ranks;
+    each of hpcsgd's 'flat' and 'hierarchical' (once they exist) on 3 ranks (not a power of two)
+    and on 4 ranks as 2 virtual nodes x 2 (the hierarchical paths)."""
+    cases = [pytest.param("chainermn-naive", 2, None, id="chainermn-naive-n2")]
+    for name in ("flat", "hierarchical"):
+        if (ROOT / "hpcsgd" / "comm" / f"{name}.py").exists():
+            cases.append(pytest.param(name, 3, None, id=f"{name}-n3"))
+            cases.append(pytest.param(name, 4, {"HPCSGD_RANKS_PER_NODE": "2"}, id=f"{name}-n4-2nodes"))
+    return cases
 
 
 class OneBN(chainer.Chain):
@@ -116,11 +121,7 @@ def test_model_level_modes():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("comm_name", comm_names())
-@pytest.mark.parametrize("n,env", [(2, None), (3, None), (4, {"HPCSGD_RANKS_PER_NODE": "2"})],
-                         ids=["n2", "n3", "n4-2nodes"])
+@pytest.mark.parametrize("comm_name,n,env", mpi_cases())
 def test_bn_across_ranks(mpirun, comm_name, n, env):
-    if comm_name == "chainermn-naive" and env:
-        pytest.skip("virtual nodes only matter for hpcsgd's hierarchical communicator")
     res = mpirun("tests/mpi/check_bn_sync.py", n, [comm_name], env=env, timeout=120)
     assert res.stdout.count("bn ok") == n

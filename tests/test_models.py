@@ -56,8 +56,8 @@ def test_resnet50_forward_backward(resnet50):
 
 CASES = [
     ("resnet18", dict(), (2, 3, 32, 32)),
-    ("resnet34", dict(), (2, 3, 32, 32)),
-    ("resnet101", dict(), (2, 3, 32, 32)),
+    ("resnet34", dict(), (2, 3, 16, 16)),
+    ("resnet101", dict(), (2, 3, 16, 16)),
     ("resnet_small", dict(depth=8, width=8), (4, 1, 28, 28)),
     ("resnet_small", dict(depth=20, width=4), (2, 3, 32, 32)),
     ("alexnet_bn", dict(input_size=67, fc_width=32), (2, 3, 67, 67)),

@@ -5,7 +5,7 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 import pytest
-from test_batchnorm import comm_names
+from test_batchnorm import mpi_cases
 
 from hpcsgd.errors import GradientOverflowError
 from hpcsgd.optim import CorrectedMomentumSGD, create_multi_node_optimizer
@@ -91,11 +91,7 @@ def test_double_buffering_needs_async_communicator():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("comm_name", comm_names())
-@pytest.mark.parametrize("n,env", [(2, None), (3, None), (4, {"HPCSGD_RANKS_PER_NODE": "2"})],
-                         ids=["n2", "n3", "n4-2nodes"])
+@pytest.mark.parametrize("comm_name,n,env", mpi_cases())
 def test_multi_node_optimizer_matches_single_process(mpirun, comm_name, n, env):
-    if comm_name == "chainermn-naive" and env:
-        pytest.skip("virtual nodes only matter for hpcsgd's hierarchical communicator")
     res = mpirun("tests/mpi/check_multi_node_optimizer.py", n, [comm_name], env=env, timeout=120)
     assert res.stdout.count("optimizer ok") == n

@@ -90,8 +90,14 @@ def test_cli_akiba_32k_prints_6_4_for_epochs_0_to_40(tmp_path):
     alpha = {int(r[0]): float(r[3]) for r in rows}
     assert alpha[10] == pytest.approx(0.5) and alpha[13] == 1.0
 
-    data = json.loads(_cli("--recipe", "goyal", "--global-batch", "8192", "--epochs", "90",
-                           "--iters-per-epoch", "156", "--json", "--plot", str(tmp_path / "g.png")))
+
+
+def test_cli_json_and_plot(tmp_path, capsys):
+    from hpcsgd.cli import main
+
+    assert main(["schedule", "--recipe", "goyal", "--global-batch", "8192", "--epochs", "90",
+                 "--iters-per-epoch", "156", "--json", "--plot", str(tmp_path / "g.png")]) == 0
+    data = json.loads(capsys.readouterr().out)
     lrs = [b["lr"] for b in data["boundaries"]]
     assert lrs[0] == pytest.approx(0.1) and lrs[5] == pytest.approx(3.2) and lrs[30] == pytest.approx(0.32)
     assert (tmp_path / "g.png").stat().st_size > 1000
