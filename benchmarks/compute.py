@@ -138,7 +138,7 @@ def _env(threads: int, coretype: str) -> dict:
 
 def drive(args) -> dict:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
-    impls = ["chainer", "hpcsgd"] + (["pytorch"] if args.torch_python else [])
+    impls = [i for i in args.impls if i != "pytorch" or args.torch_python]
     runs: dict = {}
     peaks: dict = {}
     me = [sys.executable, os.path.abspath(__file__)]
@@ -247,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--torch-python", help="interpreter with torch installed (optional comparison)")
     p.add_argument("--shapes", nargs="+", default=["8x224", "32x64"], help="BATCHxRES")
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--impls", nargs="+", default=["chainer", "hpcsgd", "pytorch"],
+                   choices=["chainer", "hpcsgd", "pytorch"])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--iters", type=int, default=2, help="timed steps per round and configuration")
     p.add_argument("--coretype", default="SkylakeX", help="OPENBLAS_CORETYPE for the measured processes")

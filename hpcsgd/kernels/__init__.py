@@ -18,7 +18,7 @@ __all__ = ["enable", "enabled", "set_threads", "default_threads", "current_threa
 
 
 def _kernel_impl() -> dict:
-    from hpcsgd.kernels import batchnorm, conv, eltwise
+    from hpcsgd.kernels import batchnorm, conv, eltwise, pool
 
     return {
         "conv2d": conv.conv2d,
@@ -26,6 +26,8 @@ def _kernel_impl() -> dict:
         "fixed_batch_norm": batchnorm.fixed_batch_norm,
         "add_relu": eltwise.add_relu,
         "relu": eltwise.relu,
+        # used once ops offers it: max_pool2d(x, ksize, stride, pad), cover_all=False
+        "max_pool2d": pool.max_pool2d,
     }
 
 
@@ -45,7 +47,8 @@ def enable(on: bool = True, threads: int | None = None) -> bool:
         set_threads(threads)
     if on:
         if not KERNEL_IMPL:
-            KERNEL_IMPL.update(_kernel_impl())
+            # only the ops this version of hpcsgd.models.ops dispatches
+            KERNEL_IMPL.update({k: f for k, f in _kernel_impl().items() if k in ops.CHAINER_IMPL})
         ops.CPU_IMPL.update(KERNEL_IMPL)
     else:
         ops.CPU_IMPL.update(ops.CHAINER_IMPL)
