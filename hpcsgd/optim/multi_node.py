@@ -197,7 +197,10 @@ class DoubleBufferingOptimizer(MultiNodeOptimizer):
     def _broadcast(self, target) -> None:
         self.wait()
         super()._broadcast(target)
-        self._shadow = copy.deepcopy(target) if self._signature is not None else None
+        # The shadow model holds the gradients in flight; links that keep the communicator
+        # (sync BN) share it instead of copying it.
+        memo = {id(self.communicator): self.communicator}
+        self._shadow = copy.deepcopy(target, memo) if self._signature is not None else None
         self._has_stale = False
 
     def update(self, lossfun=None, *args, **kwds) -> bool:
