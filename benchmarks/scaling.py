@@ -363,9 +363,10 @@ def _cluster_runs(args, specs, frameworks, data) -> None:
         return
     print("4 ranks on the emulated 2-host cluster (2 ranks per host; 4 ranks on 2 cores: oversubscribed, "
           "shows the communication structure, not a timing claim)")
+    cluster_fws = [f for f in args.cluster_frameworks.split(",") if f in frameworks]
     with EmulatedCluster(n_hosts=2).up() as cl:
-        for model in args.models.split(","):
-            for fw in frameworks:
+        for model in args.cluster_models.split(","):
+            for fw in cluster_fws:
                 rec = run_config(model, fw, 4, specs[model], args, cluster=cl)
                 if rec:
                     rec["oversubscribed"] = True
@@ -384,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--communicator", default="hierarchical")
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--cluster", action="store_true", help="also 4 ranks on the emulated 2-host cluster")
+    p.add_argument("--cluster-models", default="resnet_small,resnet50")
+    p.add_argument("--cluster-frameworks", default="hpcsgd,chainermn")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")

@@ -256,6 +256,8 @@ def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
                      "predicted_comm_s": p.comm_s, "predicted_exposed_comm_s": p.exposed_comm_s,
                      "measured_comm_s": sum(c["phases_s"].get(k, 0) for k in ("pack", "allreduce", "unpack")),
                      "overlap_used": overlap})
+        mc = rows[-1]["measured_comm_s"]
+        rows[-1]["comm_error"] = p.comm_s / mc - 1 if mc > 0 else None
     return rows
 
 
