@@ -212,10 +212,9 @@ def run_config(model: str, framework: str, ranks: int, spec, args, cluster=None)
         env = bench_env()
         mpi_args = ["-n", str(ranks)]
         if cluster is not None:
-            mpi_args = cluster.mpiexec_args(ranks // cluster.n_hosts) if hasattr(cluster, "n_hosts") else \
-                cluster.mpiexec_args(2)
+            mpi_args = ["-n", str(ranks), *cluster.mpiexec_args(ranks // cluster.n_hosts)]
             env.update(cluster.env())
-            env["HPCSGD_BENCH_NODES"] = str(getattr(cluster, "n_hosts", 2))
+            env["HPCSGD_BENCH_NODES"] = str(cluster.n_hosts)
         cmd = [_mpiexec(), *mpi_args, *worker_argv]
         t0 = time.time()
         try:
