@@ -67,6 +67,8 @@ class HierarchicalAlgorithm(BucketAlgorithm):
         width = max((hi - lo for lo, hi in self.ranges), default=0) // self.k + 1
         self._acc = np.empty(width, np.float32)
         self._lowp = None
+        # single node, float32: the owner writes its shard's sum straight into its grads
+        self._direct = self.n_nodes == 1 and intra_wire == "float32"
         if self.inter is not None and inter_wire != "float32":
             self._lowp = LowPrecisionAllreduce(self.inter, inter_wire)
             self._wire16 = np.empty(width, np.uint16)
@@ -75,18 +77,28 @@ class HierarchicalAlgorithm(BucketAlgorithm):
         n = hi - lo
         return lo + n * s // self.k, lo + n * (s + 1) // self.k
 
-    def _reduce_own(self, a: int, b: int) -> None:
-        """Shard ``[a, b)``: own grads / size + the peers' packed values, into this rank's segment."""
+    def _reduce_own(self, a: int, b: int) -> int:
+        """Shard ``[a, b)``: own grads / size + the peers' packed values, into this rank's segment.
+
+        Single node, float32: the sum also goes straight into this rank's gradients
+        (one pass), and the non-finite count of the shard is returned; otherwise 0
+        and the shard is unpacked with the others.
+        """
         segs, r = self.shm.segments, self.r
         peers = [s for s in range(self.k) if s != r]
         scale = 1.0 / self.size
         f32 = self.intra_wire == "float32"
         acc = segs[r][a:b] if f32 else self._acc[: b - a]
+        bad = 0
         for i, pa, pb in self.layout.pieces(a, b):
             g = self.grads.piece(i, pa, pb)
             out = acc[pa - a:pb - a]
-            if f32:
+            if self._direct and g.dtype == np.float32:
+                bad += kernels.scaled_plus_into_both(g, scale, [segs[s][pa:pb] for s in peers], out)
+            elif f32:
                 kernels.scaled_plus(g, scale, [segs[s][pa:pb] for s in peers], out)
+                if self._direct:
+                    bad += kernels.unpack_from(out, g, 1.0, "float32")
             else:
                 kernels.scaled_plus(g, scale, [], out)
                 for s in peers:
@@ -102,6 +114,7 @@ class HierarchicalAlgorithm(BucketAlgorithm):
                     self.inter.Allreduce(MPI.IN_PLACE, [acc, MPI.FLOAT], op=MPI.SUM)
         if not f32:
             kernels.pack_into(acc, segs[r][a:b], 1.0, self.intra_wire)
+        return bad
 
     def run(self, i: int) -> int:
         lo, hi = self.ranges[i]
@@ -115,13 +128,13 @@ class HierarchicalAlgorithm(BucketAlgorithm):
                     self.grads.pack(a, b, mine[a:b], 1.0 / self.size, self.intra_wire)
         with tracer.span("allreduce", inter_dtype=self.inter_wire, **info):
             self.shm.fence("allreduce_intra", bucket=i, stage="reduce_scatter")
-            self._reduce_own(*self._shard(lo, hi, self.r))
+            bad = self._reduce_own(*self._shard(lo, hi, self.r))
             self.shm.fence("allreduce_intra", bucket=i, stage="allgather")
-        bad = 0
         with tracer.span("unpack", **info):
             for s in range(self.k):
-                a, b = self._shard(lo, hi, s)
-                bad += self.grads.unpack(a, b, segs[s][a:b], 1.0, self.intra_wire)
+                if s != self.r or not self._direct:
+                    a, b = self._shard(lo, hi, s)
+                    bad += self.grads.unpack(a, b, segs[s][a:b], 1.0, self.intra_wire)
         return bad
 
     def free(self) -> None:
@@ -137,6 +150,9 @@ class HierarchicalCommunicator(BucketedCommunicator):
     """Two-level allreduce: shared memory inside a node, MPI (float16 by default) between nodes."""
 
     DEFAULT_WIRE = ("float32", "float16")
+    #: shared-memory buckets are fenced twice each: fewer, larger buckets (MPI messages
+    #: between nodes are bucket / ranks-per-node, still in MPI's fast range)
+    CONFIG_DEFAULTS = {**BucketedCommunicator.CONFIG_DEFAULTS, "bucket_bytes": 16 << 20}
 
     def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         intra, inter = self.wire_formats()

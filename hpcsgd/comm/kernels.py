@@ -312,6 +312,17 @@ def _axpy_add_f32(g, scale, p, out):
 
 
 @njit(nogil=True, cache=True)
+def _axpy_add_both_f32(g, scale, p, out):
+    bad = 0
+    for i in range(out.size):
+        v = g[i] * scale + p[i]
+        out[i] = v
+        g[i] = v
+        bad += (v - v) != 0
+    return bad
+
+
+@njit(nogil=True, cache=True)
 def _acc_f16(acc, src):
     for i in range(acc.size):
         acc[i] += _from_f16(src[i])
@@ -390,6 +401,18 @@ def scaled_plus(g: np.ndarray, scale: float, parts: list, out: np.ndarray) -> No
     _axpy_add_f32(g, np.float32(scale), parts[0], out)
     for p in parts[1:]:
         _add_into_f32(out, p)
+
+
+def scaled_plus_into_both(g: np.ndarray, scale: float, parts: list, out: np.ndarray) -> int:
+    """``out = g = g * scale + sum(parts)`` (float32 ``g``); returns the non-finite count.
+
+    The owner of a shard writes the reduced values to the shared segment and to its
+    own gradient in one pass.
+    """
+    if len(parts) == 1:
+        return int(_axpy_add_both_f32(g, np.float32(scale), parts[0], out))
+    scaled_plus(g, scale, parts, out)
+    return int(_unpack_f32(out, g, np.float32(1.0)))
 
 
 def accumulate(acc: np.ndarray, src: np.ndarray, wire: str) -> None:
