@@ -1,16 +1,27 @@
-"""How an overlapped bucket reduction makes progress while Python computes.
+"""Bucket backends of the overlapped reducer: where gradients go and how buckets make progress.
 
-Each engine reduces float32 buckets (in place, ``MPI_SUM``) on a private
-communicator, in the order they are launched:
+A backend owns the layout (parameters in reduction order, cut into buckets) and
+reduces bucket ``i`` when the reducer launches it. Two kinds:
 
-* :class:`PollEngine` (``'poll'``): ``MPI_Iallreduce`` per bucket; MPICH advances
-  nonblocking collectives only inside MPI calls, so :meth:`PollEngine.poll` (called
-  by the backward hook after every function node) runs ``MPI_Testall``.
-* ``'none'``: the same without polling, for runs with MPICH's progress thread
-  (``MPIR_CVAR_ASYNC_PROGRESS=1`` in the environment before MPI starts).
-* :class:`ThreadEngine` (``'thread'``): a worker thread runs the communicator's
-  blocking bucket reduction; NumPy/BLAS/numba compute and MPI calls release the
-  GIL, so both proceed. Needs ``MPI_THREAD_MULTIPLE`` (mpi4py's default).
+* :class:`BufferBackend`: gradients are scaled by ``1/size`` and packed into one
+  float32 buffer as they become final; each bucket is one MPI allreduce of its
+  slice. Progress:
+
+  - ``'poll'``: ``MPI_Iallreduce`` per bucket; MPICH advances nonblocking
+    collectives only inside MPI calls, so :meth:`BufferBackend.poll` (called by
+    the backward hook after every function node) runs ``MPI_Testall``;
+  - ``'none'``: the same without polling, for MPICH's progress thread
+    (``MPIR_CVAR_ASYNC_PROGRESS=1`` in the environment before MPI starts);
+  - ``'thread'``: a worker thread runs blocking ``MPI_Allreduce`` per bucket.
+
+* :class:`AlgorithmBackend` (``'comm'``): the communicator's own bucket algorithm
+  (:mod:`hpcsgd.comm.buckets`: hierarchical shared memory + float16 between nodes,
+  or flat) on a worker thread. Each final gradient is copied into one persistent
+  flat buffer, which the algorithm reduces in place; afterwards every ``param.grad``
+  is a view of that buffer (no unpack pass).
+
+Worker threads need ``MPI_THREAD_MULTIPLE`` (mpi4py's default); NumPy/BLAS/numba
+compute and MPI calls release the GIL, so backward and the reduction proceed together.
 """
 
 from __future__ import annotations
@@ -18,121 +29,76 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 from mpi4py import MPI
 
+from hpcsgd.comm import kernels
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective
 
-ENGINES = ("poll", "none", "thread")
+BUFFER_PROGRESS = ("poll", "none", "thread")
+PROGRESS = (*BUFFER_PROGRESS, "comm")
 
 
-class _Engine:
-    """Common bookkeeping: launch times, completion times (perf_counter seconds)."""
+class Layout:
+    """Parameters in reduction order, their element offsets, and buckets of whole parameters."""
 
-    def __init__(self, comm) -> None:
-        self.comm = comm
-        self.launch_times: list[float] = []
-        self.done_times: list[float] = []
-
-    def launched_before(self, t: float) -> int:
-        """How many buckets of the current step were launched before time ``t``."""
-        return sum(1 for x in self.launch_times if x < t)
-
-    def begin_step(self) -> None:
-        """Forget the previous step's times (call when nothing is in flight)."""
-        self.launch_times, self.done_times = [], []
-
-    def close(self) -> None:
-        self.wait()
-
-
-class PollEngine(_Engine):
-    """``MPI_Iallreduce`` per bucket, advanced by ``MPI_Testall`` from :meth:`poll`."""
-
-    def __init__(self, comm, polling: bool = True) -> None:
-        super().__init__(comm)
-        self._polling = polling
-        self._reqs: list = []
-        self._bytes: list[int] = []
-
-    def launch(self, index: int, buf: np.ndarray) -> None:
-        self.launch_times.append(time.perf_counter())
-        self._bytes.append(int(buf.nbytes))
-        self._reqs.append(self.comm.mpi_comm.Iallreduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM))
-
-    def poll(self) -> None:
-        if self._polling and self._reqs and MPI.Request.Testall(self._reqs):
-            self._finish()
-
-    def done(self) -> bool:
-        return not self._reqs
-
-    def wait(self) -> None:
-        if self._reqs:
-            with collective("overlap_iallreduce", buckets=len(self._reqs)):
-                MPI.Request.Waitall(self._reqs)
-            self._finish()
-
-    def _finish(self) -> None:
-        now = time.perf_counter()
-        tracer = get_tracer()
-        if tracer.recording:
-            for i, (t0, nbytes) in enumerate(zip(self.launch_times, self._bytes)):
-                tracer.record("allreduce", t0, now, tid="comm", bucket=i, bytes=nbytes, dtype="float32")
-        self.done_times = [now] * len(self._reqs)
-        self._reqs, self._bytes = [], []
+    def __init__(self, names: list[str], sizes: dict[str, int], bucket_bytes: int) -> None:
+        self.names = list(names)
+        self.bucket_bytes = int(bucket_bytes)
+        self.size = {n: int(sizes[n]) for n in self.names}
+        self.offset: dict[str, int] = {}
+        self.buckets: list[tuple[int, int, list[str]]] = []  # (start, stop) in elements, members
+        limit = max(1, bucket_bytes // 4)
+        start = pos = 0
+        members: list[str] = []
+        for name in self.names:
+            self.offset[name] = pos
+            members.append(name)
+            pos += self.size[name]
+            if pos - start >= limit:
+                self.buckets.append((start, pos, members))
+                start, members = pos, []
+        if members:
+            self.buckets.append((start, pos, members))
+        self.total = pos
 
 
-class ThreadEngine(_Engine):
-    """A worker thread that reduces the launched buckets one by one with a blocking call."""
+class _Worker:
+    """One thread running ``fn(index)`` for launched buckets in launch order; errors go to wait()."""
 
-    def __init__(self, comm) -> None:
-        super().__init__(comm)
+    def __init__(self, fn: Callable[[int], None], name: str) -> None:
+        self._fn = fn
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
         self._cond = threading.Condition()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="hpcsgd-overlap", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def _reduce(self, buf: np.ndarray) -> None:
-        self.comm.mpi_comm.Allreduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM)
-
     def _run(self) -> None:
-        tracer = get_tracer()
         while True:
-            item = self._queue.get()
-            if item is None:
+            index = self._queue.get()
+            if index is None:
                 return
-            index, buf = item
-            t0 = time.perf_counter()
             try:
                 if self._error is None:
                     with collective("overlap_bucket", bucket=index):
-                        self._reduce(buf)
-            except BaseException as e:  # reported by wait() on the main thread
+                        self._fn(index)
+            except BaseException as e:
                 self._error = e
-            t1 = time.perf_counter()
-            if tracer.recording:
-                tracer.record("allreduce", t0, t1, tid="comm", bucket=index, bytes=int(buf.nbytes),
-                              dtype="float32")
             with self._cond:
-                self.done_times.append(t1)
                 self._pending -= 1
                 self._cond.notify_all()
 
-    def launch(self, index: int, buf: np.ndarray) -> None:
+    def put(self, index: int) -> None:
         with self._cond:
             self._pending += 1
-            self.launch_times.append(time.perf_counter())
-        self._queue.put((index, buf))
+        self._queue.put(index)
 
-    def poll(self) -> None:
-        """Nothing to do: the worker thread makes progress."""
-
-    def done(self) -> bool:
+    def idle(self) -> bool:
         with self._cond:
             return self._pending == 0
 
@@ -152,12 +118,189 @@ class ThreadEngine(_Engine):
             self._thread.join()
 
 
-def make_engine(kind: str, comm) -> _Engine:
-    """Engine ``kind`` ('poll', 'none', 'thread') reducing on ``comm`` (an hpcsgd communicator)."""
-    if kind == "poll":
-        return PollEngine(comm)
-    if kind == "none":
-        return PollEngine(comm, polling=False)
-    if kind == "thread":
-        return ThreadEngine(comm)
-    raise ValueError(f"unknown progress engine {kind!r}; choose one of {ENGINES}")
+class BufferBackend:
+    """float32 pack buffer + one MPI allreduce per bucket ('poll', 'none' or 'thread')."""
+
+    low_precision = False
+    wire_label = "float32"
+
+    def __init__(self, comm, layout: Layout, progress: str) -> None:
+        if progress not in BUFFER_PROGRESS:
+            raise ValueError(f"unknown progress {progress!r}; choose one of {PROGRESS}")
+        self.comm, self.layout, self.progress = comm, layout, progress
+        self.members = [m for _, _, m in layout.buckets]
+        self.buffer = np.empty(layout.total, np.float32)
+        self._scale = 1.0 / comm.size
+        self._reqs: list = []
+        self._worker = _Worker(self._allreduce, "hpcsgd-overlap") if progress == "thread" else None
+        self.launch_times: list[float] = []
+
+    def _slice(self, i: int) -> np.ndarray:
+        start, stop, _ = self.layout.buckets[i]
+        return self.buffer[start:stop]
+
+    def _allreduce(self, i: int) -> None:
+        buf = self._slice(i)
+        t0 = time.perf_counter()
+        self.comm.mpi_comm.Allreduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM)
+        tracer = get_tracer()
+        if tracer.recording:
+            tracer.record("allreduce", t0, time.perf_counter(), tid="comm", bucket=i,
+                          bytes=int(buf.nbytes), dtype="float32")
+
+    def begin(self) -> None:
+        self.launch_times = []
+
+    def place(self, name: str, grad) -> None:
+        off, n = self.layout.offset[name], self.layout.size[name]
+        dst = self.buffer[off:off + n]
+        if grad is None:
+            dst[...] = 0.0
+        elif type(grad).__module__.startswith("cupy"):
+            dst[...] = grad.get().reshape(-1) * np.float32(self._scale)
+        else:
+            kernels.pack_into(np.ascontiguousarray(grad).reshape(-1), dst, self._scale, "float32")
+
+    def launch(self, i: int) -> None:
+        self.launch_times.append(time.perf_counter())
+        if self._worker is not None:
+            self._worker.put(i)
+        else:
+            buf = self._slice(i)
+            self._reqs.append(self.comm.mpi_comm.Iallreduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM))
+
+    def poll(self) -> None:
+        if self.progress == "poll" and self._reqs and MPI.Request.Testall(self._reqs):
+            self._reqs = []
+
+    def idle(self) -> bool:
+        return self._worker.idle() if self._worker is not None else not self._reqs
+
+    def finish(self) -> None:
+        if self._worker is not None:
+            self._worker.wait()
+        elif self._reqs:
+            MPI.Request.Waitall(self._reqs)
+            self._reqs = []
+
+    def write_back(self, params: dict, skip: set) -> int:
+        """Copy the means into ``param.grad`` (allocated if None); returns the non-finite count."""
+        bad = 0
+        for name in self.layout.names:
+            if name in skip:
+                continue
+            p = params[name]
+            off = self.layout.offset[name]
+            src = self.buffer[off:off + p.size]
+            if p.grad is None:
+                p.grad = p.xp.zeros_like(p.array)
+            if type(p.grad).__module__.startswith("cupy"):
+                import cupy
+
+                p.grad[...] = cupy.asarray(src.reshape(p.shape)).astype(p.grad.dtype)
+                bad += int((~np.isfinite(src)).sum())
+            elif p.grad.flags.c_contiguous:
+                bad += kernels.unpack_from(src, p.grad.reshape(-1), 1.0, "float32")
+            else:
+                tmp = np.empty(p.size, p.grad.dtype)
+                bad += kernels.unpack_from(src, tmp, 1.0, "float32")
+                p.grad[...] = tmp.reshape(p.shape)
+        return bad
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        else:
+            self.finish()
+
+
+class AlgorithmBackend:
+    """The communicator's own :class:`~hpcsgd.comm.buckets.BucketAlgorithm` on a worker thread ('comm').
+
+    ``comm`` must be a private communicator (the reducer's clone) of a class with
+    ``_new_algorithm(layout)`` (``flat``, ``hierarchical``). Buckets are that
+    algorithm's ranges (a bucket may split a parameter).
+    """
+
+    def __init__(self, comm, layout: Layout, params: dict) -> None:
+        from hpcsgd.comm.packing import BoundGrads, GradLayout
+
+        if not hasattr(comm, "_new_algorithm"):
+            raise ValueError(f"progress='comm' needs a bucketed communicator (flat, hierarchical), "
+                             f"not {type(comm).__name__}")
+        self.layout = layout
+        glayout = GradLayout.from_named([(n, params[n]) for n in layout.names])
+        comm.set_config("bucket_bytes", layout.bucket_bytes)
+        self.algorithm = comm._new_algorithm(glayout)
+        self.low_precision = self.algorithm.low_precision
+        self.wire_label = comm._wire_label() if hasattr(comm, "_wire_label") else "float32"
+        self.out = np.empty(layout.total, np.float32)
+
+        class LiveGrads(BoundGrads):
+            """Slot ``k`` is a view of ``out``, filled when backward finalises gradient ``k``."""
+
+            def __init__(self) -> None:
+                self.layout = glayout
+                self.vectors = [None] * len(glayout)
+
+        self.grads = LiveGrads()
+        self.algorithm.bind(self.grads)
+        self._slot = {s.name: k for k, s in enumerate(glayout.slots)}
+        self.members = [[glayout.slots[k].name for k, _, _ in glayout.pieces(lo, hi)]
+                        for lo, hi in self.algorithm.ranges]
+        self._bad = [0] * len(self.members)
+        self._worker = _Worker(self._run, "hpcsgd-overlap-comm")
+        self.launch_times: list[float] = []
+
+    def _run(self, i: int) -> None:
+        self._bad[i] = self.algorithm.run(i)
+
+    def begin(self) -> None:
+        self.launch_times = []
+        self._bad = [0] * len(self.members)
+        self.grads.vectors = [None] * len(self.grads.vectors)
+
+    def place(self, name: str, grad) -> None:
+        """Copy the final gradient into its slot of ``out``: the algorithm reduces in place there.
+
+        A copy, because Chainer's backward may still read the gradient's memory (e.g. the
+        upstream gradient that ``F.add`` hands to both inputs) and the algorithm writes means.
+        """
+        off, n = self.layout.offset[name], self.layout.size[name]
+        dst = self.out[off:off + n]
+        if grad is None:
+            dst[...] = 0.0
+        elif type(grad).__module__.startswith("cupy"):
+            dst[...] = grad.get().reshape(-1)
+        else:
+            kernels.pack_into(np.ascontiguousarray(grad).reshape(-1), dst, 1.0, "float32")
+        self.grads.vectors[self._slot[name]] = dst
+
+    def launch(self, i: int) -> None:
+        self.launch_times.append(time.perf_counter())
+        self._worker.put(i)
+
+    def poll(self) -> None:
+        """Nothing to do: the worker thread makes progress."""
+
+    def idle(self) -> bool:
+        return self._worker.idle()
+
+    def finish(self) -> None:
+        self._worker.wait()
+
+    def write_back(self, params: dict, skip: set) -> int:
+        """Make every ``param.grad`` a view of the persistent mean buffer; returns the non-finite count."""
+        for name in self.layout.names:
+            if name in skip:
+                continue
+            p = params[name]
+            off, n = self.layout.offset[name], self.layout.size[name]
+            view = self.out[off:off + n].reshape(p.shape)
+            p.grad = view if p.array.dtype == np.float32 else view.astype(p.array.dtype)
+        return sum(self._bad)
+
+    def close(self) -> None:
+        self._worker.close()
+        self.algorithm.free()
+

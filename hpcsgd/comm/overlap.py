@@ -25,13 +25,16 @@ How it works:
   every rank starts the same collectives in the same order even if readiness
   order differs. Whatever backward did not report (unused parameters, a missing
   hook) is packed from ``param.grad`` in :meth:`OverlappedReducer.wait`.
-* **Progress** (``progress=``): ``'poll'``: ``MPI_Iallreduce`` per bucket,
-  advanced by ``MPI_Testall`` after every function node's backward; ``'none'``:
-  the same without polling (for MPICH's ``MPIR_CVAR_ASYNC_PROGRESS=1`` progress
-  thread); ``'thread'``: a worker thread runs the blocking reduction of each
-  bucket in order (``MPI_Allreduce``). All reductions run on a private
-  duplicate of the communicator, so they never interleave with the caller's
-  collectives (e.g. synchronized BN during backward).
+* **Progress** (``progress=``, see :mod:`hpcsgd.comm._engines`): ``'poll'``:
+  ``MPI_Iallreduce`` per bucket, advanced by ``MPI_Testall`` after every function
+  node's backward; ``'none'``: the same without polling (for MPICH's
+  ``MPIR_CVAR_ASYNC_PROGRESS=1`` progress thread); ``'thread'``: a worker thread
+  runs ``MPI_Allreduce`` per bucket; ``'comm'``: a worker thread runs the
+  communicator's own bucket algorithm (hierarchical: shared memory in the node,
+  float16 between nodes), and afterwards every ``param.grad`` is a view of the
+  reducer's persistent mean buffer (valid until the next step's ``wait()``).
+  All reductions run on a private clone of the communicator (``comm.split``), so
+  they never interleave with the caller's collectives (e.g. synchronized BN).
 * ``overlap=False`` keeps everything identical except that all buckets start in
   ``wait()``: the in-run baseline, bitwise equal for float32.
 
@@ -49,12 +52,10 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
-
-from hpcsgd.comm import kernels
-from hpcsgd.comm._engines import ENGINES, make_engine
+from hpcsgd.comm._engines import PROGRESS, AlgorithmBackend, BufferBackend, Layout
 from hpcsgd.comm._grad_ready import GradReadyHook
-from hpcsgd.errors import ConfigError, NonFiniteGradientError
+from hpcsgd.comm.buckets import raise_if_nonfinite
+from hpcsgd.errors import ConfigError
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective
 
@@ -64,40 +65,14 @@ DEFAULT_BUCKET_BYTES = 4 << 20
 DEFAULT_PROGRESS = "poll"
 
 
-class _Layout:
-    """Parameters in reduction order, their offsets in the flat buffer, and the buckets."""
-
-    def __init__(self, names: list[str], sizes: dict[str, int], bucket_bytes: int) -> None:
-        self.names = list(names)
-        self.offset: dict[str, int] = {}
-        self.size = {n: int(sizes[n]) for n in self.names}
-        self.bucket_of: dict[str, int] = {}
-        self.buckets: list[tuple[int, int, list[str]]] = []  # (start, stop) elements, members
-        limit = max(1, bucket_bytes // 4)
-        start = pos = 0
-        members: list[str] = []
-        for name in self.names:
-            self.offset[name] = pos
-            self.bucket_of[name] = len(self.buckets)
-            members.append(name)
-            pos += sizes[name]
-            if pos - start >= limit:
-                self.buckets.append((start, pos, members))
-                start, members = pos, []
-        if members:
-            self.buckets.append((start, pos, members))
-        self.total = pos
-
-
 class OverlappedReducer:
     """Averages a model's gradients over ranks, overlapping the allreduce with backward.
 
     Args:
         comm: an hpcsgd communicator (MpiCommunicatorBase subclass).
         model: the chainer.Link whose parameters' grads are averaged.
-        bucket_bytes: float32 bytes per bucket (default: comm's ``bucket_bytes`` config
-            if set by the user, else :data:`DEFAULT_BUCKET_BYTES`).
-        progress: 'poll', 'none' or 'thread' (see the module docstring).
+        bucket_bytes: float32 bytes per bucket (default :data:`DEFAULT_BUCKET_BYTES`).
+        progress: 'poll', 'none', 'thread' or 'comm' (see the module docstring).
         zero_fill: a parameter with data but no grad joins with zeros and gets the mean
             (ChainerMN's ``zero_fill=True``); False leaves its grad None (all ranks must agree).
         overlap: False starts every bucket in ``wait()`` (baseline for measurements).
@@ -106,10 +81,9 @@ class OverlappedReducer:
 
     def __init__(self, comm, model, bucket_bytes: int | None = None, progress: str = DEFAULT_PROGRESS,
                  zero_fill: bool = True, overlap: bool = True, rebuild_order: bool = True) -> None:
-        if progress not in ENGINES:
-            raise ConfigError(f"progress must be one of {ENGINES}, got {progress!r}")
-        if bucket_bytes is None:
-            bucket_bytes = DEFAULT_BUCKET_BYTES
+        if progress not in PROGRESS:
+            raise ConfigError(f"progress must be one of {PROGRESS}, got {progress!r}")
+        bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
         if isinstance(bucket_bytes, bool) or int(bucket_bytes) <= 0:
             raise ConfigError(f"bucket_bytes must be a positive number of bytes, got {bucket_bytes!r}")
         self.comm = comm
@@ -120,10 +94,8 @@ class OverlappedReducer:
         self.progress = progress
         self._rebuild_pending = rebuild_order
         self._private = comm.split(0, comm.rank)  # own MPI communicators for reductions in flight
-        self._engine = make_engine(progress, self._private)
         self._signature = None
-        self._layout: _Layout | None = None
-        self._buffer = np.empty(0, np.float32)
+        self._backend = None
         self._hook: GradReadyHook | None = None
         self._reset_step()
         self.stats: dict[str, Any] = {}
@@ -139,48 +111,52 @@ class OverlappedReducer:
             return
         self.comm.check_params_consistent(self.model, include_grad=False)
         params = self._params()
-        order = list(reversed(list(params)))  # registration order reversed ~ backward order
-        self._set_layout(order, params)
+        self._set_layout(list(reversed(list(params))), params)  # reversed registration ~ backward order
         self._signature = sig
 
     def _set_layout(self, order: list[str], params: dict[str, Any]) -> None:
-        self._layout = _Layout(order, {n: int(params[n].size) for n in order}, self.bucket_bytes)
-        if self._buffer.size != self._layout.total:
-            self._buffer = np.empty(self._layout.total, np.float32)
+        if self._backend is not None:
+            self._backend.close()
+        layout = Layout(order, {n: int(params[n].size) for n in order}, self.bucket_bytes)
+        if self.progress == "comm":
+            self._backend = AlgorithmBackend(self._private, layout, params)
+        else:
+            self._backend = BufferBackend(self._private, layout, self.progress)
+        self._buckets_of: dict[str, list[int]] = {}
+        for i, members in enumerate(self._backend.members):
+            for name in members:
+                self._buckets_of.setdefault(name, []).append(i)
         nodes = {params[n].node: n for n in order}
-        self._hook = GradReadyHook(nodes, self._on_ready, self._engine.poll)
+        self._hook = GradReadyHook(nodes, self._on_ready, self._backend.poll)
 
     def _rebuild_from_observed(self) -> None:
         """Adopt rank 0's observed readiness order (collective; between steps)."""
         self._rebuild_pending = False
-        seen = list(self._ready_order)
-        rest = [n for n in self._layout.names if n not in self._packed]
-        order = self.comm.bcast_obj(seen + rest if self.comm.rank == 0 else None)
-        if sorted(order) != sorted(self._layout.names) or order == self._layout.names:
-            return
-        self._set_layout(order, self._params())
+        names = self._backend.layout.names
+        order = self._ready_order + [n for n in names if n not in set(self._ready_order)]
+        order = self.comm.bcast_obj(order if self.comm.rank == 0 else None)
+        if sorted(order) == sorted(names) and order != names:
+            self._set_layout(order, self._params())
 
     # -- one step -----------------------------------------------------------------------
     def _reset_step(self) -> None:
-        self._packed: set[str] = set()
+        self._placed: set[str] = set()
         self._missing: set[str] = set()
         self._ready_order: list[str] = []
         self._bucket_left: list[int] = []
         self._next_launch = 0
-        self._bad = 0
         self._pack_seconds = 0.0
         self._active = False
 
     def start(self) -> None:
         """Begin a step: call before backward (``__enter__`` does)."""
         self._prepare()
-        self._engine.wait()  # nothing of a previous step may still be in flight
-        self._engine.begin_step()
+        self._backend.finish()  # nothing of a previous step may still be in flight
+        self._backend.begin()
         self._reset_step()
-        self._bucket_left = [len(b[2]) for b in self._layout.buckets]
+        self._bucket_left = [len(set(m)) for m in self._backend.members]
         self._hook.reset()
         self._active = True
-        self._t_start = time.perf_counter()
 
     def __enter__(self) -> OverlappedReducer:
         self.start()
@@ -193,99 +169,73 @@ class OverlappedReducer:
             self._hook.__exit__(*exc)
 
     def _on_ready(self, name: str, grad) -> None:
-        if name in self._packed:
-            return
-        self._ready_order.append(name)
-        self._pack(name, grad)
+        if name not in self._placed:
+            self._ready_order.append(name)
+            self._place(name, grad)
 
-    def _pack(self, name: str, grad) -> None:
+    def _place(self, name: str, grad) -> None:
         t0 = time.perf_counter()
-        lay = self._layout
-        off = lay.offset[name]
-        dst = self._buffer[off:off + lay.size[name]]
         if grad is None:
-            dst[...] = 0.0
             self._missing.add(name)
-        elif type(grad).__module__.startswith("cupy"):
-            dst[...] = grad.get().reshape(-1) * np.float32(1.0 / self.comm.size)
-        else:
-            kernels.pack_into(np.ascontiguousarray(grad).reshape(-1), dst, 1.0 / self.comm.size, "float32")
-        self._packed.add(name)
+        self._backend.place(name, grad)
+        self._placed.add(name)
         self._pack_seconds += time.perf_counter() - t0
-        b = lay.bucket_of[name]
-        self._bucket_left[b] -= 1
+        for b in self._buckets_of[name]:
+            self._bucket_left[b] -= 1
         if self.overlap or not self._active:
             self._launch_ready()
 
     def _launch_ready(self) -> None:
         """Start every complete bucket from the next one in index order."""
-        buckets = self._layout.buckets
-        while self._next_launch < len(buckets) and self._bucket_left[self._next_launch] == 0:
-            start, stop, _ = buckets[self._next_launch]
-            self._engine.launch(self._next_launch, self._buffer[start:stop])
+        n = len(self._bucket_left)
+        while self._next_launch < n and self._bucket_left[self._next_launch] == 0:
+            self._backend.launch(self._next_launch)
             self._next_launch += 1
 
-    def wait(self) -> None:
-        """Finish the step: pack what backward did not report, reduce the rest, write the means.
-
-        Raises NonFiniteGradientError (identically on every rank) after writing the grads
-        back when the comm's ``check_finite`` config is on and a mean is not finite.
-        """
-        if not self._active:
-            raise RuntimeError("OverlappedReducer.wait() without a started step (use `with reducer:`)")
-        t_backward_end = time.perf_counter()
+    def place_all_now(self) -> None:
+        """Place every gradient from ``param.grad`` and launch all buckets (no hook needed)."""
+        self._active = False
         params = self._params()
+        for name in self._backend.layout.names:
+            if name not in self._placed:
+                self._place(name, params[name].grad)
+        self._launch_ready()
+
+    def wait(self) -> None:
+        """Finish the step: place what backward did not report, reduce the rest, write the means.
+
+        Raises NonFiniteGradientError (GradientOverflowError for a 16-bit wire) identically on
+        every rank, after writing the grads back, when the comm's ``check_finite`` is on.
+        """
+        if not self._active and self._next_launch == 0:
+            raise RuntimeError("OverlappedReducer.wait() without a started step (use `with reducer:`)")
+        t_end = time.perf_counter()
+        early = len(self._placed)
         if not self.zero_fill:
             self.comm.check_params_consistent(self.model, include_grad=True)
-        early = len(self._packed)
-        self._active = False
-        for name in self._layout.names:
-            if name not in self._packed:
-                self._pack(name, params[name].grad)
-        self._launch_ready()
+        self.place_all_now()
         tracer = get_tracer()
-        with collective("overlap_wait", buckets=len(self._layout.buckets)), tracer.span("allreduce"):
-            self._engine.wait()
-        with tracer.span("unpack", bytes=int(self._buffer.nbytes), dtype="float32"):
-            bad = self._unpack(params)
+        with collective("overlap_wait", buckets=len(self._bucket_left)), tracer.span("allreduce"):
+            self._backend.finish()
+        skip = self._missing if not self.zero_fill else set()
+        with tracer.span("unpack", bytes=4 * self._backend.layout.total, dtype="float32"):
+            bad = self._backend.write_back(self._params(), skip)
         tracer.add("pack", self._pack_seconds)
-        self.stats = {"early_params": early, "params": len(self._layout.names),
-                      "buckets": len(self._layout.buckets), "pack_s": self._pack_seconds,
-                      "wait_s": time.perf_counter() - t_backward_end,
-                      "overlapped_buckets": self._engine.launched_before(t_backward_end)}
+        self.stats = {"early_params": early, "params": len(self._placed), "buckets": len(self._bucket_left),
+                      "pack_s": self._pack_seconds, "wait_s": time.perf_counter() - t_end,
+                      "overlapped_buckets": sum(1 for t in self._backend.launch_times if t < t_end)}
+        self._active = False
+        self._next_launch = 0
         if self._rebuild_pending and self.overlap:
             self._rebuild_from_observed()
         if bad and self.comm.get_config("check_finite"):
-            raise NonFiniteGradientError(
-                f"gradients diverged: {bad} non-finite values in the averaged gradients", count=bad)
-
-    def _unpack(self, params: dict[str, Any]) -> int:
-        bad = 0
-        for name in self._layout.names:
-            p = params[name]
-            if name in self._missing and not self.zero_fill:
-                continue
-            off = self._layout.offset[name]
-            src = self._buffer[off:off + p.size]
-            if p.grad is None:
-                p.grad = p.xp.zeros_like(p.array)
-            if type(p.grad).__module__.startswith("cupy"):
-                import cupy
-
-                p.grad[...] = cupy.asarray(src.reshape(p.shape)).astype(p.grad.dtype)
-                bad += int((~np.isfinite(src)).sum())
-            elif p.grad.flags.c_contiguous:
-                bad += kernels.unpack_from(src, p.grad.reshape(-1), 1.0, "float32")
-            else:
-                tmp = np.empty(p.size, p.grad.dtype)
-                bad += kernels.unpack_from(src, tmp, 1.0, "float32")
-                p.grad[...] = tmp.reshape(p.shape)
-        return bad
+            raise_if_nonfinite(bad, self._backend.low_precision, self._backend.wire_label)
 
     def finalize(self) -> None:
         """Stop the worker thread and free the private communicator. Idempotent."""
         if self._private is not None:
-            self._engine.close()
+            if self._backend is not None:
+                self._backend.close()
             self._private.finalize()
             self._private = None
 
@@ -297,7 +247,7 @@ class _AsyncHandle:
         self._reducer = reducer
 
     def test(self) -> bool:
-        return self._reducer._engine.done()
+        return self._reducer is None or self._reducer._backend.idle()
 
     def wait(self) -> None:
         reducer, self._reducer = self._reducer, None
@@ -306,19 +256,13 @@ class _AsyncHandle:
 
 
 def mean_grad_async(reducer: OverlappedReducer) -> _AsyncHandle:
-    """Start averaging all current grads of ``reducer.model`` at once; progress on the worker thread.
+    """Start averaging all current grads of ``reducer.model`` at once.
 
-    For double buffering: build the reducer with ``progress='thread'`` so the reduction
-    proceeds during the next forward/backward. Returns a handle whose ``wait()`` writes
-    the means into the model's grads.
+    Use a reducer with ``progress='thread'`` or ``'comm'`` so the reduction proceeds while
+    the caller computes. Returns a handle whose ``wait()`` writes the means into the grads.
     """
     reducer.start()
-    reducer._active = False  # pack everything now and launch immediately
-    params = reducer._params()
-    for name in reducer._layout.names:
-        reducer._pack(name, params[name].grad)
-    reducer._launch_ready()
-    reducer._active = True
+    reducer.place_all_now()
     return _AsyncHandle(reducer)
 
 

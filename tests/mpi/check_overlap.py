@@ -66,8 +66,11 @@ def assert_same_everywhere(comm, grads, what):
 
 
 def check_engines(comm, model):
-    for progress in ("poll", "none", "thread"):
+    engines = ("poll", "none", "thread") + (("comm",) if hasattr(comm, "_new_algorithm") else ())
+    for progress in engines:
         results = {}
+        lowp = progress == "comm" and comm.inter_size > 1  # float16 between (virtual) nodes
+        tol = 2e-3 if lowp else 1e-5
         for overlap in (True, False):
             reducer = OverlappedReducer(comm, model, bucket_bytes=2048, progress=progress, overlap=overlap)
             for step in range(3):  # step 0 builds, step 1 runs on the rebuilt (observed) order
@@ -77,7 +80,7 @@ def check_engines(comm, model):
                 got = grads_of(model)
                 assert set(got) == set(ref), f"{progress}: grads missing {set(ref) - set(got)}"
                 for n in ref:
-                    assert np.allclose(got[n], ref[n], rtol=1e-5, atol=1e-6), \
+                    assert np.allclose(got[n], ref[n], rtol=tol, atol=tol), \
                         f"{progress} overlap={overlap} step {step}: mean of {n} wrong"
                 assert_same_everywhere(comm, got, f"{progress} overlap={overlap}")
                 st = reducer.stats
@@ -173,6 +176,10 @@ def check_comm_async(comm, model):
     handle.wait()
     for (n, p), (_, q) in zip(sorted(model.namedparams()), sorted(shadow.namedparams())):
         assert np.array_equal(p.grad, q.grad), f"async mean of {n} differs from the blocking one"
+    # MpiCommunicatorBase's own async (BackgroundMeanGrad): errors in the worker surface in wait()
+    comm = MinimalCommunicator()
+    handle = comm.multi_node_mean_grad_async(shadow)
+    handle.wait()
     shadow.cleargrads()
     for _, q in shadow.namedparams():
         q.grad = np.full(q.shape, np.nan if comm.rank == 0 else 1.0, np.float32)
@@ -196,6 +203,7 @@ def check_comm_async(comm, model):
         raise AssertionError("an error in the background reduction must surface in wait()")
     comm._background._clone.multi_node_mean_grad = original
     assert np.isnan(shadow.fc.W.grad).all(), "nan from rank 0 must reach every rank's mean"
+    comm.finalize()
 
 
 def main(argv):
