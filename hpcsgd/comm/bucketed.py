@@ -15,7 +15,7 @@ from typing import Any
 
 from mpi4py import MPI
 
-from hpcsgd.comm.buckets import BucketAlgorithm, BucketReducer, ReduceHandle, raise_if_nonfinite
+from hpcsgd.comm.buckets import BucketAlgorithm, BucketReducer, raise_if_nonfinite
 from hpcsgd.comm.kernels import WIRE_FORMATS
 from hpcsgd.comm.mpi_base import MpiCommunicatorBase
 from hpcsgd.comm.packing import GradLayout, select_params
@@ -30,6 +30,7 @@ class BucketedCommunicator(MpiCommunicatorBase):
 
     def __init__(self, mpi_comm=None, **config: Any) -> None:
         self._reducers: dict[Any, BucketReducer] = {}
+        self._gpu_grads = False  # set per call: CuPy gradients take the NCCL algorithms
         self._stale: list[BucketReducer] = []
         super().__init__(mpi_comm=mpi_comm, **config)
 
@@ -77,6 +78,7 @@ class BucketedCommunicator(MpiCommunicatorBase):
         params = select_params(model, zero_fill)
         self.check_params_consistent(model, include_grad=not zero_fill)
         layout = GradLayout.from_named(params)
+        self._gpu_grads = bool(params) and type(params[0][1].array).__module__.startswith("cupy")
         threaded = bool(threaded) and MPI.Query_thread() == MPI.THREAD_MULTIPLE
         key = (layout.key, threaded)
         reducer = self._reducers.get(key)
@@ -97,13 +99,6 @@ class BucketedCommunicator(MpiCommunicatorBase):
         bad = reducer.wait_all()
         if self.get_config("check_finite"):
             raise_if_nonfinite(bad, reducer.algorithm.low_precision, reducer.wire_label)
-
-    def multi_node_mean_grad_async(self, model, zero_fill: bool = False) -> ReduceHandle:
-        """Start the mean on a worker thread (when MPI is THREAD_MULTIPLE); ``handle.wait()`` ends it."""
-        reducer = self.bucket_reducer(model, zero_fill, threaded=True)
-        for i in range(reducer.n_buckets):
-            reducer.start(i)
-        return ReduceHandle(reducer, self.get_config("check_finite"))
 
     def finalize(self) -> None:
         self._stale.extend(self._reducers.values())

@@ -173,23 +173,3 @@ class BucketReducer:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-
-
-class ReduceHandle:
-    """Handle of :meth:`multi_node_mean_grad_async`: ``wait()`` finishes and raises like the sync call."""
-
-    def __init__(self, reducer: BucketReducer, check_finite: bool):
-        self._reducer = reducer
-        self._check = check_finite
-        self._waited = False
-
-    def test(self) -> bool:
-        return all(ev.is_set() for ev in self._reducer._done)
-
-    def wait(self) -> None:
-        if self._waited:
-            return
-        self._waited = True
-        bad = self._reducer.wait_all()
-        if self._check:
-            raise_if_nonfinite(bad, self._reducer.algorithm.low_precision, self._reducer.wire_label)

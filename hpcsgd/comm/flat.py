@@ -77,4 +77,7 @@ class FlatCommunicator(BucketedCommunicator):
         return self.wire()
 
     def _new_algorithm(self, layout: GradLayout) -> FlatAlgorithm:
+        if self._gpu_grads:
+            raise ValueError("the 'flat' communicator reduces NumPy gradients; for CuPy use 'nccl' "
+                             "or 'hierarchical'")
         return FlatAlgorithm(layout, self._mpi_comm, self.wire(), self.get_config("bucket_bytes"))

@@ -157,6 +157,10 @@ class HierarchicalCommunicator(BucketedCommunicator):
     def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         intra, inter = self.wire_formats()
         topo = self.topology
+        if self._gpu_grads:
+            from hpcsgd.comm.nccl import GpuHierarchicalAlgorithm
+
+            return GpuHierarchicalAlgorithm(layout, topo, intra, inter, self.get_config("bucket_bytes"))
         if not topo.uniform:
             if not getattr(self, "_warned_uniform", False):
                 warnings.warn("hierarchical: nodes have different numbers of ranks; falling back to "

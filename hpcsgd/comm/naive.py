@@ -36,6 +36,9 @@ class NaiveCommunicator(BucketedCommunicator):
 
     def multi_node_mean_grad(self, model, zero_fill: bool = False) -> None:
         params = select_params(model, zero_fill)
+        if params and type(params[0][1].array).__module__.startswith("cupy"):
+            raise ValueError("the 'naive' communicator reduces NumPy gradients; for CuPy use 'nccl' "
+                             "or 'hierarchical'")
         self.check_params_consistent(model, include_grad=not zero_fill)
         wire, size = self.wire(), self.size
         tracer = get_tracer()
