@@ -255,6 +255,17 @@ def _available_frameworks(wanted: list[str]) -> list[str]:
     return ok
 
 
+def median_record(recs: list[dict]) -> list[dict]:
+    """The record with the median iteration time, carrying every repeat's time and load."""
+    if not recs:
+        return []
+    ranked = sorted(recs, key=lambda r: r["iteration_s"])
+    best = dict(ranked[(len(ranked) - 1) // 2])
+    best["iteration_s_repeats"] = [r["iteration_s"] for r in recs]
+    best["loadavg_repeats"] = [r["loadavg_before"][0] for r in recs]
+    return [best]
+
+
 def add_efficiency(configs: list[dict]) -> None:
     base = {(c["model"], c["framework"]): c["iteration_s"] for c in configs if c["ranks"] == 1}
     for c in configs:
@@ -314,18 +325,24 @@ def driver(args: argparse.Namespace) -> int:
         print("no framework available; nothing to run")
         return 1
     data = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "loadavg_start": os.getloadavg(),
+            "loadavg_start": os.getloadavg(), "repeats": args.repeats,
             "cpus": os.cpu_count(), "iters": args.iters, "warmup": args.warmup,
             "note": "synthetic data, 1 thread per rank, OPENBLAS_CORETYPE=SkylakeX; machine shared with "
                     "other jobs (see loadavg per config); ResNet-50 at reduced spatial size for the CPU",
             "configs": []}
-    for model in args.models.split(","):
-        spec = specs[model]
-        for ranks in [int(r) for r in args.ranks.split(",")]:
-            for fw in frameworks:
-                rec = run_config(model, fw, ranks, spec, args)
-                if rec:
-                    data["configs"].append(rec)
+    # Round-robin repeats: every configuration once per round, so load changes hit all alike;
+    # each configuration reports the job with the median iteration time.
+    plan = [(model, ranks, fw) for model in args.models.split(",")
+            for ranks in [int(r) for r in args.ranks.split(",")] for fw in frameworks]
+    runs: dict[tuple, list[dict]] = {}
+    for r in range(args.repeats):
+        print(f"round {r + 1}/{args.repeats}", flush=True)
+        for model, ranks, fw in plan:
+            rec = run_config(model, fw, ranks, specs[model], args)
+            if rec:
+                runs.setdefault((model, ranks, fw), []).append(rec)
+    for key in plan:
+        data["configs"].extend(median_record(runs.get(key, [])))
     if args.cluster:
         _cluster_runs(args, specs, frameworks, data)
     add_efficiency(data["configs"])
@@ -335,7 +352,8 @@ def driver(args: argparse.Namespace) -> int:
 
         data["model_check"] = model_errors(data, load_calibration())
         for r in data["model_check"]:
-            print(f"  model check {r['model']} n={r['ranks']}: measured {r['measured_s'] * 1e3:.1f} ms, "
+            print(f"  model check {r['model']} {r['framework']} n={r['ranks']}: "
+                  f"measured {r['measured_s'] * 1e3:.1f} ms, "
                   f"predicted {r['predicted_s'] * 1e3:.1f} ms ({r['error']:+.1%})")
     except Exception as e:
         data["model_check_error"] = f"{type(e).__name__}: {e}"
@@ -386,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", action="store_true", help="also 4 ranks on the emulated 2-host cluster")
     p.add_argument("--cluster-models", default="resnet_small,resnet50")
     p.add_argument("--cluster-frameworks", default="hpcsgd,chainermn")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=6, help="timed iterations per job")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="round-robin rounds over all configurations")
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--timeline", default=None,
