@@ -83,7 +83,7 @@ def test_pad_random_crop_matches_numpy_pad():
     for seed in range(12):
         out = t(img, np.random.default_rng(seed))
         ref_rng = np.random.default_rng(seed)
-        dy, dx = ref_rng.integers(0, 9), ref_rng.integers(0, 9)
+        dy, dx = ref_rng.integers(0, 9, size=2)
         ref = np.pad(img, ((4, 4), (4, 4), (0, 0)))[dy:dy + 28, dx:dx + 28]
         if ref_rng.random() < 0.5:
             ref = ref[:, ::-1]

@@ -5,12 +5,19 @@ as ``.JPEG`` occurs in real ImageNet copies), and any mode is converted to RGB:
 grayscale (L, I;16), CMYK (including Adobe's inverted CMYK, which Pillow's
 JPEG decoder handles), palette and alpha images (alpha dropped).
 
-Fast path: for a JPEG whose crop will be scaled down to ``out`` pixels,
-:func:`open_for_crop` asks libjpeg (through Pillow's ``draft()``) to decode at
-1/2, 1/4 or 1/8 scale directly in the DCT domain, as long as the crop stays at
-least ``out`` pixels in both directions, so no output detail is lost. This
-skips most of the IDCT and colour-conversion work (measured in
-``benchmarks/loader.py``).
+Fast paths, both measured in ``benchmarks/loader.py``:
+
+* Reduced-size decode: for a JPEG whose crop will be scaled down to ``out``
+  pixels, libjpeg is asked (Pillow's ``draft()``, or turbojpeg's scaling
+  factors) to decode at 1/2, 1/4 or 1/8 scale in the DCT domain, as long as
+  the crop stays at least ``out`` pixels in both directions, so no output
+  detail is lost. It pays only for crops at least twice the output size
+  (large images, or eval resizing of images over 512 px).
+* Decoder: when the optional ``simplejpeg`` package (libjpeg-turbo's
+  TurboJPEG API; ``pip install simplejpeg``) is importable, baseline JPEGs are
+  decoded with it (decoder='auto'), which decodes the whole buffer in one
+  call; anything else (PNG, CMYK, a file it rejects) goes to Pillow, which
+  also produces the error messages.
 """
 
 from __future__ import annotations
@@ -22,7 +29,21 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from hpcsgd.errors import DataError
+from hpcsgd.errors import ConfigError, DataError
+
+try:  # optional libjpeg-turbo binding
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    simplejpeg = None
+
+DECODERS = ("auto", "pillow", "simplejpeg")
+
+
+def check_decoder(decoder: str) -> None:
+    if decoder not in DECODERS:
+        raise ConfigError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "simplejpeg" and simplejpeg is None:
+        raise ConfigError("decoder='simplejpeg' needs the simplejpeg package: pip install simplejpeg")
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError,
                   Image.DecompressionBombError, EOFError, IndexError, struct.error)
@@ -111,3 +132,58 @@ def load_rgb_array(path: str) -> np.ndarray:
     rgb, _ = open_for_crop(path, None, (1, 1), draft=False)
     return np.asarray(rgb)
 
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: file not found") from e
+    except PermissionError as e:
+        raise DataError(f"{path}: permission denied") from e
+    except IsADirectoryError as e:
+        raise DataError(f"{path}: is a directory, not an image") from e
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e})") from e
+
+
+def _turbo_decode(data: bytes, box_of, out_wh, draft: bool):
+    """Decode with simplejpeg; None when it can't (not a JPEG, CMYK, damaged: Pillow decides)."""
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except (ValueError, TypeError):
+        return None
+    if colorspace not in ("RGB", "YCbCr", "Gray"):
+        return None
+    box = box_of(w, h)
+    f = max(out_wh[0] / max(box[2] - box[0], 1e-9), out_wh[1] / max(box[3] - box[1], 1e-9))
+    kw = {}
+    if draft and f <= 0.5:  # only the SIMD-accelerated reductions (1/2, 1/4, 1/8) pay
+        kw = {"min_width": math.ceil(w * f), "min_height": math.ceil(h * f)}
+    try:
+        arr = simplejpeg.decode_jpeg(data, "RGB", **kw)
+    except (ValueError, RuntimeError):
+        return None
+    scale = arr.shape[1] / w
+    for m in range(1, 17):  # TurboJPEG scales by m/8 and rounds the size up
+        if math.ceil(w * m / 8) == arr.shape[1] and math.ceil(h * m / 8) == arr.shape[0]:
+            scale = m / 8
+            break
+    return Image.fromarray(arr, "RGB"), tuple(v * scale for v in box)
+
+
+def decode_for_crop(path: str, box_of, out_wh: tuple[int, int], *, draft: bool = True,
+                    decoder: str = "auto") -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Decode ``path`` to RGB for the crop ``box_of(width, height)`` that becomes ``out_wh`` pixels.
+
+    Returns the decoded image (possibly DCT-reduced) and the crop box in its pixels.
+    """
+    if decoder != "pillow" and simplejpeg is not None:
+        data = _read_bytes(path)
+        if data[:2] == b"\xff\xd8":
+            done = _turbo_decode(data, box_of, out_wh, draft)
+            if done is not None:
+                return done
+    img = open_image(path)
+    return open_for_crop(path, box_of(*img.size), out_wh, img=img, draft=draft)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from hpcsgd.data.jpeg import open_for_crop, open_image
+from hpcsgd.data.jpeg import check_decoder, decode_for_crop
 from hpcsgd.errors import ConfigError
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0.485, 0.456, 0.406 in 0..255 units
@@ -55,6 +55,10 @@ class RandomResizedCrop:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     draft: bool = True
+    decoder: str = "auto"
+
+    def __post_init__(self):
+        check_decoder(self.decoder)
 
     def output_hw(self, hw):
         return (self.size, self.size)
@@ -84,9 +88,8 @@ class RandomResizedCrop:
 
     def __call__(self, sample, rng: np.random.Generator) -> np.ndarray:
         if isinstance(sample, str):
-            img = open_image(sample)
-            box = self.box(*img.size, rng)
-            rgb, fbox = open_for_crop(sample, box, (self.size, self.size), img=img, draft=self.draft)
+            rgb, fbox = decode_for_crop(sample, lambda w, h: self.box(w, h, rng), (self.size, self.size),
+                                        draft=self.draft, decoder=self.decoder)
             channels = 3
         else:
             channels = sample.shape[2]
@@ -110,8 +113,10 @@ class ResizeCenterCrop:
     resize: int = 256
     crop: int = 224
     draft: bool = True
+    decoder: str = "auto"
 
     def __post_init__(self):
+        check_decoder(self.decoder)
         if self.crop > self.resize:
             raise ConfigError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
 
@@ -128,9 +133,8 @@ class ResizeCenterCrop:
 
     def __call__(self, sample, rng: np.random.Generator | None = None) -> np.ndarray:
         if isinstance(sample, str):
-            img = open_image(sample)
-            box = self.box(*img.size)
-            rgb, fbox = open_for_crop(sample, box, (self.crop, self.crop), img=img, draft=self.draft)
+            rgb, fbox = decode_for_crop(sample, self.box, (self.crop, self.crop), draft=self.draft,
+                                        decoder=self.decoder)
             channels = 3
         else:
             channels = sample.shape[2]
@@ -156,7 +160,7 @@ class PadRandomCrop:
             raise ConfigError("PadRandomCrop works on in-memory arrays, not files")
         h, w = sample.shape[:2]
         p = self.pad
-        dy, dx = int(rng.integers(0, 2 * p + 1)), int(rng.integers(0, 2 * p + 1))
+        dy, dx = (int(v) for v in rng.integers(0, 2 * p + 1, size=2))
         out = np.zeros_like(sample)
         # source window [dy-p, dy-p+h) x [dx-p, dx-p+w) of the unpadded image
         sy0, sx0 = max(dy - p, 0), max(dx - p, 0)
@@ -178,7 +182,7 @@ class Identity:
 
     def __call__(self, sample, rng=None) -> np.ndarray:
         if isinstance(sample, str):
-            rgb, _ = open_for_crop(sample, None, (1, 1), draft=False)
+            rgb, _ = decode_for_crop(sample, lambda w, h: (0, 0, w, h), (1, 1), draft=False)
             return np.asarray(rgb)
         return sample
 
@@ -198,8 +202,12 @@ class Normalize:
 
     def per_channel(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 ``mean`` and ``1/std`` for ``channels`` channels (a single value is broadcast)."""
-        mean = np.resize(np.asarray(self.mean, np.float32), channels)
-        return mean, (1.0 / np.resize(np.asarray(self.std, np.float64), channels)).astype(np.float32)
+        cache = self.__dict__.setdefault("_cache", {})
+        if channels not in cache:
+            mean = np.resize(np.asarray(self.mean, np.float32), channels)[:, None, None]
+            inv = (1.0 / np.resize(np.asarray(self.std, np.float64), channels)).astype(np.float32)
+            cache[channels] = (mean, inv[:, None, None])
+        return cache[channels]
 
     def write(self, hwc: np.ndarray, out_chw: np.ndarray) -> None:
         """Write the normalized image ``hwc`` (uint8) into ``out_chw`` (float32 or uint8)."""
@@ -208,8 +216,8 @@ class Normalize:
             np.copyto(out_chw, src)
             return
         mean, inv = self.per_channel(src.shape[0])
-        np.subtract(src, mean[:, None, None], out=out_chw, dtype=np.float32)
-        out_chw *= inv[:, None, None]
+        np.subtract(src, mean, out=out_chw, dtype=np.float32)
+        out_chw *= inv
 
     def apply(self, x):
         """Normalize a uint8 batch ``(N, C, H, W)`` (NumPy or CuPy) to float32, on its own device."""
@@ -219,5 +227,5 @@ class Normalize:
             xp = cupy.get_array_module(x)
         except ImportError:
             xp = np
-        mean, inv = (xp.asarray(a)[None, :, None, None] for a in self.per_channel(x.shape[1]))
+        mean, inv = (xp.asarray(a)[None] for a in self.per_channel(x.shape[1]))
         return (x.astype(xp.float32) - mean) * inv
