@@ -123,7 +123,7 @@ def test_train_writes_timeline(mpirun, tmp_path):
         "model: resnet_small\nmodel_options: {depth: 8, width: 4}\ndataset: synthetic\n"
         "dataset_options: {shape: [1, 8, 8], n_classes: 4, n: 256}\nbatch_per_rank: 8\n"
         "epochs: 1\nstop_iteration: 6\neval_interval: 0\nprogress: false\nloader_workers: 0\n"
-        "checkpoint_interval: 0\nlog_interval: 1\n")
+        "checkpoint_interval: 0\nlog_interval: 1\nkernels: false\n")
     out = tmp_path / "run"
     trace = tmp_path / "trace.json"
     script = tmp_path / "train_main.py"
