@@ -86,7 +86,7 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
     random.seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
     os.makedirs(out, exist_ok=True)
-    log = JsonlLog(os.path.join(out, f"log.rank{rank}.jsonl"))
+    log = JsonlLog(os.path.join(out, f"log.rank{rank}.jsonl"), append=bool(resume))
 
     # 2. Data, model, recipe, optimizer ---------------------------------------------------
     data_kw = dict(cfg["dataset_options"])
@@ -119,6 +119,8 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
     ckpt_dir = os.path.join(out, "checkpoints")
     iteration, history = 0, []
     source = ckpt_dir if resume == "auto" else resume
+    if source and os.path.isdir(os.path.join(source, "checkpoints")):
+        source = os.path.join(source, "checkpoints")  # --resume OTHER_OUT_DIR
     if source:
         state = ckpt.load_for_resume(source, comm, log=print if rank == 0 else (lambda _m: None))
         if state is None and resume != "auto":
@@ -136,7 +138,8 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
                       f"data order restarts within epoch {iteration // iters_per_epoch}")
             if rank == 0:
                 print(f"[hpcsgd] resumed from {state.path} at iteration {iteration}")
-    comm.bcast_data(model)  # identical replicas from the start (a no-op after a resume)
+    # Replicas are identical: the optimizer wrapper broadcast rank 0's parameters at setup, and a
+    # resume loads the same bytes on every rank (each checkpoint re-verifies it with a CRC allgather).
 
     def save(it: int) -> None:
         with tracer.span("checkpoint", iteration=it):
@@ -214,6 +217,8 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
             save(iteration)
     train_seconds = time.perf_counter() - t_loop
     progress.close()
+    if hasattr(optimizer, "finalize"):
+        optimizer.finalize()  # double buffering: no reduction left in flight
 
     # 6. The end: evaluation, checkpoint, model, summary, curves, timeline ------------------------
     completed = iteration >= total_iters

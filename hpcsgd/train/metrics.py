@@ -98,12 +98,12 @@ def exclusive(phases: dict[str, float], outer: str, comm_during: dict[str, float
 
 
 class JsonlLog:
-    """Append-only JSON lines (``DIR/log.rank{R}.jsonl``), flushed per record."""
+    """JSON lines (``DIR/log.rank{R}.jsonl``), flushed per record; a resumed run appends."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, append: bool = False) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
-        self._f = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._f = open(path, "a" if append else "w", buffering=1)  # noqa: SIM115 - closed in close()
 
     def write(self, kind: str, **fields) -> None:
         rec = {"kind": kind, "time": time.time(), **fields}
