@@ -14,8 +14,8 @@ pytestmark = pytest.mark.mpi
 
 
 @pytest.mark.parametrize("n, env", [
-    (1, {}),
     (2, {}),
+    pytest.param(1, {}, marks=pytest.mark.slow),
     pytest.param(4, {"HPCSGD_RANKS_PER_NODE": "2"}, marks=pytest.mark.slow, id="4-2nodes"),
 ])
 def test_train_resume_bitwise(mpirun, tmp_path, n, env):
