@@ -1,7 +1,5 @@
 """BatchNorm link: the four evaluation-statistics modes, single process and across ranks."""
 
-from pathlib import Path
-
 import chainer
 import chainer.functions as F
 import numpy as np
@@ -10,20 +8,6 @@ import pytest
 from hpcsgd.errors import ConfigError
 from hpcsgd.models import build_model, prepare_for_eval
 from hpcsgd.models.batchnorm import BatchNorm
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def mpi_cases():
-    """(communicator, ranks, env) to launch: ChainerMN's naive communicator (the baseline) on 2 ranks;
-    each of hpcsgd's 'flat' and 'hierarchical' (once they exist) on 3 ranks (not a power of two)
-    and on 4 ranks as 2 virtual nodes x 2 (the hierarchical paths)."""
-    cases = [pytest.param("chainermn-naive", 2, None, id="chainermn-naive-n2")]
-    for name in ("flat", "hierarchical"):
-        if (ROOT / "hpcsgd" / "comm" / f"{name}.py").exists():
-            cases.append(pytest.param(name, 3, None, id=f"{name}-n3"))
-            cases.append(pytest.param(name, 4, {"HPCSGD_RANKS_PER_NODE": "2"}, id=f"{name}-n4-2nodes"))
-    return cases
 
 
 class OneBN(chainer.Chain):
@@ -120,8 +104,6 @@ def test_model_level_modes():
             assert np.isfinite(m(x).array).all()
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("comm_name,n,env", mpi_cases())
-def test_bn_across_ranks(mpirun, comm_name, n, env):
-    res = mpirun("tests/mpi/check_bn_sync.py", n, [comm_name], env=env, timeout=120)
-    assert res.stdout.count("bn ok") == n
+# The cross-rank BN checks (sync BN vs the concatenated batch, variance combines, recompute,
+# running-average averaging) run in tests/test_multi_node_optimizer.py, in the same MPI launch
+# as the optimizer checks (tests/mpi/check_bn_sync.py).

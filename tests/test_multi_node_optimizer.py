@@ -1,14 +1,30 @@
 """create_multi_node_optimizer: ChainerMN semantics, non-finite skip, accumulation, double buffering."""
 
+from pathlib import Path
+
 import chainer
 import chainer.functions as F
 import chainer.links as L
 import numpy as np
 import pytest
-from test_batchnorm import mpi_cases
 
 from hpcsgd.errors import GradientOverflowError
 from hpcsgd.optim import CorrectedMomentumSGD, create_multi_node_optimizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mpi_cases():
+    """(communicator, ranks, env) to launch, one launch each (a launch costs seconds):
+    ChainerMN's naive communicator (the baseline) on 2 ranks; hpcsgd's 'flat' on 3 ranks (not a
+    power of two) and 'hierarchical' on 4 ranks as 2 virtual nodes x 2, once they exist."""
+    cases = [pytest.param("chainermn-naive", 2, None, id="chainermn-naive-n2")]
+    if (ROOT / "hpcsgd" / "comm" / "flat.py").exists():
+        cases.append(pytest.param("flat", 3, None, id="flat-n3"))
+    if (ROOT / "hpcsgd" / "comm" / "hierarchical.py").exists():
+        cases.append(pytest.param("hierarchical", 4, {"HPCSGD_RANKS_PER_NODE": "2"},
+                                  id="hierarchical-n4-2nodes"))
+    return cases
 
 
 class FakeComm:
@@ -92,6 +108,8 @@ def test_double_buffering_needs_async_communicator():
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("comm_name,n,env", mpi_cases())
-def test_multi_node_optimizer_matches_single_process(mpirun, comm_name, n, env):
-    res = mpirun("tests/mpi/check_multi_node_optimizer.py", n, [comm_name], env=env, timeout=120)
+def test_across_ranks_optimizer_and_bn(mpirun, comm_name, n, env):
+    """One launch: tests/mpi/check_multi_node_optimizer.py, then tests/mpi/check_bn_sync.py (--bn)."""
+    res = mpirun("tests/mpi/check_multi_node_optimizer.py", n, [comm_name, "--bn"], env=env, timeout=150)
     assert res.stdout.count("optimizer ok") == n
+    assert res.stdout.count("bn ok") == n

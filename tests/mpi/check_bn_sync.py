@@ -1,6 +1,8 @@
-"""Rank side of tests/test_batchnorm.py: sync BN and the cross-rank BN statistics rules.
+"""Rank side of the cross-rank BN checks: sync BN and the cross-rank BN statistics rules.
 
-argv: COMM_NAME. Every rank builds the same global data (same seed) and takes
+Run alone (argv: COMM_NAME) or from check_multi_node_optimizer.py ``--bn``
+(one launch for both, as tests/test_multi_node_optimizer.py does: a launch
+costs seconds). Every rank builds the same global data (same seed) and takes
 its own slice, so each check compares against float64 NumPy on the whole
 (concatenated) batch.
 """
@@ -15,8 +17,7 @@ from _comm_choice import make_comm
 from hpcsgd.models import prepare_for_eval
 from hpcsgd.models.batchnorm import BatchNorm
 
-comm = make_comm(sys.argv[1])
-R, r = comm.size, comm.rank
+comm = R = r = None
 C = 3
 EPS = 1e-5
 
@@ -138,8 +139,15 @@ def check_recompute_and_running():
     np.testing.assert_allclose(model.bn.avg_mean, expect, rtol=1e-6, atol=1e-7)
 
 
-check_sync([3] * R)
-check_sync([2 + k for k in range(R)])  # unequal per-rank batches are exact too
-check_batch_mode()
-check_recompute_and_running()
-print(f"rank {r}/{R} bn ok")
+def main(communicator):
+    global comm, R, r
+    comm, R, r = communicator, communicator.size, communicator.rank
+    check_sync([3] * R)
+    check_sync([2 + k for k in range(R)])  # unequal per-rank batches are exact too
+    check_batch_mode()
+    check_recompute_and_running()
+    print(f"rank {r}/{R} bn ok")
+
+
+if __name__ == "__main__":
+    main(make_comm(sys.argv[1]))

@@ -1,4 +1,6 @@
-"""Rank side of tests/test_multi_node_optimizer.py (argv: COMM_NAME).
+"""Rank side of tests/test_multi_node_optimizer.py (argv: COMM_NAME [--bn]).
+
+``--bn`` also runs the cross-rank BN checks of check_bn_sync.py in the same launch.
 
 BN-free MLP, rank-dependent initial weights (so the broadcast from rank 0
 matters). Every rank also runs the single-process reference on the
@@ -205,3 +207,7 @@ run_accumulate_lossfun()
 run_nonfinite_skip()
 run_double_buffering()
 print(f"rank {r}/{R} optimizer ok")
+if "--bn" in sys.argv[2:]:
+    import check_bn_sync
+
+    check_bn_sync.main(comm)
