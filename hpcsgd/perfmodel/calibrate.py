@@ -100,38 +100,66 @@ def measure_allreduce(comm, sizes=tuple(4096 << (2 * i) for i in range(7)), repe
     return out
 
 
-def points_from_allreduce_json(path: Path = RESULTS / "allreduce.json", ranks: int = 2) -> list | None:
-    """(bytes, seconds) points for ``ranks`` ranks from COMM-ALGO's allreduce benchmark, if usable.
-
-    Accepts records with a size in bytes and a median time in seconds under common
-    key names; returns None when the file is missing or has no usable points.
-    """
+def points_from_allreduce_json(path: Path = RESULTS / "allreduce.json") -> tuple[list, int] | None:
+    """((bytes, seconds) points, ranks) of the OSU-style ``MPI_Allreduce`` sweep in COMM-ALGO's
+    ``benchmarks/allreduce.py`` output; None when the file is missing or has no sweep."""
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        pts = [(int(r["bytes"]), float(r["us"]) * 1e-6) for r in data["osu_allreduce_f32"]]
+        ranks = int(data["ranks"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    records = data.get("results", data.get("records", data)) if isinstance(data, dict) else data
-    if not isinstance(records, list):
-        return None
-    pts = {}
-    for r in records:
-        if not isinstance(r, dict):
+    return (pts, ranks) if len(pts) >= 2 else None
+
+
+def _allreduce_case(name: str, params: int, arrays: int) -> dict | None:
+    """How the model computes one ResNet-50 case of benchmarks/allreduce.py, from its name."""
+    key = name.lower()
+    wire = "float16" if ("float16" in key or "fp16" in key) else "float32"
+    if "chainermn" in key and "naive" in key:
+        return {"communicator": "naive", "calls": arrays, "pack": False, "batched": False, "wire": wire}
+    if "hpcsgd" not in key and "mpi" in key:
+        calls = max(1, -(-4 * params // (4 << 20))) if "bucket" in key or "mib" in key else 1
+        return {"communicator": "naive", "calls": calls, "pack": False, "batched": True, "wire": wire}
+    if "hpcsgd" in key:
+        for comm in ("hierarchical", "flat", "naive"):
+            if comm in key:
+                model_comm = {"flat": "ring"}.get(comm, comm)
+                return {"communicator": model_comm, "calls": arrays if comm == "naive" else 1, "pack": True,
+                        "batched": comm != "naive", "wire": wire}
+    return None
+
+
+def allreduce_model_check(path: Path = RESULTS / "allreduce.json", calibration: dict | None = None) -> list:
+    """Model vs. measured ResNet-50 gradient mean for each communicator of benchmarks/allreduce.py."""
+    from .costs import allreduce_cost, dtype_bytes, pack_cost
+
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    cluster = local_cluster(calibration)
+    params, arrays, ranks = int(data["elements"]), int(data["arrays"]), int(data["ranks"])
+    dev = cluster.device
+    rows = []
+    for name, res in data.get("resnet50", {}).items():
+        case = _allreduce_case(name, params, arrays)
+        if case is None:
             continue
-        n = r.get("ranks", r.get("size", r.get("n")))
-        nbytes = r.get("bytes", r.get("nbytes", r.get("message_bytes")))
-        sec = r.get("median_s", r.get("seconds", r.get("time_s")))
-        comm = str(r.get("communicator", r.get("algorithm", "")))
-        dtype = str(r.get("dtype", r.get("wire_dtype", "float32")))
-        if n != ranks or nbytes is None or sec is None or "32" not in dtype:
-            continue
-        if comm and comm not in ("flat", "mpi", "hierarchical", "MPI_Allreduce"):
-            continue
-        pts.setdefault(int(nbytes), []).append(float(sec))
-    if len(pts) < 2:
-        return None
-    return sorted((b, min(v)) for b, v in pts.items())
+        nbytes = params * dtype_bytes(case["wire"])
+        ar = allreduce_cost(case["communicator"], nbytes, 1, ranks, cluster.intra, cluster.inter, "ring",
+                            case["calls"])
+        pack = 0.0
+        if case["pack"] or not case["batched"]:
+            bw = dev.cast_bandwidth if case["wire"] != "float32" and dev.cast_bandwidth else dev.mem_bandwidth
+            pack = pack_cost(params, 4, dtype_bytes(case["wire"]), bw, case["calls"], cluster.per_array_s,
+                             case["batched"])
+        predicted, measured = ar.total + pack, res["median_ms"] * 1e-3
+        rows.append({"case": name, "measured_s": measured, "predicted_s": predicted,
+                     "error": predicted / measured - 1, "latency_s": ar.latency, "bandwidth_s": ar.bandwidth,
+                     "pack_s": pack})
+    return rows
 
 
 def measured_overlap(path: Path = RESULTS / "overlap.json", config: str | None = None) -> float | None:
@@ -177,8 +205,31 @@ def load_calibration(path: Path = CALIBRATION) -> dict:
     return {}
 
 
+def local_resnet50_compute(path: Path = RESULTS / "scaling.json") -> dict:
+    """This machine's ResNet-50 compute per 224-px image, from scaling.json's 1-rank hpcsgd run.
+
+    The benchmark runs ResNet-50 at a reduced size; FLOPs grow with the pixel count, so the
+    per-image time is scaled by (224 / size)^2 (an ASSUMPTION: equal efficiency at both sizes).
+    """
+    try:
+        data = json.loads(path.read_text())
+        rec = next(c for c in data["configs"] if c["model"] == "resnet50" and c["ranks"] == 1
+                   and c["framework"] == "hpcsgd")
+    except (OSError, ValueError, KeyError, StopIteration):
+        return {"per_image_s": 5.0, "backward_fraction": 2 / 3,
+                "source": "ASSUMPTION: 5 s per 224-px image on one core (no scaling.json yet)"}
+    ph = rec["phases_s"]
+    fb = ph.get("forward", 0.0) + ph.get("backward", 0.0)
+    scale = (224 / rec["image_size"]) ** 2
+    return {"per_image_s": fb / rec["per_rank_batch"] * scale,
+            "backward_fraction": ph.get("backward", 0.0) / fb,
+            "source": f"benchmarks/results/scaling.json resnet50 1 rank at {rec['image_size']} px x "
+                      f"(224/{rec['image_size']})^2 (ASSUMPTION: FLOPs-proportional)"}
+
+
 def local_cluster(calibration: dict | None = None, per_image_s: float = 0.01, fixed_s: float = 0.0,
-                  backward_fraction: float = 2 / 3) -> Cluster:
+                  backward_fraction: float = 2 / 3, compute_source: str = "benchmarks/results/scaling.json "
+                                                                           "(1 rank)") -> Cluster:
     """This machine as a 'cluster': one node of 2 cores, MPICH shared memory between ranks.
 
     The emulated 2-host cluster (tests/cluster) is modelled as 2 nodes of 2 with the same
@@ -195,7 +246,7 @@ def local_cluster(calibration: dict | None = None, per_image_s: float = 0.01, fi
     dev = Device("this machine, 1 core per rank", per_image_s=per_image_s, fixed_s=fixed_s,
                  mem_bandwidth=cal.get("mem_bandwidth", DEFAULT_MEM_BW), backward_fraction=backward_fraction,
                  cast_bandwidth=cal.get("cast_bandwidth"),
-                 sources={"per_image_s": "benchmarks/results/scaling.json (1 rank)",
+                 sources={"per_image_s": compute_source,
                           "mem_bandwidth": "timed float32 packing (hpcsgd.comm.kernels.pack_into)",
                           "cast_bandwidth": "timed float32 -> float16 packing"})
     return Cluster("local", "this machine: 2 cores, MPICH shared memory", device=dev, devices_per_node=2,
@@ -270,24 +321,59 @@ def _replace_update(cluster: Cluster, update_s: float, params: int) -> Cluster:
     return replace(cluster, update_bytes_per_param=update_s * cluster.device.mem_bandwidth / params)
 
 
-def main() -> None:
-    """Under mpiexec -n 2: measure allreduce and cast bandwidth, write predict_calibration.json."""
+def measure() -> None:
+    """Under mpiexec -n 2: measure allreduce and packing bandwidth, write predict_calibration.json.
+
+    alpha/beta come from COMM-ALGO's interleaved sweep (benchmarks/results/allreduce.json) when it
+    exists, else from this measurement; both fits are recorded.
+    """
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     pts = measure_allreduce(comm)
     bw, cast = measure_pack_bandwidth("float32"), measure_pack_bandwidth("float16")
-    if comm.rank == 0:
-        fit = fit_alpha_beta(pts, comm.size)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out = {"source": f"hpcsgd.perfmodel.calibrate: MPI_Allreduce float32, {comm.size} ranks, median of 9",
-               "ranks": comm.size, "points": pts, "shm": {"alpha": fit["alpha"], "beta": fit["beta"]},
-               "fit": fit, "mem_bandwidth": bw, "cast_bandwidth": cast, "loadavg": os.getloadavg(),
-               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        CALIBRATION.write_text(json.dumps(out, indent=1))
-        print(json.dumps({k: out[k] for k in ("shm", "fit", "mem_bandwidth", "cast_bandwidth", "loadavg")},
-                         indent=1))
+    if comm.rank != 0:
+        return
+    own = fit_alpha_beta(pts, comm.size)
+    out = {"source": f"hpcsgd.perfmodel.calibrate: MPI_Allreduce float32, {comm.size} ranks, median of 9",
+           "ranks": comm.size, "points": pts, "fit_own": own,
+           "shm": {"alpha": own["alpha"], "beta": own["beta"]},
+           "mem_bandwidth": bw, "cast_bandwidth": cast, "loadavg": os.getloadavg(),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    other = points_from_allreduce_json()
+    if other:
+        fit = fit_alpha_beta(*other)
+        out.update(fit_allreduce_json=fit, shm={"alpha": fit["alpha"], "beta": fit["beta"]},
+                   source="benchmarks/results/allreduce.json OSU sweep (COMM-ALGO), fitted by "
+                          "hpcsgd.perfmodel.calibrate")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    CALIBRATION.write_text(json.dumps(out, indent=1))
+    keys = ("source", "shm", "fit_own", "fit_allreduce_json", "mem_bandwidth", "cast_bandwidth", "loadavg")
+    print(json.dumps({k: out.get(k) for k in keys}, indent=1))
+
+
+def report(out_path: Path = RESULTS / "predict_local.json") -> dict:
+    """The model's error on everything measured here; writes predict_local.json and prints a table."""
+    cal = load_calibration()
+    scaling_path = RESULTS / "scaling.json"
+    scaling = json.loads(scaling_path.read_text()) if scaling_path.exists() else {}
+    keys = ("source", "shm", "mem_bandwidth", "cast_bandwidth", "loadavg", "time")
+    rep = {"calibration": {k: cal.get(k) for k in keys},
+           "overlap_fraction_measured": measured_overlap(),
+           "allreduce": allreduce_model_check(calibration=cal), "steps": model_errors(scaling, cal)}
+    out_path.write_text(json.dumps(rep, indent=1))
+    for r in rep["allreduce"]:
+        print(f"allreduce {r['case']:36s} measured {r['measured_s'] * 1e3:8.2f} ms  predicted "
+              f"{r['predicted_s'] * 1e3:8.2f} ms  {r['error']:+6.1%}")
+    for r in rep["steps"]:
+        ce = f"{r['comm_error']:+.0%}" if r.get("comm_error") is not None else "-"
+        print(f"step {r['model']:12s} {r['framework']:16s} n={r['ranks']} "
+              f"measured {r['measured_s'] * 1e3:8.1f} ms  predicted {r['predicted_s'] * 1e3:8.1f} ms  "
+              f"{r['error']:+6.1%}  (comm only {ce})")
+    return rep
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    report() if "--report" in sys.argv else measure()

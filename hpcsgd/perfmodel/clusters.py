@@ -159,9 +159,11 @@ def get_cluster(name: str) -> Cluster:
                                        YOU_16KNL.iteration_s)
         return replace(STAMPEDE2_KNL, device=replace(STAMPEDE2_KNL.device, per_image_s=per_image))
     if name == "local":
-        from .calibrate import local_cluster
+        from .calibrate import local_cluster, local_resnet50_compute
 
-        return local_cluster()
+        comp = local_resnet50_compute()
+        return local_cluster(per_image_s=comp["per_image_s"], backward_fraction=comp["backward_fraction"],
+                             compute_source=comp["source"])
     raise ValueError(f"unknown cluster {name!r}; choose from {CLUSTER_NAMES}")
 
 
