@@ -171,11 +171,12 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
     # 4-5. Iterations ------------------------------------------------------------------------------
     stop = min(total_iters, cfg["stop_iteration"] or total_iters)
     eval_every = max(1, round(cfg["eval_interval"] * iters_per_epoch)) if cfg["eval_interval"] else 0
+    if rank == 0:
+        print(f"[hpcsgd] {size} ranks on {topology.get('nodes', '?')} node(s), {cfg['model']} on "
+              f"{cfg['dataset']}: global batch {cfg['global_batch']} = {size} x {cfg['batch_per_rank']}"
+              f" x {accum}, {iters_per_epoch} iterations/epoch, {total_iters} iterations", flush=True)
     progress = Progress(total_iters, initial=iteration, rank0=rank == 0, bar=cfg["progress"],
                         iters_per_epoch=iters_per_epoch)
-    progress.write(f"[hpcsgd] {size} ranks on {topology.get('nodes', '?')} node(s), {cfg['model']} on "
-                   f"{cfg['dataset']}: global batch {cfg['global_batch']} = {size} x {cfg['batch_per_rank']}"
-                   f" x {accum}, {iters_per_epoch} iterations/epoch, {total_iters} iterations")
     meter = PhaseMeter()
     stream, stream_epoch = None, -1
     t_loop = time.perf_counter()
