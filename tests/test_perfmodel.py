@@ -247,3 +247,31 @@ def test_model_errors_predicts_multi_rank_from_one_rank():
     assert len(rows) == 1
     assert rows[0]["predicted_s"] == pytest.approx(0.10 + comm, rel=1e-6)
     assert rows[0]["error"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_allreduce_model_check_maps_benchmark_cases(tmp_path):
+    """Cases of benchmarks/allreduce.py are modelled with the right algorithm, calls and wire bytes."""
+    from hpcsgd.perfmodel.calibrate import allreduce_model_check, points_from_allreduce_json
+
+    alpha, beta = 1e-5, 1e-9
+    cal = {"shm": {"alpha": alpha, "beta": beta}, "mem_bandwidth": 4e9, "cast_bandwidth": 2e9}
+    params, arrays = 1_000_000, 10
+    mpi_one = 2 * alpha + 4 * params * beta  # one 2-rank ring allreduce of float32
+    data = {"ranks": 2, "elements": params, "arrays": arrays,
+            "osu_allreduce_f32": [{"bytes": 4096, "us": 20.0}, {"bytes": 1 << 20, "us": 1100.0}],
+            "resnet50": {"MPI Allreduce packed float32": {"median_ms": mpi_one * 1e3},
+                         "chainermn naive": {"median_ms": 50.0},
+                         "hpcsgd hierarchical float16": {"median_ms": 5.0},
+                         "something else": {"median_ms": 1.0}}}
+    path = tmp_path / "allreduce.json"
+    path.write_text(json.dumps(data))
+    pts, ranks = points_from_allreduce_json(path)
+    assert ranks == 2 and pts[0][0] == 4096 and pts[0][1] == pytest.approx(20e-6)
+    rows = {r["case"]: r for r in allreduce_model_check(path, cal)}
+    assert set(rows) == {"MPI Allreduce packed float32", "chainermn naive", "hpcsgd hierarchical float16"}
+    assert rows["MPI Allreduce packed float32"]["error"] == pytest.approx(0.0, abs=1e-9)
+    # naive: one halving/doubling per array (2 alpha each at p=2) + unbatched copies.
+    assert rows["chainermn naive"]["latency_s"] == pytest.approx(arrays * 2 * alpha)
+    # fp16 hierarchical on one node: reduce + bcast of 2-byte elements, cast-bandwidth packing.
+    assert rows["hpcsgd hierarchical float16"]["bandwidth_s"] == pytest.approx(2 * 2 * params * beta)
+    assert rows["hpcsgd hierarchical float16"]["pack_s"] == pytest.approx(2 * params * 6 / 2e9 + 2 * 5e-6)
