@@ -9,12 +9,13 @@ interleaved round-robin so that load changes hit all of them alike, steps of:
 
 * ``compute``: forward + backward only (no communication): the compute time;
 * ``no_overlap``: backward, then all buckets reduced (``OverlappedReducer(overlap=False)``);
-* ``comm_<name>``: backward, then the communicator's own ``multi_node_mean_grad``
+* ``sync_<name>``: backward, then the communicator's own ``multi_node_mean_grad``
   (ChainerMN-style, after backward; ``per_param`` when the algorithm modules are missing);
 * ``double_buffer_<name>``: ChainerMN's double buffering: step t waits for step t-1's
   mean and starts its own with ``multi_node_mean_grad_async`` (one step stale);
-* ``poll_<MB>``, ``thread_<MB>``: overlapped with progress by ``MPI_Testall`` from the
-  backward hook, or by a worker thread, for several bucket sizes;
+* ``poll_<MB>``, ``thread_<MB>``, ``comm_<MB>``: overlapped, with progress by
+  ``MPI_Testall`` from the backward hook, by a worker thread running ``MPI_Allreduce``,
+  or by a worker thread running the communicator's own bucket algorithm;
 * ``none_<MB>`` (async-progress launch only): overlapped, no polling.
 
 Step time is the slowest rank's time from a barrier to the averaged grads (median of
@@ -46,7 +47,9 @@ def _args(argv=None):
     p.add_argument("--batch", type=int, default=4, help="images per rank")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--bucket-mb", default="1,4,16", help="bucket sizes (MiB of float32) to sweep")
+    p.add_argument("--bucket-mb", default="0.25,1,4,16,64", help="bucket sizes (MiB of float32) to sweep")
+    p.add_argument("--async-bucket-mb", default="4",
+                   help="bucket sizes for the (slow) launch with MPICH's async progress thread")
     p.add_argument("--communicator", default="hierarchical", help="comm_<name> baseline if it exists")
     p.add_argument("--out", default=str(RESULTS / "overlap"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON path: run as an MPI rank
@@ -110,7 +113,7 @@ def _worker(a) -> None:
     base = OverlappedReducer(comm, model, bucket_bytes=4 << 20, overlap=False)
     reducers["no_overlap"] = base
     configs["no_overlap"] = lambda: (fwd_bwd(base), base.wait())
-    configs[f"comm_{algo_name}"] = lambda: (fwd_bwd(), algo.multi_node_mean_grad(model, True))
+    configs[f"sync_{algo_name}"] = lambda: (fwd_bwd(), algo.multi_node_mean_grad(model, True))
     shadow, pending = copy.deepcopy(model), []
 
     def double_buffered():
@@ -123,7 +126,9 @@ def _worker(a) -> None:
         pending.append(algo.multi_node_mean_grad_async(shadow, True))
 
     configs[f"double_buffer_{algo_name}"] = double_buffered
-    engines = ["poll", "thread"] + (["none"] if a.tag == "async" else [])
+    engines = ["poll", "none"] if a.tag == "async" else ["poll", "thread"]
+    if a.tag != "async" and hasattr(algo, "_new_algorithm"):
+        engines.append("comm")  # the communicator's own bucket algorithm on a worker thread
     for mb in [float(v) for v in a.bucket_mb.split(",")]:
         for engine in engines:
             name = f"{engine}_{mb:g}MB"
@@ -198,7 +203,9 @@ def _plot(runs: list[dict], path: Path) -> None:
     for ax, run in zip(axes[0], runs):
         names = [n for n in run["configs"] if n != "compute"]
         exposed = [1e3 * run["configs"][n]["exposed_comm_s"] for n in names]
-        ax.barh(names, exposed, color=["tab:gray" if n[0] not in "ptn" else "tab:blue" for n in names])
+        overlapped = ("poll", "thread", "none", "comm")
+        colors = ["tab:blue" if n.split("_")[0] in overlapped else "tab:gray" for n in names]
+        ax.barh(names, exposed, color=colors)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlabel("exposed communication = step - compute (ms, median)")
         ax.set_title(f"{run['model']} {run['hw']}px b={run['batch']}, {run['ranks']} ranks, {run['tag']}\n"
@@ -213,7 +220,9 @@ def main(argv=None) -> int:
     if a.worker:
         _worker(a)
         return 0
-    runs = [_launch(a, "plain", {}), _launch(a, "async", {"MPIR_CVAR_ASYNC_PROGRESS": "1"})]
+    plain = _launch(a, "plain", {})
+    a_async = argparse.Namespace(**{**vars(a), "bucket_mb": a.async_bucket_mb})
+    runs = [plain, _launch(a_async, "async", {"MPIR_CVAR_ASYNC_PROGRESS": "1"})]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for run in runs:

@@ -1,5 +1,5 @@
-"""Overlapped gradient reduction: the readiness hook (in process) and the reducer on 2, 3 and
-2x2 virtual-node ranks against a float64 reference (tests/mpi/check_overlap.py)."""
+"""Overlapped gradient reduction: the readiness hook (in process) and the reducer on 3 ranks and
+2 virtual nodes x 2 ranks against a float64 reference (tests/mpi/check_overlap.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from hpcsgd.comm._grad_ready import GradReadyHook
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("n,env", [(2, {}), (3, {}), (4, {"HPCSGD_RANKS_PER_NODE": "2"})],
-                         ids=["n2", "n3", "n4-2x2"])
+@pytest.mark.parametrize("n,env", [(3, {}), (4, {"HPCSGD_RANKS_PER_NODE": "2"})], ids=["n3", "n4-2x2"])
 def test_overlapped_mean_matches_reference(mpirun, n, env):
     res = mpirun("tests/mpi/check_overlap.py", n, ["hierarchical"], env=env, timeout=240)
     assert res.stdout.count("overlap checks ok") == n, res.stdout

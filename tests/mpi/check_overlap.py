@@ -73,7 +73,7 @@ def check_engines(comm, model):
         tol = 2e-3 if lowp else 1e-5
         for overlap in (True, False):
             reducer = OverlappedReducer(comm, model, bucket_bytes=2048, progress=progress, overlap=overlap)
-            for step in range(3):  # step 0 builds, step 1 runs on the rebuilt (observed) order
+            for step in range(2):  # step 0 builds, step 1 runs on the rebuilt (observed) order
                 ref = reference_mean(comm, model, step)
                 backward(model, comm.rank, step, reducer)
                 reducer.wait()
@@ -91,10 +91,10 @@ def check_engines(comm, model):
                     assert st["early_params"] == 0 and st["overlapped_buckets"] == 0, st
                 results[(overlap, step)] = got
             reducer.finalize()
-        for step in range(3):
-            a, b = results[(True, step)], results[(False, step)]
-            for n in a:
-                assert np.array_equal(a[n], b[n]), f"{progress} step {step}: overlap differs bitwise at {n}"
+        # same layout (step 0, before the overlapped reducer adopts the observed order): same bits
+        a, b = results[(True, 0)], results[(False, 0)]
+        for n in a:
+            assert np.array_equal(a[n], b[n]), f"{progress}: overlap differs bitwise from no overlap at {n}"
 
 
 class Tied(chainer.Chain):
