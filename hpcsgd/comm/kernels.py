@@ -243,28 +243,43 @@ def _unpack_bf16(src, dst, scale):
 
 
 @njit(nogil=True, cache=True)
-def _sum_rows_f16(rows, out):
-    bad = 0
+def _sum_rows_f16(rows, out, acc):
     k, n = rows.shape
+    bad = 0
+    if k == 2:
+        a, b = rows[0], rows[1]
+        for i in range(n):
+            h = _to_f16(_from_f16(a[i]) + _from_f16(b[i]))
+            out[i] = h
+            bad += (h & np.uint16(0x7C00)) == np.uint16(0x7C00)
+        return bad
+    r0 = rows[0]
     for i in range(n):
-        acc = np.float32(0.0)
-        for j in range(k):
-            acc += _from_f16(rows[j, i])
-        h = _to_f16(acc)
+        acc[i] = _from_f16(r0[i])
+    for j in range(1, k):
+        rj = rows[j]
+        for i in range(n):
+            acc[i] += _from_f16(rj[i])
+    for i in range(n):
+        h = _to_f16(acc[i])
         out[i] = h
         bad += (h & np.uint16(0x7C00)) == np.uint16(0x7C00)
     return bad
 
 
 @njit(nogil=True, cache=True)
-def _sum_rows_bf16(rows, out):
-    bad = 0
+def _sum_rows_bf16(rows, out, acc):
     k, n = rows.shape
+    r0 = rows[0]
     for i in range(n):
-        acc = np.float32(0.0)
-        for j in range(k):
-            acc += _bf16_to_f32(rows[j, i])
-        h = _f32_to_bf16(acc)
+        acc[i] = _bf16_to_f32(r0[i])
+    for j in range(1, k):
+        rj = rows[j]
+        for i in range(n):
+            acc[i] += _bf16_to_f32(rj[i])
+    bad = 0
+    for i in range(n):
+        h = _f32_to_bf16(acc[i])
         out[i] = h
         bad += (h & np.uint16(0x7F80)) == np.uint16(0x7F80)
     return bad
@@ -366,10 +381,12 @@ def unpack_from(src: np.ndarray, dst: np.ndarray, scale: float, wire: str) -> in
 def sum_rows_to_wire(rows: np.ndarray, out: np.ndarray, wire: str) -> int:
     """``out = wire(sum_j float32(rows[j]))``: float32 accumulation, one rounding.
 
-    ``rows`` is a 2-D ``uint16`` array of 16-bit wire values; returns the number of
-    non-finite (overflowed) results.
+    ``rows`` is a C-contiguous 2-D ``uint16`` array of 16-bit wire values (one row
+    per rank); returns the number of non-finite (overflowed) results.
     """
-    return int(_SUM_ROWS[wire](rows, out))
+    rows = np.ascontiguousarray(rows)
+    acc = np.empty(rows.shape[1] if rows.shape[0] != 2 or wire != "float16" else 0, np.float32)
+    return int(_SUM_ROWS[wire](rows, out, acc))
 
 
 def reduce_shards(parts: list, out: np.ndarray, scale: float) -> int:
