@@ -61,8 +61,7 @@ def test_training_across_hosts_equals_one_host(mpirun, two_hosts, tmp_path):
     """20 iterations on 2 hosts x 2 ranks == 20 iterations of the same 4 ranks on one host.
 
     On one host the ranks are split into the same 2 x 2 virtual nodes, so the reduction order
-    is the same and the parameters must be bitwise equal; against a 1 x 4 layout they agree
-    to float32 rounding.
+    is the same and the parameters must be bitwise equal.
     """
     if not _installed("hierarchical"):
         pytest.skip("the hierarchical communicator has not landed yet")
@@ -71,10 +70,7 @@ def test_training_across_hosts_equals_one_host(mpirun, two_hosts, tmp_path):
     one_host = tmp_path / "one_host.npz"
     mpirun(CHECK, 4, ["train", "hierarchical", str(one_host), "20"], timeout=120,
            env={"HPCSGD_RANKS_PER_NODE": "2"})
-    flat_node = tmp_path / "one_node.npz"
-    mpirun(CHECK, 4, ["train", "hierarchical", str(flat_node), "20"], timeout=120)
-    a, b, c = np.load(across), np.load(one_host), np.load(flat_node)
+    a, b = np.load(across), np.load(one_host)
     assert sorted(a.files) == sorted(b.files)
     for k in a.files:
         assert np.array_equal(a[k], b[k]), f"{k}: max diff {np.max(np.abs(a[k] - b[k]))}"
-        assert np.allclose(a[k], c[k], rtol=1e-3, atol=1e-4), f"{k} vs 1 node x 4"

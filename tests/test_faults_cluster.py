@@ -1,6 +1,6 @@
 """Fault 3 of issue 6: the link of one emulated host is cut mid-run (needs root).
 
-``hpcsgd train`` runs on 2 emulated hosts x 2 ranks with a checkpoint every 4
+``hpcsgd train`` runs on 2 emulated hosts x 2 ranks with a checkpoint every 3
 iterations. Once the first checkpoint exists, host 1's link goes down (both ends
 of its veth: no RST, no FIN, like a pulled cable). The collective watchdog must
 abort the job within its timeout, the last checkpoint must pass its checksum,
@@ -29,7 +29,7 @@ TIMEOUT = 6.0  # HPCSGD_COLLECTIVE_TIMEOUT for these jobs, seconds
 
 CONFIG = """\
 dataset: synthetic
-dataset_options: {shape: [3, 16, 16], n_classes: 4, n: 768, pool: 64}
+dataset_options: {shape: [3, 16, 16], n_classes: 4, n: 384, pool: 64}
 model: resnet_small
 model_options: {depth: 8, width: 4}
 bn_mode: batch
@@ -40,12 +40,13 @@ seed: 3
 loader_workers: 0
 eval_interval: 0
 eval_batch: 64
-checkpoint_interval: 4
+checkpoint_interval: 3
 keep_checkpoints: 3
 log_interval: 4
 progress: false
+kernels: false
 """
-# 768 samples / (4 ranks x 8) = 24 iterations.
+# 384 samples / (4 ranks x 8) = 12 iterations; checkpoints at 3, 6, 9 and the end.
 
 # hpcsgd train with the collective watchdog on (whether or not `hpcsgd train` installs it itself).
 TRAIN = ("import sys, hpcsgd.abort, hpcsgd.watchdog as w; hpcsgd.abort.install(); w.install(); "
