@@ -171,6 +171,13 @@ def main() -> int:
     if not args.quick:
         cases["hpcsgd dummy f16 (pack+unpack only)"] = lambda: dummy16.multi_node_mean_grad(model)
 
+    sweep = {}
+    if not args.quick:  # bucket size: the same algorithm at several sizes, same rounds
+        for name in ("flat", "hierarchical"):
+            for mib in (1, 4, 16, 64):
+                c = hpcsgd.create_communicator(name, allreduce_grad_dtype="float32", bucket_bytes=mib << 20)
+                sweep[f"{name} f32 bucket {mib} MiB"] = (lambda c=c: c.multi_node_mean_grad(model))
+    cases.update(sweep)
     for fn in cases.values():  # warm-up: JIT, windows, page faults
         timed(comm, fn, reset)
     times: dict[str, list] = {k: [] for k in cases}
@@ -189,6 +196,7 @@ def main() -> int:
         results[k] = {"median_ms": t * 1e3, "min_ms": float(np.min(ts)) * 1e3,
                       "algbw_GBps": algbw, "busbw_GBps": algbw * 2 * (n - 1) / n,
                       "ratio_to_chainermn_naive": t / base, "repeats_ms": [x * 1e3 for x in ts]}
+    bucket_sweep = {k: results.pop(k) for k in sweep}
     out = {
         "ranks": n, "quick": args.quick, "repeats": repeats, "arrays": len(shapes),
         "elements": int(sum(int(np.prod(s)) for _, s in shapes)), "grad_bytes": int(nbytes),
@@ -196,7 +204,7 @@ def main() -> int:
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(), "cpus": os.cpu_count(), "mpi": MPI.Get_library_version().splitlines()[0],
         "numba_hardware_half": kernels.HARDWARE_HALF, "bucket_bytes": default.get_config("bucket_bytes"),
-        "osu_allreduce_f32": osu, "resnet50": results,
+        "osu_allreduce_f32": osu, "resnet50": results, "bucket_sweep": bucket_sweep,
         "command": ("mpiexec -n 2 python -m mpi4py benchmarks/allreduce.py"
                     + (" --quick" if args.quick else "")),
     }
@@ -207,7 +215,7 @@ def main() -> int:
     w = max(len(k) for k in results)
     print(f"ResNet-50 gradients: {len(shapes)} arrays, {nbytes / 1e6:.1f} MB, {n} ranks, "
           f"load {load_before[0]:.2f}->{load_after[0]:.2f}")
-    for k, r in results.items():
+    for k, r in {**results, **bucket_sweep}.items():
         print(f"  {k:<{w}}  {r['median_ms']:8.2f} ms  algbw {r['algbw_GBps']:5.2f} GB/s  "
               f"busbw {r['busbw_GBps']:5.2f} GB/s  x{r['ratio_to_chainermn_naive']:.2f} of ChainerMN naive")
     print(f"wrote {path} and {path.with_suffix('.png')}")
@@ -220,7 +228,7 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [1, 1.5, 0.8]})
     osu = data["osu_allreduce_f32"]
     a1.semilogx([r["bytes"] for r in osu], [r["busbw_GBps"] for r in osu], "o-")
     a1.set_xlabel("message bytes")
@@ -243,6 +251,21 @@ def plot(data: dict, path: Path) -> None:
     a2.set_xlabel("ms per gradient mean (median)")
     la = data["loadavg_before"][0]
     a2.set_title(f"ResNet-50 grads ({data['grad_bytes'] / 1e6:.0f} MB), load {la:.1f}", fontsize=9)
+    sw = data.get("bucket_sweep") or {}
+    for name, color in (("flat", "C0"), ("hierarchical", "C2")):
+        pts = sorted((int(k.split()[-2]), v["median_ms"]) for k, v in sw.items() if k.startswith(name))
+        if pts:
+            a3.semilogx([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{name} f32",
+                        base=2)
+    if sw:
+        a3.axhline(res["chainermn naive"]["median_ms"], color="C3", ls="--", label="ChainerMN naive")
+        a3.set_xlabel("bucket MiB")
+        a3.set_ylabel("ms (median)")
+        a3.set_title("bucket size, ResNet-50 grads", fontsize=9)
+        a3.legend(fontsize=7)
+        a3.grid(alpha=0.3)
+    else:
+        a3.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
