@@ -80,7 +80,7 @@ class BucketedCommunicator(MpiCommunicatorBase):
         layout = GradLayout.from_named(params)
         self._gpu_grads = bool(params) and type(params[0][1].array).__module__.startswith("cupy")
         threaded = bool(threaded) and MPI.Query_thread() == MPI.THREAD_MULTIPLE
-        key = (layout.key, threaded)
+        key = (layout.key, threaded, self._gpu_grads)
         reducer = self._reducers.get(key)
         if reducer is None:
             if len(self._reducers) >= 4:  # e.g. alternating zero_fill sets: keep a few
