@@ -18,7 +18,7 @@ Each method: 1 warm-up, then ``--repeats`` timed runs; a run is timed from a bar
 the slowest rank's end; the median is reported with the bytes the host sent over its
 link (read from the namespace's interface counters). Run as root:
 
-    OPENBLAS_CORETYPE=SkylakeX python benchmarks/cluster_allreduce.py --rate 1gbit
+    OPENBLAS_CORETYPE=SkylakeX python benchmarks/cluster_allreduce.py --rate 1gbit,250mbit
 
 Timing caveat: 4 ranks share this machine's cores (oversubscribed on 2 cores), so the
 CPU parts (packing, float16 casts, shared-memory copies) are slower than on real hosts;
@@ -159,25 +159,41 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = data["methods"]
-    labels = list(methods)
-    med = [methods[k]["median_s"] for k in labels]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    bars = ax.barh(labels, med, color=["C2" if "hier" in k else "C0" for k in labels])
-    for b, k in zip(bars, labels):
-        ax.text(b.get_width(), b.get_y() + b.get_height() / 2,
-                f" {methods[k]['median_s']:.2f} s, {methods[k]['host_tx_bytes'] / 1e6:.0f} MB/host",
-                va="center", fontsize=8)
-    ax.set_xlabel("seconds per ResNet-50 gradient averaging (median)")
-    ax.set_title(f"2 emulated hosts x 2 ranks, link {data['rate']} (tbf), CPU oversubscribed", fontsize=9)
-    ax.set_xlim(0, max(med) * 1.45)
+    runs = data["runs"]
+    rates = list(runs)
+    labels = list(runs[rates[0]]["methods"])
+    fig, axes = plt.subplots(1, len(rates), figsize=(5.2 * len(rates), 3.6), squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        methods = runs[rate]["methods"]
+        med = [methods[k]["median_s"] for k in labels]
+        bars = ax.barh(labels, med, color=["C2" if "hier" in k else "C0" for k in labels])
+        for b, k in zip(bars, labels):
+            ax.text(b.get_width(), b.get_y() + b.get_height() / 2,
+                    f" {methods[k]['median_s']:.2f} s, {methods[k]['host_tx_bytes'] / 1e6:.0f} MB/host",
+                    va="center", fontsize=8)
+        ax.set_xlabel("s per ResNet-50 gradient averaging (median)")
+        ratio = runs[rate]["ratios"].get("chainermn_naive/hierarchical_fp16")
+        ax.set_title(f"link {rate} (tbf)" + (f": {ratio:.2f}x vs ChainerMN naive" if ratio else ""),
+                     fontsize=9)
+        ax.set_xlim(0, max(med) * 1.6)
+    fig.suptitle("2 emulated hosts x 2 ranks (4 ranks on 2 cores: CPU oversubscribed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def _ratios(m: dict) -> dict:
+    out = {}
+    if "hierarchical_fp16" in m:
+        for base in ("chainermn_naive", "mpi_packed_fp32", "hpcsgd_naive"):
+            if base in m:
+                out[f"{base}/hierarchical_fp16"] = m[base]["median_s"] / m["hierarchical_fp16"]["median_s"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rate", default="1gbit", help="tbf rate of each host's link, each direction")
+    p.add_argument("--rate", default="1gbit,250mbit",
+                   help="comma-separated tbf rates of each host's link (each direction), one run per rate")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=RESULTS / "cluster_allreduce.json")
     p.add_argument("--rank-side", nargs=3, metavar=("SHAPES", "REPEATS", "OUT"), help=argparse.SUPPRESS)
@@ -196,38 +212,38 @@ def main(argv: list[str] | None = None) -> int:
     shapes = resnet50_shapes()
     tmp = Path(tempfile.mkdtemp(prefix="hpcsgd-cluster-bench-"))
     (tmp / "shapes.json").write_text(json.dumps(shapes))
-    load_before = os.getloadavg()
-    with EmulatedCluster(n_hosts=2, rate=args.rate) as cluster:
+    t0 = time.time()
+    data = {"runs": {}, "hosts": 2, "ranks_per_host": 2, "repeats": args.repeats, "cpus": os.cpu_count(),
+            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+            "note": "4 ranks on this machine's cores (oversubscribed): CPU work (packing, casts, MPI over "
+                    "TCP) is slower than on real hosts; lower rates make the link dominate. "
+                    "UCX_TLS=tcp,self so inter-host traffic crosses the shaped veth link."}
+    with EmulatedCluster(n_hosts=2) as cluster:
         env = dict(os.environ, **cluster.env(), PYTHONPATH=str(ROOT))
-        cmd = [mpiexec_path(), *cluster.mpiexec_args(ranks_per_host=2), "-n", "4", sys.executable,
-               str(Path(__file__).resolve()), "--rank-side", str(tmp / "shapes.json"), str(args.repeats),
-               str(tmp / "out.json")]
-        t0 = time.time()
-        res = subprocess.run(cmd, env=env, cwd=str(ROOT), timeout=1800, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(res.stdout[-3000:], res.stderr[-3000:], file=sys.stderr)
-            return 1
-    data = json.loads((tmp / "out.json").read_text())
-    m = data["methods"]
-    ratios = {}
-    if "hierarchical_fp16" in m:
-        for base in ("chainermn_naive", "mpi_packed_fp32", "hpcsgd_naive"):
-            if base in m:
-                ratios[f"{base}/hierarchical_fp16"] = m[base]["median_s"] / m["hierarchical_fp16"]["median_s"]
-    data.update(rate=args.rate, hosts=2, ranks_per_host=2, repeats=args.repeats, ratios=ratios,
-                wall_s=time.time() - t0, loadavg_before=load_before, loadavg_after=os.getloadavg(),
-                cpus=os.cpu_count(), openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"),
-                note="4 ranks on this machine's cores (oversubscribed); the link is shaped so that "
-                     "transfers dominate; UCX_TLS=tcp,self so inter-host traffic crosses the veth link")
+        for rate in args.rate.split(","):
+            cluster.shape(rate)
+            cmd = [mpiexec_path(), *cluster.mpiexec_args(ranks_per_host=2), "-n", "4", sys.executable,
+                   str(Path(__file__).resolve()), "--rank-side", str(tmp / "shapes.json"), str(args.repeats),
+                   str(tmp / "out.json")]
+            load_before = os.getloadavg()
+            res = subprocess.run(cmd, env=env, cwd=str(ROOT), timeout=1800, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(res.stdout[-3000:], res.stderr[-3000:], file=sys.stderr)
+                return 1
+            run = json.loads((tmp / "out.json").read_text())
+            run.update(rate=rate, ratios=_ratios(run["methods"]), loadavg_before=load_before,
+                       loadavg_after=os.getloadavg())
+            data["runs"][rate] = run
+            for k, v in run["methods"].items():
+                print(f"{rate:8s} {k:20s} {v['median_s']:.3f} s  {v['host_tx_bytes'] / 1e6:7.1f} MB/host")
+            for k, v in run["ratios"].items():
+                print(f"{rate:8s} ratio {k}: {v:.2f}x")
+            for k, v in run["missing"].items():
+                print(f"missing {k}: {v}")
+    data["wall_s"] = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     plot(data, args.out.with_suffix(".png"))
-    for k, v in m.items():
-        print(f"{k:20s} {v['median_s']:.3f} s  {v['host_tx_bytes'] / 1e6:7.1f} MB/host")
-    for k, v in ratios.items():
-        print(f"ratio {k}: {v:.2f}x")
-    for k, v in data["missing"].items():
-        print(f"missing {k}: {v}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
