@@ -1,5 +1,7 @@
 """Sample order: one shared permutation per epoch, equal slices, eval shards, exact resume."""
 
+import time
+
 import numpy as np
 import pytest
 from data_fixtures import index_images
@@ -96,3 +98,33 @@ def test_abandoned_iteration_then_new_epoch_with_workers():
 def test_sharding_across_ranks(mpirun, n, env):
     res = mpirun("tests/mpi/check_data_sharding.py", n, env=env, timeout=90)
     assert res.stdout.count("data sharding ok") == n
+
+
+def test_next_epoch_is_prefetched_across_the_boundary():
+    ds = index_dataset(24)
+    with Loader(ds, 4, workers=1, prefetch=3, seed=6) as loader:
+        first = [t.copy() for _, t in loader]
+        time.sleep(0.5)  # the worker prepares epoch 1's first batches meanwhile
+        assert [(e, k) for e, k, _ in loader._pending] == [(1, 0), (1, 1), (1, 2)]
+        second = [t.copy() for _, t in loader]
+    for epoch, got in enumerate([first, second]):
+        want = np.concatenate(epoch_plan(24, 4, 0, 1, seed=6, epoch=epoch))
+        assert np.array_equal(np.concatenate(got), want)
+
+
+def test_pipeline_order_survives_random_abandon_and_jumps():
+    """Abandon iterations at random points and jump epochs: every batch is still the planned one."""
+    ds = index_dataset(30)
+    rng = np.random.default_rng(0)
+    with Loader(ds, 3, workers=2, prefetch=2, seed=8) as loader:
+        for _ in range(12):
+            if rng.random() < 0.3:
+                loader.set_epoch(int(rng.integers(0, 4)))
+            epoch, start = loader.epoch, loader.position
+            plan = epoch_plan(30, 3, 0, 1, seed=8, epoch=epoch)
+            stop = int(rng.integers(start, len(plan) + 1))
+            it = iter(loader)
+            for k in range(start, stop):
+                _, t = next(it)
+                assert np.array_equal(t, plan[k]), (epoch, k)
+            it.close()

@@ -80,7 +80,8 @@ class Loader:
         self.epoch, self.position = 0, 0
         self.bad_files, self.bad_files_total = 0, 0
         self.last_wait_seconds, self.wait_seconds_total = 0.0, 0.0
-        self._perm_epoch, self._perm = None, None
+        self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation (current and next)
+        self._pending: deque[tuple[int, int, int]] = deque()  # (epoch, k, task) sent, in batch order
         self.workers = int(workers)
         self.depth = max(int(prefetch), self.workers) if self.workers else 1
         n_slots = self.depth + 1
@@ -115,10 +116,11 @@ class Loader:
             shard = eval_shard(len(self.dataset), self.rank, self.size)
             return np.arange(shard.start + k * self.batch_size,
                              min(shard.start + (k + 1) * self.batch_size, shard.stop), dtype=np.int64)
-        if self._perm_epoch != epoch:
-            self._perm = epoch_permutation(len(self.dataset), self.seed, epoch, self.shuffle)
-            self._perm_epoch = epoch
-        return rank_batch_indices(self._perm, k, self.batch_size, self.rank, self.size)
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = epoch_permutation(len(self.dataset), self.seed, epoch, self.shuffle)
+        return rank_batch_indices(self._perms[epoch], k, self.batch_size, self.rank, self.size)
 
     @property
     def epoch_detail(self) -> float:
@@ -149,7 +151,8 @@ class Loader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.bad_files = int(state.get("bad_files", 0))
         self.bad_files_total = int(state.get("bad_files_total", 0))
-        self._perm_epoch = None
+        self._perms = {}
+        self._abandon()  # batches in flight were drawn for the old state
 
     # -- batches ---------------------------------------------------------------
     def normalize(self, x):
@@ -163,9 +166,9 @@ class Loader:
         if start == 0:
             self.bad_files = 0
         tracer = get_tracer()
-        pending: deque[tuple[int, int]] = deque()  # (k, task id), in batch order
+        self._keep_pending_from(epoch, start, n_iters)
         staged: dict[int, tuple] = {}  # k -> (device handle, slot): copies already under way
-        k_next, held, finished = start, None, False
+        held, finished = None, False
         try:
             for k in range(start, n_iters):
                 with tracer.span("data_wait", batch=k, epoch=epoch):
@@ -180,12 +183,13 @@ class Loader:
                         slot = self._free.pop()
                         self._fill_inline(slot, epoch, k)
                     else:
-                        k_next = self._dispatch(pending, k_next, n_iters, epoch)
-                        slot = self._collect(*pending.popleft())
+                        self._dispatch(n_iters, (epoch, k - 1) if k > start else None)
+                        _, _, task = self._pending.popleft()
+                        slot = self._collect(k, task)
                     if self._feeder is not None:
                         x, t = self._feeder.finish(handle if handle is not None else self._stage(slot, k))
                         self._release_copied(slot)
-                        staged.update(self._stage_next(pending, k + 1))
+                        staged.update(self._stage_next(epoch, k + 1))
                     else:
                         x, t = self._host_batch(slot, k)
                         if self.copy:
@@ -193,7 +197,7 @@ class Loader:
                         else:
                             held = slot
                     if self._pool is not None:
-                        k_next = self._dispatch(pending, k_next, n_iters, epoch)
+                        self._dispatch(n_iters, (epoch, k + 1) if k + 1 in staged else (epoch, k))
                     self.last_wait_seconds = time.perf_counter() - t0
                     self.wait_seconds_total += self.last_wait_seconds
                 self.position = k + 1
@@ -205,12 +209,29 @@ class Loader:
                 self._free.append(held)
             for _, slot in staged.values():
                 self._release_copied(slot)
-            if not finished:
-                self._abandon(pending)
+            if not finished and staged:
+                self._abandon()  # staged batches left the queue: the rest no longer continues it
 
-    def _abandon(self, pending: deque) -> None:
-        """Forget batches prepared for an abandoned iteration; their slots come back as answers arrive."""
-        for _, task in pending:
+    def _following(self, epoch: int, k: int, n_iters: int) -> tuple[int, int]:
+        return (epoch, k + 1) if k + 1 < n_iters else (epoch + 1, 0)
+
+    def _keep_pending_from(self, epoch: int, k: int, n_iters: int) -> None:
+        """Keep batches already in flight that continue at (epoch, k) - e.g. prefetched across the
+        epoch boundary, or left by an abandoned iteration; anything else is abandoned."""
+        want = (epoch, k)
+        for i, (e, kk, _) in enumerate(self._pending):
+            if (e, kk) != want:
+                rest = list(self._pending)[i:]
+                self._pending = deque(list(self._pending)[:i])
+                self._abandon(rest)
+                return
+            want = self._following(e, kk, n_iters)
+
+    def _abandon(self, entries=None) -> None:
+        """Forget in-flight batches; their slots come back as the answers arrive."""
+        if entries is None:
+            entries, self._pending = list(self._pending), deque()
+        for _, _, task in entries:
             if task in self._results:
                 self._free.append(self._results.pop(task)[1])
             else:
@@ -226,15 +247,15 @@ class Loader:
         m = len(self.batch_indices(k)) if self.partition == "eval" else self.batch_size
         return self._feeder.stage(x[:m], t[:m])
 
-    def _stage_next(self, pending: deque, k: int) -> dict:
+    def _stage_next(self, epoch: int, k: int) -> dict:
         """Start the device copy of batch ``k`` if the workers already finished it (overlaps the step)."""
-        if not pending or pending[0][0] != k:
+        if not self._pending or self._pending[0][:2] != (epoch, k):
             return {}
         self._pump(0.0)
-        task = pending[0][1]
+        task = self._pending[0][2]
         if task not in self._results or self._results[task][0][0] != "done":
             return {}
-        pending.popleft()
+        self._pending.popleft()
         msg, slot = self._results.pop(task)
         self._count_bad(msg[2])
         return {k: (self._stage(slot, k), slot)}
@@ -255,21 +276,27 @@ class Loader:
             raise
         self._count_bad(skipped)
 
-    def _dispatch(self, pending: deque, k_next: int, n_iters: int, epoch: int) -> int:
-        """Send tasks until ``depth`` batches are in flight or no slot is free."""
-        if not pending and not self._free:
+    def _dispatch(self, n_iters: int, taken: tuple[int, int] | None = None) -> None:
+        """Send tasks until ``depth`` batches are in flight or no slot is free; continues into the
+        next epoch (its first batches are ready when it starts), never further. ``taken`` is the
+        last batch already taken off the queue by this iteration."""
+        if not self._pending and not self._free:
             while not self._free:  # every slot belongs to an abandoned task: wait for one
                 self._pump(1.0)
-        while k_next < n_iters and len(pending) < self.depth and self._free:
+        if self._pending:
+            e, k = self._following(*self._pending[-1][:2], n_iters)
+        elif taken is not None:
+            e, k = self._following(*taken, n_iters)
+        else:
+            e, k = self.epoch, self.position
+        while len(self._pending) < self.depth and self._free and e <= self.epoch + 1 and n_iters:
             slot = self._free.pop()
             task = self._task_counter
             self._task_counter += 1
-            idx = self.batch_indices(k_next, epoch)
             self._task_slots[task] = slot
-            self._pool.submit(("batch", task, slot, idx, (self.seed, epoch, k_next, self.rank)))
-            pending.append((k_next, task))
-            k_next += 1
-        return k_next
+            self._pool.submit(("batch", task, slot, self.batch_indices(k, e), (self.seed, e, k, self.rank)))
+            self._pending.append((e, k, task))
+            e, k = self._following(e, k, n_iters)
 
     def _pump(self, timeout: float) -> bool:
         """Receive worker answers for up to ``timeout`` s; True if any arrived."""
