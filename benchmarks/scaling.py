@@ -341,10 +341,17 @@ def driver(args: argparse.Namespace) -> int:
             rec = run_config(model, fw, ranks, specs[model], args)
             if rec:
                 runs.setdefault((model, ranks, fw), []).append(rec)
-    for key in plan:
-        data["configs"].extend(median_record(runs.get(key, [])))
+        data["configs"] = [rec for key in plan for rec in median_record(runs.get(key, []))]
+        data["rounds_done"] = r + 1
+        finish(data, args)  # a partial result survives an interrupted run
     if args.cluster:
         _cluster_runs(args, specs, frameworks, data)
+        finish(data, args)
+    return 0
+
+
+def finish(data: dict, args: argparse.Namespace) -> None:
+    """Efficiency, model check, JSON and plot of what has been measured so far."""
     add_efficiency(data["configs"])
     data["loadavg_end"] = os.getloadavg()
     try:
@@ -363,8 +370,7 @@ def driver(args: argparse.Namespace) -> int:
     out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
     if data["configs"]:
         plot(data, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and .png")
-    return 0
+    print(f"wrote {out.with_suffix('.json')} and .png", flush=True)
 
 
 def _cluster_runs(args, specs, frameworks, data) -> None:
@@ -404,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", action="store_true", help="also 4 ranks on the emulated 2-host cluster")
     p.add_argument("--cluster-models", default="resnet_small,resnet50")
     p.add_argument("--cluster-frameworks", default="hpcsgd,chainermn")
-    p.add_argument("--iters", type=int, default=6, help="timed iterations per job")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations per job")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="round-robin rounds over all configurations")
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
