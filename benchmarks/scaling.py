@@ -373,6 +373,30 @@ def finish(data: dict, args: argparse.Namespace) -> None:
     print(f"wrote {out.with_suffix('.json')} and .png", flush=True)
 
 
+def _wait_for_cluster_lock(seconds: float) -> bool:
+    """Wait until no other job holds tests/cluster's namespace lock (EmulatedCluster.up blocks on it)."""
+    import fcntl
+
+    from cluster.netns import LOCK_PATH
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return True  # no lock file possible: let up() report the problem
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return True
+        except BlockingIOError:
+            if time.time() > deadline:
+                return False
+            time.sleep(5)
+        finally:
+            os.close(fd)
+
+
 def _cluster_runs(args, specs, frameworks, data) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     try:
@@ -383,6 +407,10 @@ def _cluster_runs(args, specs, frameworks, data) -> None:
     reason = unavailable_reason()
     if reason:
         print(f"4-rank emulated cluster skipped: {reason}")
+        return
+    if not _wait_for_cluster_lock(args.cluster_wait):
+        print(f"4-rank emulated cluster skipped: namespace lock busy for {args.cluster_wait} s")
+        data["cluster_skipped"] = "namespace lock busy"
         return
     print("4 ranks on the emulated 2-host cluster (2 ranks per host; 4 ranks on 2 cores: oversubscribed, "
           "shows the communication structure, not a timing claim)")
@@ -410,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", action="store_true", help="also 4 ranks on the emulated 2-host cluster")
     p.add_argument("--cluster-models", default="resnet_small,resnet50")
     p.add_argument("--cluster-frameworks", default="hpcsgd,chainermn")
+    p.add_argument("--cluster-wait", type=float, default=300,
+                   help="seconds to wait for another job's emulated cluster to finish")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per job")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="round-robin rounds over all configurations")
