@@ -110,7 +110,7 @@ def _worker(a) -> None:
 
     configs = {"compute": lambda: fwd_bwd()}
     reducers = {}
-    base = OverlappedReducer(comm, model, bucket_bytes=4 << 20, overlap=False)
+    base = OverlappedReducer(algo, model, bucket_bytes=4 << 20, overlap=False)
     reducers["no_overlap"] = base
     configs["no_overlap"] = lambda: (fwd_bwd(base), base.wait())
     configs[f"sync_{algo_name}"] = lambda: (fwd_bwd(), algo.multi_node_mean_grad(model, True))
@@ -132,7 +132,7 @@ def _worker(a) -> None:
     for mb in [float(v) for v in a.bucket_mb.split(",")]:
         for engine in engines:
             name = f"{engine}_{mb:g}MB"
-            r = OverlappedReducer(comm, model, bucket_bytes=int(mb * (1 << 20)), progress=engine)
+            r = OverlappedReducer(algo, model, bucket_bytes=int(mb * (1 << 20)), progress=engine)
             reducers[name] = r
             configs[name] = (lambda r=r: (fwd_bwd(r), r.wait()))
 
