@@ -39,13 +39,16 @@ def enable(on: bool = True, threads: int | None = None) -> bool:
 
     ``threads``: threads per rank for BLAS and numba together (see
     :func:`hpcsgd.kernels.threads.set_threads`); ``None`` leaves the thread
-    settings as they are.
+    settings as they are. Switching on also keeps freed memory in the process
+    (:mod:`hpcsgd.kernels.memory`; ``HPCSGD_KEEP_FREED_MEMORY=0`` opts out).
     """
+    from hpcsgd.kernels.memory import keep_freed_memory
     from hpcsgd.models import ops
 
     if threads is not None:
         set_threads(threads)
     if on:
+        keep_freed_memory()
         if not KERNEL_IMPL:
             # only the ops this version of hpcsgd.models.ops dispatches
             KERNEL_IMPL.update({k: f for k, f in _kernel_impl().items() if k in ops.CHAINER_IMPL})
