@@ -39,3 +39,15 @@ def test_bad_config_exits_cleanly_on_all_ranks(tmp_path, bad, key):
     assert p.stderr.count(key) == 1, p.stderr  # said once (rank 0), every rank exits 2
     assert not (tmp_path / "out").exists(), "nothing may run before the config is valid"
     assert time.perf_counter() - t0 < 30
+
+
+def test_gpu_without_cupy_is_a_config_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here")
+    cfg = tmp_path / "gpu.yaml"
+    cfg.write_text("gpu: true\ndataset: synthetic\ndataset_options: {shape: [1, 8, 8], n: 64}\n")
+    p = subprocess.run([sys.executable, "-m", "hpcsgd", "train", str(cfg), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2 and "config key 'gpu'" in p.stderr, p.stderr

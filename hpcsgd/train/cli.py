@@ -82,6 +82,12 @@ def main(args) -> int:
         if not args.dry_run and not args.out:
             raise ConfigError("--out DIR is required")
         cfg = load_config(args, size, check_paths=not args.dry_run)
+        if cfg["gpu"] and not args.dry_run:
+            import importlib.util
+
+            if importlib.util.find_spec("cupy") is None:
+                raise ConfigError("config key 'gpu' is true but CuPy is not installed "
+                                  "(pip install 'hpcsgd[gpu]'), or set gpu: false")
         timeline_iters = _iter_range(args.timeline_iters)
     except ConfigError as e:
         if rank == 0:
