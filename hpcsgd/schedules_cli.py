@@ -82,6 +82,13 @@ def _plot(recipe, path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+
+
+def _main(args: argparse.Namespace) -> int:
     from hpcsgd.optim.recipes import build_recipe
 
     ipe = args.iters_per_epoch or int(math.ceil(1281167 / args.global_batch))

@@ -26,6 +26,8 @@ in units of a ``reference_epochs`` = 90 epoch run and multiplied by
 are; a 9-epoch run puts Goyal's decays at 3/6/8 and the warm-up at 0.5 epochs.
 ``scale_epochs=False`` uses the values as absolute epochs.
 
+For 'akiba' the common ``momentum`` setting is mu1 (the momentum of delta).
+
 Overrides: any key of the recipe's settings (``Recipe.settings``); an unknown
 key raises ConfigError naming the allowed ones. ``decay='cosine'`` replaces the
 step decay of 'goyal' and 'sgd' by a cosine to 0 at the last epoch.
