@@ -39,13 +39,13 @@ def _comm_seconds(tracer) -> float:
     return sum(tracer.phase_seconds.get(p, 0.0) for p in COMM_PHASES)
 
 
-def _eval_loader(dataset, rank: int, size: int, cfg: dict):
+def _eval_loader(dataset, rank: int, size: int, cfg: dict, device: int | None):
     """This rank's validation shard (``partition='eval'``: every sample once across ranks, in order)."""
     from hpcsgd.data import Loader
 
     return Loader(dataset, cfg["eval_batch"], rank=rank, size=size, shuffle=False,
                   workers=cfg["loader_workers"], prefetch=cfg["prefetch"], transform="eval",
-                  drop_remainder=False, partition="eval")
+                  drop_remainder=False, partition="eval", device=device)
 
 
 def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None = None,
@@ -79,10 +79,13 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
         import hpcsgd.kernels
 
         hpcsgd.kernels.enable(True)
-    if cfg["gpu"]:
+    device = None
+    if cfg["gpu"]:  # one GPU per rank; also right when the launcher shows each rank a single GPU
         import cupy
 
-        cupy.cuda.Device(comm.intra_rank).use()
+        device = comm.intra_rank % cupy.cuda.runtime.getDeviceCount()
+        cupy.cuda.Device(device).use()
+        topology["device"] = device
     random.seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
     os.makedirs(out, exist_ok=True)
@@ -94,8 +97,8 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
     val_set = build_dataset(cfg["dataset"], cfg["val_path"] or cfg["data_path"], split="val", **data_kw)
     loader = Loader(train_set, cfg["batch_per_rank"], rank=rank, size=size, seed=cfg["seed"],
                     shuffle=True, workers=cfg["loader_workers"], prefetch=cfg["prefetch"],
-                    transform="train" if cfg["augment"] else "eval")
-    val_loader = _eval_loader(val_set, rank, size, cfg)
+                    transform="train" if cfg["augment"] else "eval", device=device)
+    val_loader = _eval_loader(val_set, rank, size, cfg, device)
     accum = cfg["grad_accumulation"]
     iters_per_epoch = len(loader) // accum
     if iters_per_epoch < 1:
@@ -192,8 +195,6 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
         for _ in range(accum):
             with tracer.span("data_wait"):
                 x, t = next(stream)
-            if cfg["gpu"]:
-                x, t = chainer.backends.cuda.to_gpu(x), chainer.backends.cuda.to_gpu(t)
             with tracer.span("forward"):
                 loss = F.softmax_cross_entropy(model(x), t)
             c0 = _comm_seconds(tracer)
