@@ -50,7 +50,10 @@ def _args(argv=None):
     p.add_argument("--bucket-mb", default="0.25,1,4,16,64", help="bucket sizes (MiB of float32) to sweep")
     p.add_argument("--async-bucket-mb", default="4",
                    help="bucket sizes for the (slow) launch with MPICH's async progress thread")
-    p.add_argument("--communicator", default="hierarchical", help="comm_<name> baseline if it exists")
+    p.add_argument("--communicator", default="hierarchical", help="sync_<name> baseline if it exists")
+    p.add_argument("--engines", default="poll,thread,comm", help="progress engines of the plain launch")
+    p.add_argument("--no-async", action="store_true", help="skip the launch with MPICH's progress thread")
+    p.add_argument("--replot", action="store_true", help="only redraw OUT.png from OUT.json")
     p.add_argument("--out", default=str(RESULTS / "overlap"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON path: run as an MPI rank
     p.add_argument("--tag", default="plain", help=argparse.SUPPRESS)
@@ -126,9 +129,13 @@ def _worker(a) -> None:
         pending.append(algo.multi_node_mean_grad_async(shadow, True))
 
     configs[f"double_buffer_{algo_name}"] = double_buffered
-    engines = ["poll", "none"] if a.tag == "async" else ["poll", "thread"]
-    if a.tag != "async" and hasattr(algo, "_new_algorithm"):
-        engines.append("comm")  # the communicator's own bucket algorithm on a worker thread
+    engines = ["poll", "none"] if a.tag == "async" else a.engines.split(",")
+    if not hasattr(algo, "_new_algorithm"):
+        engines = [e for e in engines if e != "comm"]  # needs a bucketed communicator
+    if "comm" in engines:  # the same algorithm and copies as comm_<MB>, all buckets after backward
+        nocomm = OverlappedReducer(algo, model, bucket_bytes=4 << 20, progress="comm", overlap=False)
+        reducers["no_overlap_comm"] = nocomm
+        configs["no_overlap_comm"] = lambda: (fwd_bwd(nocomm), nocomm.wait())
     for mb in [float(v) for v in a.bucket_mb.split(",")]:
         for engine in engines:
             name = f"{engine}_{mb:g}MB"
@@ -183,7 +190,7 @@ def _launch(a, tag: str, env_extra: dict) -> dict:
         cmd = [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(a.ranks), sys.executable, "-m",
                "mpi4py", __file__, "--worker", str(path), "--tag", tag, "--model", a.model, "--hw", str(a.hw),
                "--batch", str(a.batch), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
-               "--bucket-mb", a.bucket_mb, "--communicator", a.communicator]
+               "--bucket-mb", a.bucket_mb, "--communicator", a.communicator, "--engines", a.engines]
         env = dict(os.environ, **env_extra)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         load0 = os.getloadavg()
@@ -205,7 +212,13 @@ def _plot(runs: list[dict], path: Path) -> None:
         exposed = [1e3 * run["configs"][n]["exposed_comm_s"] for n in names]
         overlapped = ("poll", "thread", "none", "comm")
         colors = ["tab:blue" if n.split("_")[0] in overlapped else "tab:gray" for n in names]
-        ax.barh(names, exposed, color=colors)
+        ax.barh(names, exposed, color=colors, label="step - compute")
+        waits = [(n, 1e3 * run["configs"][n]["wait_after_backward_s"]) for n in names
+                 if "wait_after_backward_s" in run["configs"][n]]
+        if waits:
+            ax.scatter([w for _, w in waits], [n for n, _ in waits], color="tab:red", marker="x", zorder=3,
+                       label="reducer: wait after backward")
+        ax.legend(loc="lower right", fontsize=8)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlabel("exposed communication = step - compute (ms, median)")
         ax.set_title(f"{run['model']} {run['hw']}px b={run['batch']}, {run['ranks']} ranks, {run['tag']}\n"
@@ -220,9 +233,12 @@ def main(argv=None) -> int:
     if a.worker:
         _worker(a)
         return 0
+    if a.replot:
+        _plot(json.loads(Path(f"{a.out}.json").read_text())["runs"], Path(f"{a.out}.png"))
+        return 0
     plain = _launch(a, "plain", {})
     a_async = argparse.Namespace(**{**vars(a), "bucket_mb": a.async_bucket_mb})
-    runs = [plain, _launch(a_async, "async", {"MPIR_CVAR_ASYNC_PROGRESS": "1"})]
+    runs = [plain] if a.no_async else [plain, _launch(a_async, "async", {"MPIR_CVAR_ASYNC_PROGRESS": "1"})]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for run in runs:
