@@ -5,8 +5,9 @@ Single-tower AlexNet with LRN replaced by BN after *every* convolution
 conv2 256x5x5 pad 2 -> BN -> ReLU -> maxpool 3/2; conv3 384x3x3,
 conv4 384x3x3, conv5 256x3x3 (pad 1, each -> BN -> ReLU); maxpool 3/2;
 fc6 4096 -> ReLU -> dropout 0.5; fc7 4096 -> ReLU -> dropout 0.5; fc8.
-Pooling rounds up (Caffe), so 224 and 227 inputs both give 6x6x256 = 9216
-features. Convs (no bias: BN follows) use He init (fan_out); fc6/fc7
+Pooling rounds up (Caffe; ``F.max_pooling_2d`` with ``cover_all=True``, not
+the floor-mode ``ops.max_pool2d``), so 224 and 227 inputs both give
+6x6x256 = 9216 features. Convs (no bias: BN follows) use He init (fan_out); fc6/fc7
 ~ N(0, 0.005^2) and fc8 ~ N(0, 0.01^2), biases 0 (the Caffe AlexNet stds;
 UNCONFIRMED for the LARS runs). ``input_size`` sets the fc6 input size
 for other resolutions (>= 63 px); ``fc_width`` shrinks fc6/fc7 for tests.

@@ -15,6 +15,9 @@ Contract (every backend must keep it):
 * ``fixed_batch_norm(x, gamma, beta, mean, var, eps, relu)`` -> y: inference.
 * ``add_relu(a, b)`` -> relu(a + b), the residual join.
 * ``relu(x)`` -> y.
+* ``max_pool2d(x, ksize, stride=None, pad=0)`` -> y, floor mode
+  (``cover_all=False``: the ResNet stem's 3x3/2 pad-1 pooling); added for the
+  models, existing signatures unchanged.
 """
 
 from __future__ import annotations
@@ -49,12 +52,17 @@ def _chainer_add_relu(a, b):
     return F.relu(a + b)
 
 
+def _chainer_max_pool2d(x, ksize, stride=None, pad=0):
+    return F.max_pooling_2d(x, ksize, stride=stride, pad=pad, cover_all=False)
+
+
 CHAINER_IMPL = {
     "conv2d": _chainer_conv2d,
     "batch_norm": _chainer_batch_norm,
     "fixed_batch_norm": _chainer_fixed_batch_norm,
     "add_relu": _chainer_add_relu,
     "relu": F.relu,
+    "max_pool2d": _chainer_max_pool2d,
 }
 
 # The CPU (NumPy) implementation in use; hpcsgd.kernels.enable() swaps entries.
@@ -86,3 +94,7 @@ def add_relu(a, b):
 
 def relu(x):
     return _impl("relu", x)(x)
+
+
+def max_pool2d(x, ksize, stride=None, pad=0):
+    return _impl("max_pool2d", x)(x, ksize, stride, pad)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import chainer
 import chainer.functions as F
 
+from hpcsgd.models import ops
 from hpcsgd.models.blocks import BasicBlock, Bottleneck, ConvBN, Stage, fc_layer
 
 SPECS = {
@@ -47,7 +48,7 @@ class ResNet(chainer.Chain):
 
     def forward(self, x):
         h = self.stem(x)
-        h = F.max_pooling_2d(h, 3, stride=2, pad=1, cover_all=False)
+        h = ops.max_pool2d(h, 3, stride=2, pad=1)
         for i in range(1, 5):
             h = getattr(self, f"stage{i}")(h)
         h = F.mean(h, axis=(2, 3))
