@@ -415,7 +415,7 @@ def _cluster_runs(args, specs, frameworks, data) -> None:
     print("4 ranks on the emulated 2-host cluster (2 ranks per host; 4 ranks on 2 cores: oversubscribed, "
           "shows the communication structure, not a timing claim)")
     cluster_fws = [f for f in args.cluster_frameworks.split(",") if f in frameworks]
-    with EmulatedCluster(n_hosts=2).up() as cl:
+    with EmulatedCluster(n_hosts=2) as cl:
         for model in args.cluster_models.split(","):
             for fw in cluster_fws:
                 rec = run_config(model, fw, 4, specs[model], args, cluster=cl)
