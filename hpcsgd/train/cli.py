@@ -82,6 +82,14 @@ def main(args) -> int:
         if not args.dry_run and not args.out:
             raise ConfigError("--out DIR is required")
         cfg = load_config(args, size, check_paths=not args.dry_run)
+        from hpcsgd.train.custom_recipe import make_recipe
+
+        try:  # recipe settings are checked here too: before any collective
+            make_recipe(cfg, None, 1)
+        except ConfigError as e:
+            if cfg["recipe"] == "custom":
+                raise
+            raise ConfigError(f"config key 'recipe_options': {e}") from e
         if cfg["gpu"] and not args.dry_run:
             import importlib.util
 
@@ -175,10 +183,9 @@ def train_size(cfg: dict) -> tuple[int, str]:
 
 def schedule_summary(cfg: dict, iters_per_epoch: int) -> list[dict]:
     """Recipe hyperparameters at a few epochs (no model needed)."""
-    from hpcsgd.optim import build_recipe
+    from hpcsgd.train.custom_recipe import make_recipe
 
-    recipe = build_recipe(cfg["recipe"], None, cfg["global_batch"], cfg["epochs"], iters_per_epoch,
-                          **cfg["recipe_options"])
+    recipe = make_recipe(cfg, None, iters_per_epoch)
     e = float(cfg["epochs"])
     points = sorted({0.0, 1.0, 5.0, 10.0, 12.5, 30.0, 40.0, 60.0, 70.0, 80.0, 85.0, e * 0.5, e - 1e-9})
     return [{"epoch": round(p, 3), **{k: float(v) for k, v in recipe.hyperparams(p).items()}}

@@ -37,7 +37,7 @@ class Key:
 
 _NUM = (int, float)
 DATASETS = ("fashion_mnist", "imagenet_folder", "imagenet_list", "synthetic")
-RECIPES = ("goyal", "akiba", "lars", "sgd")
+RECIPES = ("goyal", "akiba", "lars", "sgd", "custom")
 COMMUNICATORS = ("hierarchical", "flat", "naive", "nccl", "dummy")
 WIRE_DTYPES = (None, "float16", "bfloat16", "float32")
 BN_MODES = ("batch", "recompute", "running", "sync")
@@ -75,9 +75,13 @@ SCHEMA: dict[str, Key] = {
     "grad_accumulation": Key(None, "micro-batches per step (None: derived from global_batch, else 1)",
                              (int, type(None))),
     # optimisation
-    "recipe": Key("sgd", "learning-rate/optimizer recipe: goyal|akiba|lars|sgd", (str,), RECIPES),
-    "recipe_options": Key({}, "overrides for hpcsgd.optim.build_recipe (explicit optimizer/schedule, "
-                              "lr, momentum, weight_decay, warmup_epochs, ...)", (dict,)),
+    "recipe": Key("sgd", "learning-rate/optimizer recipe: goyal|akiba|lars|sgd, or custom (optimizer + "
+                         "schedule keys)", (str,), RECIPES),
+    "recipe_options": Key({}, "overrides of the named recipe's settings (lr, momentum, weight_decay, "
+                              "warmup_epochs, milestones, decay, ...)", (dict,)),
+    "optimizer": Key({}, "recipe custom: {name: momentum_sgd|sgd|rmsprop|adam|lars, weight_decay, ...}",
+                     (dict,)),
+    "schedule": Key({}, "recipe custom: {type: constant|step|cosine|poly, lr, warmup_epochs, ...}", (dict,)),
     "epochs": Key(1.0, "training epochs (fractional allowed)", _NUM),
     "stop_iteration": Key(None, "stop (and checkpoint) after this iteration; the schedule still "
                                 "spans all epochs", (int, type(None))),
@@ -213,6 +217,13 @@ def resolve(cfg: dict, world_size: int, check_paths: bool = True,
             f"config key 'global_batch'={glob} must equal ranks x batch_per_rank x grad_accumulation = "
             f"{world_size} x {cfg['batch_per_rank']} x {accum} = {per_step * accum}")
     cfg["global_batch"], cfg["grad_accumulation"], cfg["world_size"] = glob, accum, world_size
+    for key in ("optimizer", "schedule"):
+        if cfg[key] and cfg["recipe"] != "custom":
+            raise ConfigError(f"config key {key!r} is only used with recipe: custom (recipe is "
+                              f"{cfg['recipe']!r}; its settings go in recipe_options)")
+    if cfg["recipe"] == "custom" and cfg["recipe_options"]:
+        raise ConfigError("config key 'recipe_options' does not apply to recipe: custom "
+                          "(use the optimizer and schedule keys)")
     if cfg["communicator"] == "nccl" and not cfg["gpu"]:
         raise ConfigError(f"config key 'communicator'={cfg['communicator']!r} needs gpu: true")
     if cfg["kernels"] is None:

@@ -57,7 +57,7 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
     import hpcsgd
     from hpcsgd.data import Loader, build_dataset
     from hpcsgd.models import build_model, prepare_for_eval
-    from hpcsgd.optim import build_recipe
+    from hpcsgd.train.custom_recipe import make_recipe
 
     t_start = time.perf_counter()
     # 1. Communicator, topology, threads, kernels, device --------------------------------
@@ -113,8 +113,7 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
                         bn_mode=cfg["bn_mode"], zero_init_residual=cfg["zero_init_residual"], **model_kw)
     if cfg["gpu"]:
         model.to_gpu()
-    recipe = build_recipe(cfg["recipe"], model, cfg["global_batch"], cfg["epochs"], iters_per_epoch,
-                          **cfg["recipe_options"])
+    recipe = make_recipe(cfg, model, iters_per_epoch)
     optimizer = hpcsgd.create_multi_node_optimizer(recipe.optimizer, comm,
                                                    double_buffering=cfg["double_buffering"])
 
