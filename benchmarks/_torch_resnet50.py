@@ -67,13 +67,14 @@ def main():
 
     for _ in range(a.warmup):
         step()
-    times = []
+    times, cpu = [], []
     for _ in range(a.iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     print(json.dumps({"impl": "pytorch", "batch": a.batch, "res": a.res, "threads": a.threads,
-                      "step_seconds": times, "torch": torch.__version__,
+                      "step_seconds": times, "step_cpu_seconds": cpu, "torch": torch.__version__,
                       "mkldnn": bool(torch.backends.mkldnn.is_available()),
                       "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}))
 

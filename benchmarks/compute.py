@@ -11,7 +11,8 @@ data, BN in training mode) of ResNet-50 v1.5 at 8 x 224 px and 32 x 64 px for
   that has torch (an optional extra, never an hpcsgd dependency),
 
 at each thread count, in one run. Every measurement is a fresh subprocess
-with ``OPENBLAS_CORETYPE`` (default SkylakeX) set in its own environment, so
+with ``OPENBLAS_CORETYPE`` (default SkylakeX) set in its own environment (and,
+for hpcsgd, ``OPENBLAS_THREAD_TIMEOUT=4`` as ``hpcsgd train`` sets it), so
 the BLAS trap is avoided here regardless of the caller's environment; the
 kernel that actually ran is recorded (threadpoolctl). Configurations are
 interleaved over ``--rounds`` so load changes hit all alike; the result per
@@ -104,12 +105,14 @@ def worker_model(impl: str, batch: int, res: int, threads: int, iters: int, warm
     with chainer.using_config("train", True):
         for _ in range(warmup):
             step()
-        times = []
+        times, cpu = [], []
         for _ in range(iters):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     return {"impl": impl, "batch": batch, "res": res, "threads": threads, "step_seconds": times,
+            "step_cpu_seconds": cpu,
             "blas": _blas_info(), "threads_in_force": kernels.current_threads(), "loadavg": os.getloadavg()}
 
 
@@ -127,9 +130,13 @@ def _run(cmd: list, env: dict, timeout: float) -> dict | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _env(threads: int, coretype: str) -> dict:
+def _env(threads: int, coretype: str, impl: str = "") -> dict:
     env = dict(os.environ)
     env["OPENBLAS_CORETYPE"] = coretype
+    if impl == "hpcsgd":  # what hpcsgd.blas.select_coretype sets in `hpcsgd train`
+        from hpcsgd.blas import THREAD_TIMEOUT, THREAD_TIMEOUT_ENV
+
+        env.setdefault(THREAD_TIMEOUT_ENV, THREAD_TIMEOUT)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -160,7 +167,7 @@ def drive(args) -> dict:
                     cmd += ["--batch", str(batch), "--res", str(px), "--threads", str(threads),
                             "--iters", str(args.iters), "--warmup", "1"]
                     t0 = time.time()
-                    res = _run(cmd, _env(threads, args.coretype), args.timeout)
+                    res = _run(cmd, _env(threads, args.coretype, impl), args.timeout)
                     if res:
                         runs.setdefault(key, []).append(res)
                         print(f"round {rnd} {key}: {[round(s, 2) for s in res['step_seconds']]} s/step "
@@ -176,11 +183,15 @@ def summarise(args, runs, peaks, load_before, started) -> dict:
         batch, res = (int(v) for v in shape.split("x"))
         threads = int(t[1:])
         steps = [s for r in rs for s in r["step_seconds"]]
+        cpu = [s for r in rs for s in r.get("step_cpu_seconds", [])]
         ips = batch / statistics.median(steps)
         flops = ips * train_flops_per_image(res)
         results.append({
             "impl": impl, "batch": batch, "res": res, "threads": threads,
             "images_per_s": ips, "images_per_s_best": batch / min(steps), "steps_timed": len(steps),
+            # CPU time of the process (all its threads): robust to other load, the fair
+            # 1-thread comparison on a shared machine
+            "images_per_cpu_s": batch / statistics.median(cpu) if cpu else None,
             "gflops": flops / 1e9,
             "fraction_of_nominal_peak": flops / (threads * NOMINAL_PEAK_PER_CORE),
             "fraction_of_measured_peak": flops / (threads * peak1 * 1e9) if peak1 else None,
@@ -189,6 +200,8 @@ def summarise(args, runs, peaks, load_before, started) -> dict:
                       if k in rs[0]},
         })
     by = {(r["impl"], r["batch"], r["res"], r["threads"]): r["images_per_s"] for r in results}
+    cpu_by = {(r["impl"], r["batch"], r["res"], r["threads"]): r["images_per_cpu_s"] for r in results
+              if r["images_per_cpu_s"]}
     ratios = {}
     for (impl, b, px, t), ips in by.items():
         name = f"{b}x{px}/t{t}"
@@ -196,6 +209,9 @@ def summarise(args, runs, peaks, load_before, started) -> dict:
             for other in ("pytorch", "chainer"):
                 if (other, b, px, t) in by:
                     ratios[f"hpcsgd_over_{other}/{name}"] = ips / by[(other, b, px, t)]
+            key = ("pytorch", b, px, t)
+            if key in cpu_by and (impl, b, px, t) in cpu_by:
+                ratios[f"hpcsgd_over_pytorch_per_cpu_s/{name}"] = cpu_by[(impl, b, px, t)] / cpu_by[key]
         if t != 1 and (impl, b, px, 1) in by:
             ratios[f"{impl}_t{t}_over_t1/{b}x{px}"] = ips / by[(impl, b, px, 1)]
     return {
@@ -275,7 +291,8 @@ def main(argv=None) -> int:
         frac = r["fraction_of_measured_peak"] or float("nan")
         print(f"{r['impl']:8s} {r['batch']:3d}x{r['res']:<3d} t{r['threads']}: "
               f"{r['images_per_s']:7.2f} img/s "
-              f"{r['gflops']:6.1f} GFLOP/s ({100 * frac:.0f}% of measured peak)")
+              f"{r['gflops']:6.1f} GFLOP/s ({100 * frac:.0f}% of measured peak); "
+              f"{r['images_per_cpu_s'] or float('nan'):.2f} img per CPU-s")
     for k, v in summary["ratios"].items():
         print(f"{k}: {v:.2f}")
     return 0

@@ -12,7 +12,9 @@ that when, and only when:
   ``architecture``) a kernel below the CPU's vector class;
 * ``/proc/cpuinfo`` flags show AVX-512 (-> ``SkylakeX``) or AVX2+FMA (-> ``Haswell``).
 
-``HPCSGD_BLAS_SELECT=0`` switches the selection off. Use from Python before anything imports numpy::
+It also sets ``OPENBLAS_THREAD_TIMEOUT=4`` unless set, so that idle OpenBLAS
+threads sleep instead of spinning while numba kernels run between GEMMs.
+``HPCSGD_BLAS_SELECT=0`` switches all of this off. Use from Python before anything imports numpy::
 
     from hpcsgd.blas import select_coretype
     print(select_coretype())          # one log line; sets os.environ when needed
@@ -36,6 +38,10 @@ from typing import Iterable, Mapping, MutableMapping, Optional
 ENV = "OPENBLAS_CORETYPE"
 #: Set next to OPENBLAS_CORETYPE by ``--export`` so a later call knows hpcsgd chose it.
 MARK_ENV = "HPCSGD_OPENBLAS_CORETYPE_BY"
+#: OpenBLAS's idle threads spin 2**28 cycles (~0.1 s) by default before sleeping; they then steal
+#: the cores numba's kernels run on between two GEMMs. 2**4 cycles: they sleep at once.
+THREAD_TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"
+THREAD_TIMEOUT = "4"
 #: ``HPCSGD_BLAS_SELECT=0`` switches the selection off.
 DISABLE_ENV = "HPCSGD_BLAS_SELECT"
 
@@ -127,15 +133,16 @@ def select_coretype(environ: Optional[MutableMapping[str, str]] = None, probe=pr
     env = os.environ if environ is None else environ
     if env.get(DISABLE_ENV, "") == "0":
         return f"hpcsgd.blas: {DISABLE_ENV}=0; OpenBLAS core type left alone"
+    if numpy_loaded is None:
+        numpy_loaded = "numpy" in sys.modules
+    if numpy_loaded:
+        return f"hpcsgd.blas: numpy is already imported; {ENV} can no longer take effect (call me earlier)"
+    env.setdefault(THREAD_TIMEOUT_ENV, THREAD_TIMEOUT)
     user = env.get(ENV)
     if user and env.get(MARK_ENV) == user:
         return f"hpcsgd.blas: {ENV}={user} selected earlier by hpcsgd.blas; kept"
     if user:
         return decide(None, (), user_value=user)[1]
-    if numpy_loaded is None:
-        numpy_loaded = "numpy" in sys.modules
-    if numpy_loaded:
-        return f"hpcsgd.blas: numpy is already imported; {ENV} can no longer take effect (call me earlier)"
     info = probe(environ=env)
     flags = read_cpu_flags() if cpu_flags is None else cpu_flags
     coretype, line = decide(info.get("architecture"), flags, version=info.get("version"))
@@ -165,8 +172,11 @@ def main(argv: Optional[list] = None) -> int:
     env = dict(os.environ)
     line = select_coretype(env, numpy_loaded=False)
     print(line, file=sys.stderr)
-    if args.export and env.get(ENV) and env.get(ENV) != os.environ.get(ENV):
-        print(f"export {ENV}={env[ENV]} {MARK_ENV}={env[ENV]}")
+    if args.export:
+        names = (ENV, MARK_ENV, THREAD_TIMEOUT_ENV)
+        exports = [f"{k}={env[k]}" for k in names if env.get(k) != os.environ.get(k)]
+        if exports:
+            print("export " + " ".join(exports))
     return 0
 
 

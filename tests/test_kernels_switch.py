@@ -84,7 +84,8 @@ def test_network_same_loss_and_grads_with_and_without_kernels(restore_ops):
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-3, atol=1e-4, err_msg=name)
 
 
-def test_set_threads_applies_to_blas_and_numba():
+def test_set_threads_applies_to_blas_and_numba(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # set_threads would set it; keep the env as found
     before_numba = numba.get_num_threads()
     before_blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
     try:

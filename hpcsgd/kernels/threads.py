@@ -51,7 +51,10 @@ def set_threads(n: int) -> int:
     """Run BLAS and numba kernels on ``n`` threads each (per process); returns the count applied.
 
     numba cannot go above the size of the pool it started with
-    (``NUMBA_NUM_THREADS``, default: all cores); ``n`` is capped there.
+    (``NUMBA_NUM_THREADS``, default: all cores); ``n`` is capped there. Sets
+    ``OMP_WAIT_POLICY=PASSIVE`` unless set, before numba's OpenMP pool starts:
+    two pools (BLAS, numba) alternate on the same cores, and a spinning idle pool
+    steals them from the busy one.
     """
     global _blas_limiter, _current
     if int(n) < 1:
@@ -59,6 +62,9 @@ def set_threads(n: int) -> int:
     import numba
     from threadpoolctl import threadpool_limits
 
+    # numba's OpenMP pool starts on first use; its idle threads should sleep, not spin, so
+    # they leave the cores to the BLAS threads between kernels (a user setting wins).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     n_numba = min(int(n), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(n_numba)
     # Not used as a context manager: the limit stays until changed again.
