@@ -181,7 +181,7 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
                         iters_per_epoch=iters_per_epoch)
     meter = PhaseMeter()
     stream, stream_epoch = None, -1
-    t_loop = time.perf_counter()
+    t_loop, paused_total = time.perf_counter(), 0.0
     while iteration < stop:
         epoch_index = iteration // iters_per_epoch
         if stream is None or stream_epoch != epoch_index:
@@ -212,11 +212,15 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
             history.append({k: rec[k] for k in ("kind", "iteration", "epoch", "loss", "lr", "images_per_s")})
             log.write("train", local_loss=loss_value, **{k: v for k, v in rec.items() if k != "kind"})
             progress.update(iteration, rec["loss"], rec["images_per_s"], lr)
+        t_pause = time.perf_counter()
         if eval_every and iteration % eval_every == 0 and iteration < total_iters:
             run_eval(iteration)
         if cfg["checkpoint_interval"] and iteration % cfg["checkpoint_interval"] == 0 and iteration < stop:
             save(iteration)
-    train_seconds = time.perf_counter() - t_loop
+        paused = time.perf_counter() - t_pause  # evaluation and checkpoints: not training throughput
+        meter.exclude(paused)
+        paused_total += paused
+    train_seconds = time.perf_counter() - t_loop - paused_total
     progress.close()
     if hasattr(optimizer, "finalize"):
         optimizer.finalize()  # double buffering: no reduction left in flight

@@ -38,6 +38,11 @@ class PhaseMeter:
         self.images = 0
         self.iters = 0
         self.t_start = time.perf_counter()
+        self.excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (evaluation, checkpoint) out of the interval's images/s."""
+        self.excluded += seconds
 
     def add(self, phase_seconds: dict[str, float], loss: float, images: int) -> None:
         for i, p in enumerate(self.phases):
@@ -52,7 +57,7 @@ class PhaseMeter:
     def aggregate(self, comm) -> dict:
         """Collective: one Allgather; returns the interval's record (same on every rank)."""
         mpi = getattr(comm, "mpi_comm", comm)
-        elapsed = time.perf_counter() - self.t_start
+        elapsed = time.perf_counter() - self.t_start - self.excluded
         local = np.concatenate([self.sums, [self.loss_sum, self.images, self.iters, elapsed]])
         gathered = np.empty((mpi.Get_size(), local.size))
         with collective("allgather", what="phase timings"):
