@@ -238,10 +238,10 @@ def test_model_errors_predicts_multi_rank_from_one_rank():
     one = {"model": "m", "framework": "hpcsgd", "ranks": 1, "per_rank_batch": 8, "params": 10**6,
            "param_arrays": 10, "iteration_s": 0.10,
            "phases_s": {"forward": 0.03, "backward": 0.06, "update": 0.01}}
-    # Hand-computed 2-rank hierarchical on one node: reduce (alpha + n beta) + bcast (alpha + n beta)
-    # + pack/unpack 2 * n_elems * 8 B / 2e9 + one launch each (per_array_s = 5 us).
+    # Hand-computed 2-rank hpcsgd hierarchical on one node (shard-parallel: reduce-scatter + allgather):
+    # 2 * (alpha + n/2 beta) + pack/unpack 2 * n_elems * 8 B / 2e9 + one launch each (per_array_s = 5 us).
     n = 4e6
-    comm = 2 * (1e-5 + n * 1e-9) + 2 * 10**6 * 8 / 2e9 + 2 * 5e-6
+    comm = 2 * (1e-5 + n / 2 * 1e-9) + 2 * 10**6 * 8 / 2e9 + 2 * 5e-6
     two = dict(one, ranks=2, iteration_s=0.10 + comm, phases_s={})
     rows = model_errors({"configs": [one, two]}, cal)
     assert len(rows) == 1
@@ -272,6 +272,6 @@ def test_allreduce_model_check_maps_benchmark_cases(tmp_path):
     assert rows["MPI Allreduce packed float32"]["error"] == pytest.approx(0.0, abs=1e-9)
     # naive: one halving/doubling per array (2 alpha each at p=2) + unbatched copies.
     assert rows["chainermn naive"]["latency_s"] == pytest.approx(arrays * 2 * alpha)
-    # fp16 hierarchical on one node: reduce + bcast of 2-byte elements, cast-bandwidth packing.
-    assert rows["hpcsgd hierarchical float16"]["bandwidth_s"] == pytest.approx(2 * 2 * params * beta)
+    # fp16 hierarchical on one node = reduce-scatter + allgather (each (p-1)/p n beta) of 2-byte elements.
+    assert rows["hpcsgd hierarchical float16"]["bandwidth_s"] == pytest.approx(2 * params * beta)
     assert rows["hpcsgd hierarchical float16"]["pack_s"] == pytest.approx(2 * params * 6 / 2e9 + 2 * 5e-6)

@@ -126,7 +126,7 @@ def _allreduce_case(name: str, params: int, arrays: int) -> dict | None:
     if "hpcsgd" in key:
         for comm in ("hierarchical", "flat", "naive"):
             if comm in key:
-                model_comm = {"flat": "ring"}.get(comm, comm)
+                model_comm = {"flat": "ring", "hierarchical": "two_dimensional"}.get(comm, comm)
                 return {"communicator": model_comm, "calls": arrays if comm == "naive" else 1, "pack": True,
                         "batched": comm != "naive", "wire": wire}
     return None
@@ -264,7 +264,11 @@ def _framework_comm(c: dict) -> tuple[str, int, float]:
         buckets = max(1, -(-4 * c["params"] // (4 << 20)))
         ov = (measured_overlap() or 0.0) if fw == "hpcsgd-overlap" else 0.0
         return "naive", buckets, ov
-    return c.get("communicator", "hierarchical"), c.get("param_arrays", 1), 0.0
+    # hpcsgd's hierarchical is shard-parallel (reduce-scatter in the node, per-shard allreduce between
+    # nodes, allgather): the model's two_dimensional.
+    comm = {"hierarchical": "two_dimensional", "flat": "ring"}.get(c.get("communicator", "hierarchical"),
+                                                                  c.get("communicator"))
+    return comm, c.get("param_arrays", 1), 0.0
 
 
 def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:

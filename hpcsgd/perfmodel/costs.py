@@ -191,8 +191,10 @@ def allreduce_cost(communicator: str, nbytes: float, nodes: int, per_node: int, 
       * ``two_dimensional``: intra reduce-scatter, per-shard inter allreduce among
         ranks of equal local rank (concurrently, sharing min(per_node, rails) rails),
         intra allgather (ChainerMN ``two_dimensional``).
-      * ``naive``: one flat allreduce per parameter array (ChainerMN ``naive``):
-        ``param_arrays`` times the latency of a halving/doubling allreduce.
+      * ``naive``: one MPI allreduce per parameter array (ChainerMN ``naive``): on one node
+        ``param_arrays`` halving/doubling allreduces of n/arrays bytes; across nodes MPICH's
+        SMP-aware allreduce (node-local reduce, leaders, broadcast: each host sends n bytes per
+        direction, as measured by benchmarks/cluster_allreduce.py), i.e. ``hierarchical``.
     """
     if nodes < 1 or per_node < 1:
         raise ValueError(f"need nodes >= 1 and per_node >= 1, got {nodes} x {per_node}")
@@ -232,8 +234,11 @@ def allreduce_cost(communicator: str, nbytes: float, nodes: int, per_node: int, 
             cost = cost + ring_allgather(nbytes, per_node, intra)
         return cost
     if communicator == "naive":
-        level = inter if nodes > 1 else intra
-        per_array = halving_doubling_allreduce(nbytes / param_arrays, p, level)
+        if nodes > 1:
+            per_array = allreduce_cost("hierarchical", nbytes / param_arrays, nodes, per_node, intra, inter,
+                                       inter_algorithm)
+        else:
+            per_array = halving_doubling_allreduce(nbytes / param_arrays, p, intra)
         return CommCost(per_array.latency * param_arrays, per_array.bandwidth * param_arrays,
                         per_array.reduction * param_arrays)
     raise ValueError(f"unknown communicator {communicator!r}; choose from {COMMUNICATORS}")
