@@ -355,7 +355,7 @@ def finish(data: dict, args: argparse.Namespace) -> None:
     add_efficiency(data["configs"])
     data["loadavg_end"] = os.getloadavg()
     try:
-        from hpcsgd.perfmodel.calibrate import load_calibration, model_errors
+        from hpcsgd.perfmodel.checks import load_calibration, model_errors  # noqa: F401
 
         data["model_check"] = model_errors(data, load_calibration())
         for r in data["model_check"]:

@@ -232,7 +232,7 @@ def test_measured_overlap_from_overlap_benchmark(tmp_path):
 
 
 def test_model_errors_predicts_multi_rank_from_one_rank():
-    from hpcsgd.perfmodel.calibrate import model_errors
+    from hpcsgd.perfmodel.checks import model_errors
 
     cal = {"shm": {"alpha": 1e-5, "beta": 1e-9}, "mem_bandwidth": 2e9}
     one = {"model": "m", "framework": "hpcsgd", "ranks": 1, "per_rank_batch": 8, "params": 10**6,
@@ -251,7 +251,8 @@ def test_model_errors_predicts_multi_rank_from_one_rank():
 
 def test_allreduce_model_check_maps_benchmark_cases(tmp_path):
     """Cases of benchmarks/allreduce.py are modelled with the right algorithm, calls and wire bytes."""
-    from hpcsgd.perfmodel.calibrate import allreduce_model_check, points_from_allreduce_json
+    from hpcsgd.perfmodel.calibrate import points_from_allreduce_json
+    from hpcsgd.perfmodel.checks import allreduce_model_check
 
     alpha, beta = 1e-5, 1e-9
     cal = {"shm": {"alpha": alpha, "beta": beta}, "mem_bandwidth": 4e9, "cast_bandwidth": 2e9}

@@ -11,6 +11,10 @@ Sources, in order of preference:
 * compute: ``benchmarks/results/scaling.json`` 1-rank phases (forward + backward per image,
   update) for each model.
 
+The model's error on what was measured (allreduce cases, step times, the emulated
+cluster) is computed by :mod:`hpcsgd.perfmodel.checks`
+(``python -m hpcsgd.perfmodel.calibrate --report``).
+
 The fit is least squares on relative error of ``T(n) = c_alpha(p) alpha + c_beta(p, n) beta``
 with the algorithm's coefficients (ring at p = 2: 2 alpha + n beta).
 """
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .costs import Level
-from .model import Cluster, Device, Workload, predict
+from .model import Cluster, Device
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -112,54 +116,6 @@ def points_from_allreduce_json(path: Path = RESULTS / "allreduce.json") -> tuple
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return (pts, ranks) if len(pts) >= 2 else None
-
-
-def _allreduce_case(name: str, params: int, arrays: int) -> dict | None:
-    """How the model computes one ResNet-50 case of benchmarks/allreduce.py, from its name."""
-    key = name.lower()
-    wire = "float16" if ("float16" in key or "fp16" in key) else "float32"
-    if "chainermn" in key and "naive" in key:
-        return {"communicator": "naive", "calls": arrays, "pack": False, "batched": False, "wire": wire}
-    if "hpcsgd" not in key and "mpi" in key:
-        calls = max(1, -(-4 * params // (4 << 20))) if "bucket" in key or "mib" in key else 1
-        return {"communicator": "naive", "calls": calls, "pack": False, "batched": True, "wire": wire}
-    if "hpcsgd" in key:
-        for comm in ("hierarchical", "flat", "naive"):
-            if comm in key:
-                model_comm = {"flat": "ring", "hierarchical": "two_dimensional"}.get(comm, comm)
-                return {"communicator": model_comm, "calls": arrays if comm == "naive" else 1, "pack": True,
-                        "batched": comm != "naive", "wire": wire}
-    return None
-
-
-def allreduce_model_check(path: Path = RESULTS / "allreduce.json", calibration: dict | None = None) -> list:
-    """Model vs. measured ResNet-50 gradient mean for each communicator of benchmarks/allreduce.py."""
-    from .costs import allreduce_cost, dtype_bytes, pack_cost
-
-    if not path.exists():
-        return []
-    data = json.loads(path.read_text())
-    cluster = local_cluster(calibration)
-    params, arrays, ranks = int(data["elements"]), int(data["arrays"]), int(data["ranks"])
-    dev = cluster.device
-    rows = []
-    for name, res in data.get("resnet50", {}).items():
-        case = _allreduce_case(name, params, arrays)
-        if case is None:
-            continue
-        nbytes = params * dtype_bytes(case["wire"])
-        ar = allreduce_cost(case["communicator"], nbytes, 1, ranks, cluster.intra, cluster.inter, "ring",
-                            case["calls"])
-        pack = 0.0
-        if case["pack"] or not case["batched"]:
-            bw = dev.cast_bandwidth if case["wire"] != "float32" and dev.cast_bandwidth else dev.mem_bandwidth
-            pack = pack_cost(params, 4, dtype_bytes(case["wire"]), bw, case["calls"], cluster.per_array_s,
-                             case["batched"])
-        predicted, measured = ar.total + pack, res["median_ms"] * 1e-3
-        rows.append({"case": name, "measured_s": measured, "predicted_s": predicted,
-                     "error": predicted / measured - 1, "latency_s": ar.latency, "bandwidth_s": ar.bandwidth,
-                     "pack_s": pack})
-    return rows
 
 
 def measured_overlap(path: Path = RESULTS / "overlap.json", config: str | None = None) -> float | None:
@@ -255,74 +211,11 @@ def local_cluster(calibration: dict | None = None, per_image_s: float = 0.01, fi
                    update_bytes_per_param=20.0, sources={"all": src})
 
 
-def _framework_comm(c: dict) -> tuple[str, int, float]:
-    """(model communicator, allreduce calls per step, overlap fraction) of a scaling.json record."""
-    fw = c.get("framework", "hpcsgd")
-    if fw == "chainermn":  # naive: one MPI allreduce per parameter array, unbatched copies
-        return "naive", c.get("param_arrays", 1), 0.0
-    if fw in ("hpcsgd-overlap", "hpcsgd-nooverlap"):  # one MPI allreduce per 4 MiB bucket
-        buckets = max(1, -(-4 * c["params"] // (4 << 20)))
-        ov = (measured_overlap() or 0.0) if fw == "hpcsgd-overlap" else 0.0
-        return "naive", buckets, ov
-    # hpcsgd's hierarchical is shard-parallel (reduce-scatter in the node, per-shard allreduce between
-    # nodes, allgather): the model's two_dimensional.
-    comm = {"hierarchical": "two_dimensional", "flat": "ring"}.get(c.get("communicator", "hierarchical"),
-                                                                  c.get("communicator"))
-    return comm, c.get("param_arrays", 1), 0.0
-
-
 def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
-    """Predicted vs. measured iteration time for every multi-rank config in scaling.json.
+    """Moved to :func:`hpcsgd.perfmodel.checks.model_errors` (kept for existing callers)."""
+    from .checks import model_errors as impl
 
-    Compute (forward + backward per image, update) is taken from the 1-rank run of the
-    same model and framework; the multi-rank runs are then predicted from the calibrated
-    communication model (hpcsgd hierarchical; ChainerMN naive = one allreduce per array;
-    the bucketed reducer = one allreduce per bucket, overlapped by the fraction measured
-    in benchmarks/results/overlap.json).
-    """
-    from dataclasses import replace
-
-    rows = []
-    configs = scaling.get("configs", [])
-    singles = {(c["model"], c.get("framework", "hpcsgd")): c for c in configs if c["ranks"] == 1}
-    for c in configs:
-        fw = c.get("framework", "hpcsgd")
-        one = singles.get((c["model"], fw))
-        if c["ranks"] == 1 or one is None:
-            continue
-        ph = one["phases_s"]
-        b = one["per_rank_batch"]
-        fb = ph.get("forward", 0) + ph.get("backward", 0)
-        cluster = local_cluster(calibration, per_image_s=fb / b,
-                                backward_fraction=ph.get("backward", 0) / fb if fb else 2 / 3)
-        cluster = _replace_update(cluster, ph.get("update", 0.0), c["params"])
-        comm_name, calls, overlap = _framework_comm(c)
-        batched = fw != "chainermn"
-        wl = Workload(c["model"], params=c["params"], param_arrays=calls, dataset_images=10**6)
-        nodes = c.get("nodes", 1)
-        cl = replace(cluster, devices_per_node=c["ranks"] // nodes, max_devices=max(4, c["ranks"]),
-                     batched_pack=batched)
-        p = predict(cl, c["ranks"], b * c["ranks"], 1, wl, communicator=comm_name,
-                    wire_dtype=c.get("wire_dtype", "float32"), overlap=overlap)
-        measured = c["iteration_s"]
-        rows.append({"model": c["model"], "framework": fw, "ranks": c["ranks"], "nodes": nodes,
-                     "measured_s": measured, "predicted_s": p.iteration_s,
-                     "error": p.iteration_s / measured - 1,
-                     "predicted_comm_s": p.comm_s, "predicted_exposed_comm_s": p.exposed_comm_s,
-                     "measured_comm_s": sum(c["phases_s"].get(k, 0) for k in ("pack", "allreduce", "unpack")),
-                     "overlap_used": overlap})
-        mc = rows[-1]["measured_comm_s"]
-        rows[-1]["comm_error"] = p.comm_s / mc - 1 if mc > 0 else None
-    return rows
-
-
-def _replace_update(cluster: Cluster, update_s: float, params: int) -> Cluster:
-    """Set update_bytes_per_param so the model's update time equals the measured one."""
-    from dataclasses import replace
-
-    if update_s <= 0 or params <= 0:
-        return cluster
-    return replace(cluster, update_bytes_per_param=update_s * cluster.device.mem_bandwidth / params)
+    return impl(scaling, calibration)
 
 
 def measure() -> None:
@@ -356,28 +249,14 @@ def measure() -> None:
     print(json.dumps({k: out.get(k) for k in keys}, indent=1))
 
 
-def report(out_path: Path = RESULTS / "predict_local.json") -> dict:
-    """The model's error on everything measured here; writes predict_local.json and prints a table."""
-    cal = load_calibration()
-    scaling_path = RESULTS / "scaling.json"
-    scaling = json.loads(scaling_path.read_text()) if scaling_path.exists() else {}
-    keys = ("source", "shm", "mem_bandwidth", "cast_bandwidth", "loadavg", "time")
-    rep = {"calibration": {k: cal.get(k) for k in keys},
-           "overlap_fraction_measured": measured_overlap(),
-           "allreduce": allreduce_model_check(calibration=cal), "steps": model_errors(scaling, cal)}
-    out_path.write_text(json.dumps(rep, indent=1))
-    for r in rep["allreduce"]:
-        print(f"allreduce {r['case']:36s} measured {r['measured_s'] * 1e3:8.2f} ms  predicted "
-              f"{r['predicted_s'] * 1e3:8.2f} ms  {r['error']:+6.1%}")
-    for r in rep["steps"]:
-        ce = f"{r['comm_error']:+.0%}" if r.get("comm_error") is not None else "-"
-        print(f"step {r['model']:12s} {r['framework']:16s} n={r['ranks']} "
-              f"measured {r['measured_s'] * 1e3:8.1f} ms  predicted {r['predicted_s'] * 1e3:8.1f} ms  "
-              f"{r['error']:+6.1%}  (comm only {ce})")
-    return rep
 
 
 if __name__ == "__main__":
     import sys
 
-    report() if "--report" in sys.argv else measure()
+    if "--report" in sys.argv:
+        from .checks import report
+
+        report()
+    else:
+        measure()
