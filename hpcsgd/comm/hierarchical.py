@@ -28,7 +28,9 @@ every peer's step 6, so two fences per bucket suffice.
 Defaults: float32 inside a node (shared memory moves bytes at memory speed;
 casting costs more than the bytes saved), float16 between nodes. Nodes must
 all have the same number of ranks; otherwise this communicator falls back to
-the ``flat`` algorithm (with a warning), as the shards would not line up.
+the ``flat`` algorithm (with a warning), as the shards would not line up. With
+one rank per node the node level is empty and the ``flat`` algorithm (in the
+inter-node wire format) computes the same mean with fewer passes.
 GPU gradients use NCCL: see :mod:`hpcsgd.comm.nccl`.
 """
 
@@ -161,11 +163,13 @@ class HierarchicalCommunicator(BucketedCommunicator):
             from hpcsgd.comm.nccl import GpuHierarchicalAlgorithm
 
             return GpuHierarchicalAlgorithm(layout, topo, intra, inter, self.get_config("bucket_bytes"))
+        wire = inter if topo.inter_size > 1 else intra
         if not topo.uniform:
             if not getattr(self, "_warned_uniform", False):
                 warnings.warn("hierarchical: nodes have different numbers of ranks; falling back to "
                               "the flat algorithm over all ranks", RuntimeWarning, stacklevel=3)
                 self._warned_uniform = True
-            wire = inter if topo.inter_size > 1 else intra
+            return FlatAlgorithm(layout, self._mpi_comm, wire, self.get_config("bucket_bytes"))
+        if topo.intra_size == 1:  # one rank per node: the node level is empty, flat is the same mean
             return FlatAlgorithm(layout, self._mpi_comm, wire, self.get_config("bucket_bytes"))
         return HierarchicalAlgorithm(layout, topo, intra, inter, self.get_config("bucket_bytes"))
