@@ -196,6 +196,23 @@ def check_bucket_api(comm, label):
         assert np.allclose(p.grad, ref[name], rtol=1e-5, atol=1e-6), f"{label}: bucket API result for {name}"
 
 
+def check_mixed_dtypes(comm, label):
+    """float16 and float64 parameters travel through the float32 wire and come back in their dtype."""
+    link = chainer.Link()
+    with link.init_scope():
+        link.h = chainer.Parameter(np.zeros((50,), np.float16))
+        link.d = chainer.Parameter(np.zeros((3, 7), np.float64))
+    rng = np.random.default_rng(rank + 5)
+    link.h.grad = rng.standard_normal(50).astype(np.float16)
+    link.d.grad = rng.standard_normal((3, 7))
+    ref = {n: np.mean(g, 0) for n, g in zip(("h", "d"), zip(*world.allgather(
+        (link.h.grad.astype(np.float64), link.d.grad.copy()))))}
+    comm.multi_node_mean_grad(link)
+    assert link.h.grad.dtype == np.float16 and link.d.grad.dtype == np.float64, f"{label}: dtypes changed"
+    assert np.allclose(link.h.grad, ref["h"], rtol=2 ** -10, atol=2 ** -14), f"{label}: float16 param mean"
+    assert np.allclose(link.d.grad, ref["d"], rtol=2 ** -21, atol=1e-7), f"{label}: float64 param mean"
+
+
 def main():
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["naive", "flat", "hierarchical"]
     for name in names:
@@ -211,6 +228,7 @@ def main():
             check_mean(comm, label + " no grads anywhere", wire, zero_fill=False, skip=("/e_W",), seed=3)
             check_errors(comm, label, wire)
             if name != "naive" and wire == "float32":
+                check_mixed_dtypes(comm, label + " mixed dtypes")
                 check_mean(comm, label + " async", wire, seed=4, async_=True)
                 check_bucket_api(comm, label)
             comm.finalize()
