@@ -171,6 +171,9 @@ class NcclCommunicator(BucketedCommunicator):
     def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         import cupy
 
+        if not self._gpu_grads and len(layout):
+            raise ValueError("the 'nccl' communicator reduces CuPy gradients (call model.to_device(...) "
+                             "first); for NumPy use 'hierarchical' or 'flat'")
         cupy.cuda.Device(self.topology.device).use()
         return NcclAllreduceAlgorithm(layout, self._mpi_comm, self._wire_label(),
                                       self.get_config("bucket_bytes"))
