@@ -58,7 +58,7 @@ def test_eval_partition_short_last_batch_and_tracing():
 def test_config_errors():
     ds = small()
     for bad in [dict(on_bad="ignore"), dict(dtype="float16"), dict(partition="x"), dict(transform="aug"),
-                dict(rank=2, size=2), dict(prefetch=0)]:
+                dict(rank=2, size=2), dict(prefetch=0)] + ([] if cuda_available() else [dict(device=0)]):
         with pytest.raises(ConfigError):
             Loader(ds, 4, workers=0, **bad)
     with pytest.raises(ConfigError):

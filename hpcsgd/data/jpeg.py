@@ -13,11 +13,12 @@ Fast paths, both measured in ``benchmarks/loader.py``:
   the crop stays at least ``out`` pixels in both directions, so no output
   detail is lost. It pays only for crops at least twice the output size
   (large images, or eval resizing of images over 512 px).
-* Decoder: when the optional ``simplejpeg`` package (libjpeg-turbo's
-  TurboJPEG API; ``pip install simplejpeg``) is importable, baseline JPEGs are
-  decoded with it (decoder='auto'), which decodes the whole buffer in one
-  call; anything else (PNG, CMYK, a file it rejects) goes to Pillow, which
-  also produces the error messages.
+* Decoder: Pillow by default. ``decoder='simplejpeg'`` (or ``'auto'``: use it
+  when importable) decodes baseline JPEGs with the optional ``simplejpeg``
+  package (libjpeg-turbo's TurboJPEG API, ``pip install simplejpeg``);
+  anything else (PNG, CMYK, a file it rejects) still goes to Pillow, which
+  also produces the error messages. Both use libjpeg-turbo; measured, the
+  difference is within this machine's noise (docs/data.md), hence the default.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from collections import deque
 import numpy as np
 
 from hpcsgd.data.batch import BatchLayout, batch_rng, fill_batch
+from hpcsgd.data.device import cuda_available
 from hpcsgd.data.pipeline import DataWorkerError, SharedSlots, WorkerPool
 from hpcsgd.data.sharding import epoch_permutation, eval_shard, iterations_per_epoch, rank_batch_indices
 from hpcsgd.data.transforms import Identity, Normalize
@@ -64,6 +65,8 @@ class Loader:
                               f"prefetch={prefetch} rank={rank} size={size}")
         if len(dataset) == 0:
             raise DataError("the dataset is empty")
+        if device is not None and not cuda_available():
+            raise ConfigError(f"device={device} needs CuPy and a CUDA GPU; use device=None for NumPy")
         self.dataset, self.batch_size, self.rank, self.size = dataset, int(batch_size), int(rank), int(size)
         self.seed, self.shuffle, self.on_bad, self.drop_remainder = int(seed), shuffle, on_bad, drop_remainder
         self.partition, self.copy, self.timeout = partition, copy, float(timeout)

@@ -55,7 +55,7 @@ class RandomResizedCrop:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     draft: bool = True
-    decoder: str = "auto"
+    decoder: str = "pillow"
 
     def __post_init__(self):
         check_decoder(self.decoder)
@@ -113,7 +113,7 @@ class ResizeCenterCrop:
     resize: int = 256
     crop: int = 224
     draft: bool = True
-    decoder: str = "auto"
+    decoder: str = "pillow"
 
     def __post_init__(self):
         check_decoder(self.decoder)
