@@ -502,3 +502,64 @@ def cupy_unpack_kernel(wire: str):
     return cupy.ElementwiseKernel(
         f"{src_t} x, float32 s", "float32 y, int32 bad",
         f"{load} v = v * s; y = v; bad = isfinite(v) ? 0 : 1;", f"hpcsgd_unpack_{wire}")
+
+
+_BATCHED_SRC = r"""
+#include <cuda_fp16.h>
+__device__ __forceinline__ int find_param(const long long* csum, int n_params, long long tid) {
+    int lo = 0, hi = n_params - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (csum[mid] <= tid) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+__device__ __forceinline__ unsigned short to_bf16(float v) {
+    unsigned int f = __float_as_uint(v);
+    if ((f & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((f >> 16) | 0x40u);
+    return (unsigned short)((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
+}
+extern "C" __global__ void hpcsgd_batched_pack(const long long* ptrs, const long long* csum, int n_params,
+                                               void* dst, long long n, float scale, int wire) {
+    long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (tid >= n) return;
+    int j = find_param(csum, n_params, tid);
+    float v = ((const float*)ptrs[j])[tid - csum[j]] * scale;
+    if (wire == 0) ((float*)dst)[tid] = v;
+    else if (wire == 1) ((__half*)dst)[tid] = __float2half_rn(v);
+    else ((unsigned short*)dst)[tid] = to_bf16(v);
+}
+extern "C" __global__ void hpcsgd_batched_unpack(const long long* ptrs, const long long* csum, int n_params,
+                                                 const void* src, long long n, float scale, int wire,
+                                                 unsigned long long* bad) {
+    long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (tid >= n) return;
+    int j = find_param(csum, n_params, tid);
+    float v;
+    if (wire == 0) v = ((const float*)src)[tid];
+    else if (wire == 1) v = __half2float(((const __half*)src)[tid]);
+    else v = __uint_as_float(((unsigned int)((const unsigned short*)src)[tid]) << 16);
+    v = v * scale;
+    ((float*)ptrs[j])[tid - csum[j]] = v;
+    if (!isfinite(v)) atomicAdd(bad, 1ULL);
+}
+"""
+_WIRE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def cupy_batched_kernels():
+    """``(pack, unpack)`` CuPy RawKernels: one launch for all float32 parameter pieces of a bucket.
+
+    ChainerMN's ``batched_copy`` idea: a device table of piece pointers and prefix sums;
+    each thread binary-searches its piece. ``pack(ptrs, csum, n_params, dst, n, scale, wire)``,
+    ``unpack(ptrs, csum, n_params, src, n, scale, wire, bad)`` (``bad``: one uint64 counter).
+    """
+    import cupy
+
+    mod = cupy.RawModule(code=_BATCHED_SRC, options=("--std=c++11",))
+    return mod.get_function("hpcsgd_batched_pack"), mod.get_function("hpcsgd_batched_unpack")
+
+
+def wire_code(wire: str) -> int:
+    """Integer code of ``wire`` for the batched CUDA kernels."""
+    return _WIRE_CODE[wire]

@@ -4,11 +4,13 @@ Written against the same bucket interface as the CPU algorithms, but **untested
 on the development machine** (it has no GPU); the tests skip without CUDA.
 
 * :class:`NcclCommunicator` (``'nccl'``, ChainerMN's ``pure_nccl``): per bucket,
-  one CuPy elementwise kernel packs ``grad / size`` into a device buffer in the
-  wire format (ChainerMN's ``batched_copy`` idea, one launch per parameter
-  piece), ``ncclAllReduce(SUM)`` over all ranks, and a second kernel casts back
-  and flags non-finite values. Default wire: float32 (``allreduce_grad_dtype``
-  float16/bfloat16 halves the bytes; NCCL adds 16-bit values hop by hop).
+  one CUDA kernel launch packs ``grad / size`` of every parameter piece into a
+  device buffer in the wire format (ChainerMN's ``batched_copy``: a device table
+  of piece pointers, each thread binary-searches its piece), ``ncclAllReduce(SUM)``
+  over all ranks, and a second launch casts back and counts non-finite values
+  (one atomic counter). Non-float32 parameters take per-piece elementwise kernels.
+  Default wire: float32 (``allreduce_grad_dtype`` float16/bfloat16 halves the
+  bytes; NCCL adds 16-bit values hop by hop).
 * :class:`GpuHierarchicalAlgorithm`: ``ncclReduceScatter`` inside the node
   (intra wire), ``ncclAllReduce`` of this rank's shard between nodes among ranks
   with the same ``intra_rank`` (float16 by default), ``ncclAllGather`` inside
@@ -49,23 +51,54 @@ def nccl_comm_over(mpi_comm):
 
 
 class GpuBoundGrads(BoundGrads):
-    """CuPy gradients: pack/unpack pieces with the CuPy kernels of :mod:`hpcsgd.comm.kernels`."""
+    """CuPy gradients: one batched kernel launch per bucket (float32 params), else per piece."""
+
+    _kernels = None
+
+    def _table(self, lo, hi):
+        import cupy
+
+        pieces = self.layout.pieces(lo, hi)
+        views = [self.piece(i, a, b) for i, a, b in pieces]
+        if not all(v.dtype == np.float32 for v in views):
+            return None, pieces
+        ptrs = np.array([v.data.ptr for v in views], np.int64)
+        csum = np.array([a - lo for _, a, _ in pieces], np.int64)
+        return (cupy.asarray(ptrs), cupy.asarray(csum), np.int32(len(views))), pieces
+
+    def _launch(self, kern, n, *args):
+        threads = 256
+        kern(((n + threads - 1) // threads,), (threads,), args)
 
     def pack(self, lo, hi, dst, scale, wire):
+        if GpuBoundGrads._kernels is None:
+            GpuBoundGrads._kernels = kernels.cupy_batched_kernels()
+        table, pieces = self._table(lo, hi)
+        if table is not None and pieces:
+            self._launch(GpuBoundGrads._kernels[0], hi - lo, *table, dst, np.int64(hi - lo),
+                         np.float32(scale), np.int32(kernels.wire_code(wire)))
+            return
         kern = kernels.cupy_pack_kernel(wire)
-        for i, a, b in self.layout.pieces(lo, hi):
+        for i, a, b in pieces:
             kern(self.piece(i, a, b).astype(np.float32, copy=False), np.float32(scale), dst[a - lo:b - lo])
 
     def unpack(self, lo, hi, src, scale, wire) -> int:
         import cupy
 
+        if GpuBoundGrads._kernels is None:
+            GpuBoundGrads._kernels = kernels.cupy_batched_kernels()
+        table, pieces = self._table(lo, hi)
+        bad = cupy.zeros((), np.uint64)
+        if table is not None and pieces:
+            self._launch(GpuBoundGrads._kernels[1], hi - lo, *table, src, np.int64(hi - lo),
+                         np.float32(scale), np.int32(kernels.wire_code(wire)), bad)
+            return int(bad)
         kern = kernels.cupy_unpack_kernel(wire)
-        bad = cupy.zeros((), np.int64)
-        for i, a, b in self.layout.pieces(lo, hi):
+        for i, a, b in pieces:
             g = self.piece(i, a, b)
             y, flags = kern(src[a - lo:b - lo], np.float32(scale))
             g[...] = y.astype(g.dtype, copy=False)
-            bad += flags.sum()
+            bad += flags.sum().astype(np.uint64)
         return int(bad)
 
 
