@@ -158,3 +158,29 @@ def test_cupy_kernels_match_cpu():
         ref = np.empty(x.size, np.float32)
         nbad = K.unpack_from(cpu, ref, 2.0, wire)
         assert int(bad.sum()) == nbad and (cupy.asnumpy(y) == ref).all(), wire
+
+
+def test_cupy_batched_pack_unpack_match_cpu():
+    cupy = pytest.importorskip("cupy")
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        pytest.skip("no CUDA device")
+    from hpcsgd.comm.nccl import GpuBoundGrads
+    from hpcsgd.comm.packing import GradLayout, Slot
+
+    rng = np.random.default_rng(3)
+    host = [rng.standard_normal(n).astype(np.float32) for n in (5, 1000, 33)]
+    host[1][7] = np.inf
+    layout = GradLayout([Slot(f"p{i}", (h.size,), "float32", int(sum(x.size for x in host[:i])), h.size)
+                         for i, h in enumerate(host)])
+    for wire in ("float32", "float16", "bfloat16"):
+        dev = [cupy.asarray(h) for h in host]
+        g = GpuBoundGrads.__new__(GpuBoundGrads)
+        g.layout, g.vectors = layout, dev
+        buf = cupy.empty(layout.total, {"float32": np.float32, "float16": np.float16}.get(wire, np.uint16))
+        g.pack(3, layout.total - 2, buf[: layout.total - 5], 0.5, wire)
+        cpu = np.empty(layout.total - 5, K.wire_storage_dtype(wire))
+        K.pack_into(np.concatenate(host)[3:-2], cpu, 0.5, wire)
+        assert (cupy.asnumpy(buf[: layout.total - 5]).view(cpu.dtype) == cpu).all(), wire
+        assert g.unpack(3, layout.total - 2, buf[: layout.total - 5], 2.0, wire) == 1, wire
