@@ -21,7 +21,7 @@ def test_overlapped_mean_matches_reference(mpirun, n, env):
 
 
 class _Net(chainer.Chain):
-    """conv -> BN -> a Linear used twice -> head: covers multi-use parameters."""
+    """conv -> BN -> a Linear used twice -> head + shift: multi-use and aliased gradients."""
 
     def __init__(self):
         super().__init__()
@@ -31,11 +31,12 @@ class _Net(chainer.Chain):
             self.bn = L.BatchNormalization(3)
             self.shared = L.Linear(12, 12, initialW=rng.standard_normal((12, 12)) * 0.3)
             self.head = L.Linear(12, 4, initialW=rng.standard_normal((4, 12)) * 0.3)
+            self.shift = chainer.Parameter(rng.standard_normal((5, 4)).astype(np.float32))
 
     def forward(self, x):
         h = F.relu(self.bn(self.conv(x)))
         h = F.reshape(h, (x.shape[0], 12))
-        return self.head(F.tanh(self.shared(F.tanh(self.shared(h)))))
+        return self.head(F.tanh(self.shared(F.tanh(self.shared(h))))) + self.shift
 
 
 def _run(model, hook_params, accumulate=False):
@@ -45,7 +46,7 @@ def _run(model, hook_params, accumulate=False):
     seen = []
     params = dict(model.namedparams())
     hook = GradReadyHook({params[n].node: n for n in hook_params},
-                         lambda n, g: seen.append((n, g.copy(), params[n].grad)))
+                         lambda n, g, owned: seen.append((n, g.copy(), params[n].grad, owned)))
     loss = F.sum(model(x) ** 2)
     with hook:
         loss.backward()
@@ -56,12 +57,14 @@ def test_hook_reports_each_final_grad_once_before_it_is_stored():
     model = _Net()
     names = [n for n, _ in model.namedparams()]
     seen = _run(model, names)
-    assert sorted(n for n, _, _ in seen) == sorted(names), "every parameter reported exactly once"
+    assert sorted(n for n, *_ in seen) == sorted(names), "every parameter reported exactly once"
     params = dict(model.namedparams())
-    for n, g, grad_at_report in seen:
+    for n, g, grad_at_report, owned in seen:
         assert grad_at_report is None, f"{n}: reported before Chainer stores the grad (early)"
         assert np.array_equal(g, params[n].grad), f"{n}: reported grad is not the final grad"
-    order = [n for n, _, _ in seen]
+        # F.add hands the same gy to h and to the shift parameter: never writable early
+        assert owned == (n != "/shift"), f"{n}: owned={owned}"
+    order = [n for n, *_ in seen]
     # backward order: head first, the twice-used Linear only after its second (earlier) use
     assert order.index("/head/W") < order.index("/shared/W") < order.index("/conv/W")
 
@@ -71,7 +74,7 @@ def test_hook_sees_accumulated_grads():
     _run(model, [])
     first = {n: p.grad.copy() for n, p in model.namedparams()}
     seen = _run(model, [n for n, _ in model.namedparams()], accumulate=True)
-    for n, g, _ in seen:
+    for n, g, *_ in seen:
         assert np.allclose(g, 2 * first[n], rtol=1e-6, atol=1e-7), f"{n}: accumulation lost"
 
 

@@ -16,9 +16,9 @@ reduces bucket ``i`` when the reducer launches it. Two kinds:
 
 * :class:`AlgorithmBackend` (``'comm'``): the communicator's own bucket algorithm
   (:mod:`hpcsgd.comm.buckets`: hierarchical shared memory + float16 between nodes,
-  or flat) on a worker thread. Each final gradient is copied into one persistent
-  flat buffer, which the algorithm reduces in place; afterwards every ``param.grad``
-  is a view of that buffer (no unpack pass).
+  or flat) on a worker thread, in place: in the gradient array itself when it owns
+  its memory (always after backward; during backward when the hook proves it), else
+  in a copy inside one persistent flat buffer, of which ``param.grad`` becomes a view.
 
 Worker threads need ``MPI_THREAD_MULTIPLE`` (mpi4py's default); NumPy/BLAS/numba
 compute and MPI calls release the GIL, so backward and the reduction proceed together.
@@ -151,7 +151,7 @@ class BufferBackend:
     def begin(self) -> None:
         self.launch_times = []
 
-    def place(self, name: str, grad) -> None:
+    def place(self, name: str, grad, owned: bool = False) -> None:
         off, n = self.layout.offset[name], self.layout.size[name]
         dst = self.buffer[off:off + n]
         if grad is None:
@@ -199,12 +199,12 @@ class BufferBackend:
 
                 p.grad[...] = cupy.asarray(src.reshape(p.shape)).astype(p.grad.dtype)
                 bad += int((~np.isfinite(src)).sum())
-            elif p.grad.flags.c_contiguous:
+            elif p.grad.flags.c_contiguous and p.grad.flags.writeable:
                 bad += kernels.unpack_from(src, p.grad.reshape(-1), 1.0, "float32")
-            else:
-                tmp = np.empty(p.size, p.grad.dtype)
+            else:  # e.g. a read-only broadcast view that backward handed over: replace it
+                tmp = np.empty(p.size, p.array.dtype)
                 bad += kernels.unpack_from(src, tmp, 1.0, "float32")
-                p.grad[...] = tmp.reshape(p.shape)
+                p.grad = tmp.reshape(p.shape)
         return bad
 
     def close(self) -> None:
@@ -249,6 +249,7 @@ class AlgorithmBackend:
         self.members = [[glayout.slots[k].name for k, _, _ in glayout.pieces(lo, hi)]
                         for lo, hi in self.algorithm.ranges]
         self._bad = [0] * len(self.members)
+        self._inplace: dict = {}  # name -> gradient array reduced in place
         self._worker = _Worker(self._run, "hpcsgd-overlap-comm")
         self.launch_times: list[float] = []
 
@@ -258,15 +259,24 @@ class AlgorithmBackend:
     def begin(self) -> None:
         self.launch_times = []
         self._bad = [0] * len(self.members)
+        self._inplace = {}
         self.grads.vectors = [None] * len(self.grads.vectors)
 
-    def place(self, name: str, grad) -> None:
-        """Copy the final gradient into its slot of ``out``: the algorithm reduces in place there.
+    def place(self, name: str, grad, owned: bool = False) -> None:
+        """Give the algorithm gradient ``name``; it reduces it in place.
 
-        A copy, because Chainer's backward may still read the gradient's memory (e.g. the
-        upstream gradient that ``F.add`` hands to both inputs) and the algorithm writes means.
+        ``owned`` (nothing else in backward can read this memory, see ``_grad_ready``):
+        the algorithm works in the gradient array itself, which becomes ``param.grad``.
+        Otherwise (e.g. ``F.add`` handed the same ``gy`` to another input) it is first
+        copied into its slot of the persistent buffer ``out``.
         """
         off, n = self.layout.offset[name], self.layout.size[name]
+        if (owned and isinstance(grad, np.ndarray) and grad.dtype == np.float32
+                and grad.flags.c_contiguous and grad.flags.writeable):
+            self.grads.vectors[self._slot[name]] = grad.reshape(-1)
+            self._inplace[name] = grad
+            return
+        self._inplace.pop(name, None)
         dst = self.out[off:off + n]
         if grad is None:
             dst[...] = 0.0
@@ -290,11 +300,20 @@ class AlgorithmBackend:
         self._worker.wait()
 
     def write_back(self, params: dict, skip: set) -> int:
-        """Make every ``param.grad`` a view of the persistent mean buffer; returns the non-finite count."""
+        """Point every ``param.grad`` at its mean; returns the non-finite count.
+
+        Gradients reduced in place already are ``param.grad``; the others become views
+        of the persistent buffer ``out``.
+        """
         for name in self.layout.names:
             if name in skip:
                 continue
             p = params[name]
+            done = self._inplace.get(name)
+            if done is not None:
+                if p.grad is not done:  # not expected: Chainer stored another array
+                    p.grad = done
+                continue
             off, n = self.layout.offset[name], self.layout.size[name]
             view = self.out[off:off + n].reshape(p.shape)
             p.grad = view if p.array.dtype == np.float32 else view.astype(p.array.dtype)

@@ -13,7 +13,11 @@ function node before and after its backward, but not the gradients. So:
 2. In ``backward_postprocess``, decrement the counts of the node's parameter
    inputs. At zero, read the accumulated gradient from the ``GradTable`` (found
    in the caller's frame; Chainer 7.8.1 is frozen, and the lookup is checked)
-   and report it through ``on_ready(index, grad_array)``.
+   and report it through ``on_ready(index, grad_array, owned)``. ``owned`` is True
+   when no other gradient still in flight can share that memory (it shares none with
+   the node's output gradients nor with its other inputs' gradients): only then may a
+   caller write into it before backward ends (``F.add`` hands the same ``gy`` to both
+   inputs, ``F.reshape`` a view of it).
 
 If the lookup fails (another Chainer version) or a counted node never runs its
 backward (its output got no gradient), the parameter is simply not reported:
@@ -27,6 +31,7 @@ import sys
 from typing import Callable
 
 import chainer
+import numpy as np
 
 try:  # the class whose instance holds the in-flight gradients
     from chainer._backprop_utils import GradTable, _reduce
@@ -37,18 +42,18 @@ _BACKPROP_FRAME = "_backprop_to_all"
 
 
 class GradReadyHook(chainer.FunctionHook):
-    """Calls ``on_ready(index, grad)`` when parameter ``index``'s gradient is final.
+    """Calls ``on_ready(index, grad, owned)`` when parameter ``index``'s gradient is final.
 
     Args:
         param_nodes: ``{param.node: index}`` for the parameters to watch.
-        on_ready: called with the parameter index and its final gradient array
-            (the array that becomes ``param.grad``; do not modify it).
+        on_ready: called with the parameter index, its final gradient array (the array
+            that becomes ``param.grad``) and whether it owns its memory (see above).
         on_step: called after every function node's backward (for polling MPI).
     """
 
     name = "hpcsgd_grad_ready"
 
-    def __init__(self, param_nodes: dict, on_ready: Callable[[int, object], None],
+    def __init__(self, param_nodes: dict, on_ready: Callable[[int, object, bool], None],
                  on_step: Callable[[], None] | None = None) -> None:
         self._param_nodes = param_nodes
         self._on_ready = on_ready
@@ -112,6 +117,24 @@ class GradReadyHook(chainer.FunctionHook):
                     g = _reduce(grads)
                     if g is not None:
                         self.reported += 1
-                        self._on_ready(self._param_nodes[x], g.raw_array)
+                        arr = g.raw_array
+                        owned = self._owns_memory(arr, function, x, out_grad)
+                        self._on_ready(self._param_nodes[x], arr, owned)
         if self._on_step is not None:
             self._on_step()
+
+    def _owns_memory(self, arr, function, x, out_grad) -> bool:
+        """False when ``arr`` may share memory with a gradient backward still uses."""
+        if not isinstance(arr, np.ndarray):
+            return False  # device arrays: never written early
+        for o in out_grad:
+            if o is not None and np.may_share_memory(arr, o):
+                return False
+        table = self._table.grads
+        for y in set(function.inputs):
+            if y is x:
+                continue
+            for other in table.get(y) or ():
+                if other is not None and np.may_share_memory(arr, other.raw_array):
+                    return False
+        return True

@@ -168,16 +168,16 @@ class OverlappedReducer:
         if self.overlap:
             self._hook.__exit__(*exc)
 
-    def _on_ready(self, name: str, grad) -> None:
+    def _on_ready(self, name: str, grad, owned: bool) -> None:
         if name not in self._placed:
             self._ready_order.append(name)
-            self._place(name, grad)
+            self._place(name, grad, owned)
 
-    def _place(self, name: str, grad) -> None:
+    def _place(self, name: str, grad, owned: bool) -> None:
         t0 = time.perf_counter()
         if grad is None:
             self._missing.add(name)
-        self._backend.place(name, grad)
+        self._backend.place(name, grad, owned)
         self._placed.add(name)
         self._pack_seconds += time.perf_counter() - t0
         for b in self._buckets_of[name]:
@@ -197,8 +197,8 @@ class OverlappedReducer:
         self._active = False
         params = self._params()
         for name in self._backend.layout.names:
-            if name not in self._placed:
-                self._place(name, params[name].grad)
+            if name not in self._placed:  # after backward: nothing else reads param.grad
+                self._place(name, params[name].grad, True)
         self._launch_ready()
 
     def wait(self) -> None:
