@@ -99,8 +99,10 @@ def _framework_comm(c: dict) -> tuple[str, int, float]:
 def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
     """Predicted vs. measured iteration time for every multi-rank config in scaling.json.
 
-    Compute (forward + backward per image, update) is taken from the 1-rank run of the
-    same model and framework; the multi-rank runs are then predicted from the calibrated
+    Compute (forward + backward per image) is the median over all frameworks' 1-rank runs of
+    the same model (they run the same model and kernels; pooling damps the load noise), the
+    update time is the same framework's 1-rank update; the multi-rank runs are then predicted
+    from the calibrated
     communication model (hpcsgd hierarchical; ChainerMN naive = one allreduce per array;
     the bucketed reducer = one allreduce per bucket, overlapped by the fraction measured
     in benchmarks/results/overlap.json).
@@ -108,6 +110,12 @@ def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
     rows = []
     configs = scaling.get("configs", [])
     singles = {(c["model"], c.get("framework", "hpcsgd")): c for c in configs if c["ranks"] == 1}
+    pooled: dict[str, list] = {}
+    for (model, _), one in singles.items():
+        ph = one["phases_s"]
+        pooled.setdefault(model, []).append(
+            ((ph.get("forward", 0) + ph.get("backward", 0)) / one["per_rank_batch"],
+             ph.get("backward", 0) / max(1e-12, ph.get("forward", 0) + ph.get("backward", 0))))
     for c in configs:
         fw = c.get("framework", "hpcsgd")
         one = singles.get((c["model"], fw))
@@ -115,9 +123,8 @@ def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
             continue
         ph = one["phases_s"]
         b = one["per_rank_batch"]
-        fb = ph.get("forward", 0) + ph.get("backward", 0)
-        cluster = local_cluster(calibration, per_image_s=fb / b,
-                                backward_fraction=ph.get("backward", 0) / fb if fb else 2 / 3)
+        per_image, bwd_frac = sorted(pooled[c["model"]])[(len(pooled[c["model"]]) - 1) // 2]
+        cluster = local_cluster(calibration, per_image_s=per_image, backward_fraction=bwd_frac)
         cluster = _replace_update(cluster, ph.get("update", 0.0), c["params"])
         comm_name, calls, overlap = _framework_comm(c)
         batched = fw != "chainermn"
