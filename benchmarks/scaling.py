@@ -43,6 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+SHORT = {"hpcsgd": "hpcsgd", "hpcsgd-nooverlap": "buckets", "hpcsgd-overlap": "buckets+overlap",
+         "chainermn": "ChainerMN"}
 PHASES = ("data_wait", "forward", "backward", "pack", "allreduce", "unpack", "update")
 COMM_PHASES = ("pack", "allreduce", "unpack")
 
@@ -290,14 +292,14 @@ def plot(data: dict, path: Path) -> None:
     colors = dict(zip(PHASES + ("other",), plt.cm.tab10.colors))
     for ax, model in zip(axes, models):
         mine = [c for c in configs if c["model"] == model]
-        labels = [f"{c['framework']}\n{c['ranks']}r/{c['nodes']}n" for c in mine]
+        labels = [f"{SHORT.get(c['framework'], c['framework'])}\n{c['ranks']}r/{c['nodes']}n" for c in mine]
         bottom = [0.0] * len(mine)
         for ph in PHASES + ("other",):
             vals = [max(0.0, c["other_s"] if ph == "other" else c["phases_s"].get(ph, 0.0)) * 1e3
                     for c in mine]
             ax.bar(range(len(mine)), vals, bottom=bottom, color=colors[ph], label=ph)
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_xticks(range(len(mine)), labels, fontsize=7)
+        ax.set_xticks(range(len(mine)), labels, fontsize=7, rotation=35)
         ax.set(ylabel="ms per iteration (median, rank 0)",
                title=f"{model} (batch {mine[0]['per_rank_batch']}/rank, {mine[0]['image_size']} px)")
     axes[0].legend(fontsize=7)
@@ -308,7 +310,8 @@ def plot(data: dict, path: Path) -> None:
                          if c["model"] == model and c["framework"] == fw and c["efficiency"])
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} {fw}")
-    ax.set(xlabel="ranks (1 thread each)", ylabel="weak-scaling efficiency T1/TN", ylim=(0, 1.15),
+    top = max([1.15] + [1.05 * c["efficiency"] for c in configs if c.get("efficiency")])
+    ax.set(xlabel="ranks (1 thread each)", ylabel="weak-scaling efficiency T1/TN", ylim=(0, top),
            title=f"load avg {data['loadavg_start'][0]:.1f} -> {data['loadavg_end'][0]:.1f} (2 cores)")
     ax.set_xticks(sorted({c["ranks"] for c in configs}))
     ax.grid(alpha=0.3)
@@ -450,7 +453,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(Chrome trace of --timeline-iters)")
     p.add_argument("--timeline-iters", default="3:6")
     p.add_argument("--out", default=str(RESULTS / "scaling"))
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --out")
     args = p.parse_args(argv)
+    if args.replot:
+        out = Path(args.out)
+        plot(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".png"))
+        return 0
     if args.worker:
         worker(args)
         return 0
