@@ -90,3 +90,15 @@ def test_layout_buckets_cover_every_parameter_in_order():
         assert stop - start >= 256 or (start, stop, members) == lay.buckets[-1]
     assert covered == ["e", "d", "c", "b", "a"]
     assert lay.bucket_bytes == 1024 and lay.offset["e"] == 0 and lay.offset["d"] == 1
+
+
+def test_auto_progress_uses_the_communicators_algorithm_when_it_has_one():
+    from hpcsgd.comm.overlap import resolve_progress
+
+    class Bucketed:
+        def _new_algorithm(self, layout):
+            raise NotImplementedError
+
+    assert resolve_progress(Bucketed()) == "comm"
+    assert resolve_progress(object()) == "poll"
+    assert resolve_progress(object(), "thread") == "thread"

@@ -29,10 +29,12 @@ How it works:
   ``MPI_Iallreduce`` per bucket, advanced by ``MPI_Testall`` after every function
   node's backward; ``'none'``: the same without polling (for MPICH's
   ``MPIR_CVAR_ASYNC_PROGRESS=1`` progress thread); ``'thread'``: a worker thread
-  runs ``MPI_Allreduce`` per bucket; ``'comm'``: a worker thread runs the
-  communicator's own bucket algorithm (hierarchical: shared memory in the node,
-  float16 between nodes), and afterwards every ``param.grad`` is a view of the
-  reducer's persistent mean buffer (valid until the next step's ``wait()``).
+  runs ``MPI_Allreduce`` per bucket; ``'comm'`` (what ``'auto'``, the default, picks
+  for flat/hierarchical communicators): a worker thread runs the communicator's own
+  bucket algorithm (hierarchical: shared memory in the node, float16 between nodes)
+  in place in the gradients (gradients whose memory backward may still read are
+  first copied into a persistent buffer, and ``param.grad`` becomes a view of it,
+  valid until the next step's ``wait()``).
   All reductions run on a private clone of the communicator (``comm.split``), so
   they never interleave with the caller's collectives (e.g. synchronized BN).
 * ``overlap=False`` keeps everything identical except that all buckets start in
@@ -61,8 +63,16 @@ from hpcsgd.watchdog import collective
 
 #: Default bucket size in bytes of float32 gradients; see docs/overlap.md for the measurement.
 DEFAULT_BUCKET_BYTES = 4 << 20
-#: Default progress engine; see docs/overlap.md for the measurement.
-DEFAULT_PROGRESS = "poll"
+#: Default progress engine: 'comm' for bucketed communicators (flat, hierarchical), else 'poll';
+#: see docs/overlap.md for the measurement.
+DEFAULT_PROGRESS = "auto"
+
+
+def resolve_progress(comm, progress: str = DEFAULT_PROGRESS) -> str:
+    """The engine ``progress='auto'`` means for ``comm``: 'comm' if it has a bucket algorithm, else 'poll'."""
+    if progress != "auto":
+        return progress
+    return "comm" if hasattr(comm, "_new_algorithm") else "poll"
 
 
 class OverlappedReducer:
@@ -72,7 +82,8 @@ class OverlappedReducer:
         comm: an hpcsgd communicator (MpiCommunicatorBase subclass).
         model: the chainer.Link whose parameters' grads are averaged.
         bucket_bytes: float32 bytes per bucket (default :data:`DEFAULT_BUCKET_BYTES`).
-        progress: 'poll', 'none', 'thread' or 'comm' (see the module docstring).
+        progress: 'auto' (default, :func:`resolve_progress`), 'poll', 'none', 'thread' or 'comm'
+            (see the module docstring).
         zero_fill: a parameter with data but no grad joins with zeros and gets the mean
             (ChainerMN's ``zero_fill=True``); False leaves its grad None (all ranks must agree).
         overlap: False starts every bucket in ``wait()`` (baseline for measurements).
@@ -81,8 +92,9 @@ class OverlappedReducer:
 
     def __init__(self, comm, model, bucket_bytes: int | None = None, progress: str = DEFAULT_PROGRESS,
                  zero_fill: bool = True, overlap: bool = True, rebuild_order: bool = True) -> None:
+        progress = resolve_progress(comm, progress)
         if progress not in PROGRESS:
-            raise ConfigError(f"progress must be one of {PROGRESS}, got {progress!r}")
+            raise ConfigError(f"progress must be 'auto' or one of {PROGRESS}, got {progress!r}")
         bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
         if isinstance(bucket_bytes, bool) or int(bucket_bytes) <= 0:
             raise ConfigError(f"bucket_bytes must be a positive number of bytes, got {bucket_bytes!r}")
