@@ -82,3 +82,9 @@ def test_describe_lists_every_key():
     text = C.describe()
     for key in C.SCHEMA:
         assert key in text
+
+
+def test_overlap_and_double_buffering_are_exclusive():
+    assert resolve(file_cfg={"overlap": True}, check_paths=False)["overlap"] is True
+    with pytest.raises(ConfigError, match="'overlap' and 'double_buffering'"):
+        resolve(file_cfg={"overlap": True, "double_buffering": True}, check_paths=False)

@@ -33,6 +33,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -89,9 +90,11 @@ class MultiNodeOptimizer(_Proxy):
     """See the module docstring. ``skipped_steps``: updates skipped for non-finite gradients."""
 
     _own = ("actual_optimizer", "communicator", "zero_fill", "skipped_steps", "accumulation_steps",
-            "_signature", "_micro", "_check_self", "applied_steps")
+            "_signature", "_micro", "_check_self", "applied_steps", "overlap", "bucket_bytes",
+            "_reducer", "_reducer_started")
 
-    def __init__(self, actual_optimizer, communicator, zero_fill: bool = True, accumulation_steps: int = 1):
+    def __init__(self, actual_optimizer, communicator, zero_fill: bool = True, accumulation_steps: int = 1,
+                 overlap: bool = False, bucket_bytes: int | None = None):
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
         self.actual_optimizer = actual_optimizer
@@ -103,8 +106,36 @@ class MultiNodeOptimizer(_Proxy):
         self._signature = None
         self._micro = 0
         self._check_self = not _comm_checks_finite(communicator)
+        self.overlap = overlap
+        self.bucket_bytes = bucket_bytes
+        self._reducer = None
+        self._reducer_started = False
         if getattr(actual_optimizer, "target", None) is not None:
             self._broadcast(actual_optimizer.target)
+
+    # -- overlap -------------------------------------------------------------
+    def backward_scope(self, last: bool = True):
+        """Context for a backward pass: with ``overlap``, the last micro-step's backward starts
+        each gradient bucket's allreduce as soon as it is final (hpcsgd.comm.overlap); the
+        following ``update()`` waits for it instead of reducing after backward."""
+        if not (self.overlap and last):
+            return contextlib.nullcontext()
+        if self._reducer is None:
+            from hpcsgd.comm.overlap import OverlappedReducer
+
+            self._reducer = OverlappedReducer(self.communicator, self.actual_optimizer.target,
+                                              bucket_bytes=self.bucket_bytes, zero_fill=self.zero_fill)
+        self._reducer_started = True
+        return self._reducer
+
+    def _drain_overlap(self) -> None:
+        """Finish a reduction started in backward whose result will not be used."""
+        if self._reducer_started:
+            self._reducer_started = False
+            try:
+                self._reducer.wait()
+            except NonFiniteGradientError:
+                pass
 
     # -- setup ---------------------------------------------------------------
     def setup(self, link):
@@ -131,7 +162,8 @@ class MultiNodeOptimizer(_Proxy):
         loss = lossfun(*args, **kwds)
         if k > 1:
             loss = loss * (1.0 / k)
-        loss.backward(loss_scale=self.actual_optimizer._loss_scale)
+        with self.backward_scope(last=self._micro + 1 == k):
+            loss.backward(loss_scale=self.actual_optimizer._loss_scale)
         del loss
         self._micro += 1
 
@@ -144,6 +176,7 @@ class MultiNodeOptimizer(_Proxy):
                 return False
         self._micro = 0
         if self._changed(target):
+            self._drain_overlap()
             self._broadcast(target)
             return False
         if not self._mean_grad(target):
@@ -152,7 +185,11 @@ class MultiNodeOptimizer(_Proxy):
 
     def _mean_grad(self, target) -> bool:
         try:
-            self.communicator.multi_node_mean_grad(target, self.zero_fill)
+            if self._reducer_started:
+                self._reducer_started = False
+                self._reducer.wait()
+            else:
+                self.communicator.multi_node_mean_grad(target, self.zero_fill)
         except NonFiniteGradientError as e:
             self._skip(e)
             return False
@@ -177,6 +214,10 @@ class MultiNodeOptimizer(_Proxy):
 
     def finalize(self) -> None:
         self.wait()
+        if self._reducer is not None:
+            self._drain_overlap()
+            self._reducer.finalize()
+            self._reducer = None
 
 
 class DoubleBufferingOptimizer(MultiNodeOptimizer):
@@ -249,7 +290,8 @@ class DoubleBufferingOptimizer(MultiNodeOptimizer):
 
 
 def create_multi_node_optimizer(actual_optimizer, communicator, double_buffering: bool = False,
-                                zero_fill: bool = True, accumulation_steps: int = 1):
+                                zero_fill: bool = True, accumulation_steps: int = 1, overlap: bool = False,
+                                bucket_bytes: int | None = None):
     """Wrap a Chainer optimizer so it averages gradients over ``communicator`` before each update.
 
     Args:
@@ -258,6 +300,14 @@ def create_multi_node_optimizer(actual_optimizer, communicator, double_buffering
         double_buffering: apply one-step-stale gradients, overlapping the allreduce (see module doc).
         zero_fill: a parameter whose gradient is None joins the allreduce with zeros.
         accumulation_steps: micro-batches per update when ``update(lossfun, ...)`` is used.
+        overlap: start each bucket's allreduce during backward (wrap the last micro-step's
+            ``backward()`` in ``optimizer.backward_scope()``; ``update(lossfun)`` does it itself).
+        bucket_bytes: bucket size for ``overlap`` (None: hpcsgd.comm.overlap's measured default).
     """
-    cls = DoubleBufferingOptimizer if double_buffering else MultiNodeOptimizer
-    return cls(actual_optimizer, communicator, zero_fill=zero_fill, accumulation_steps=accumulation_steps)
+    if double_buffering:
+        if overlap:
+            raise ValueError("overlap and double_buffering are alternatives; choose one")
+        return DoubleBufferingOptimizer(actual_optimizer, communicator, zero_fill=zero_fill,
+                                        accumulation_steps=accumulation_steps)
+    return MultiNodeOptimizer(actual_optimizer, communicator, zero_fill=zero_fill,
+                              accumulation_steps=accumulation_steps, overlap=overlap, bucket_bytes=bucket_bytes)

@@ -92,6 +92,8 @@ SCHEMA: dict[str, Key] = {
                       (str, type(None)), WIRE_DTYPES),
     "communicator_options": Key({}, "extra communicator config (bucket_bytes, intra_dtype, ...)", (dict,)),
     "double_buffering": Key(False, "ChainerMN-style double buffering (one step stale)", (bool,)),
+    "overlap": Key(False, "start each gradient bucket's allreduce during backward (hpcsgd.comm.overlap); "
+                          "off by default: on one shared-memory node it measured no gain", (bool,)),
     # compute
     "gpu": Key(False, "run on CuPy, one GPU per rank (intra_rank)", (bool,)),
     "threads": Key(1, "BLAS/compute threads per rank", (int,)),
@@ -201,6 +203,8 @@ def resolve(cfg: dict, world_size: int, check_paths: bool = True,
               allow_zero=True)
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if cfg["overlap"] and cfg["double_buffering"]:
+        raise ConfigError("config keys 'overlap' and 'double_buffering' are alternatives; set one of them")
     per_step = world_size * cfg["batch_per_rank"]
     accum, glob = cfg["grad_accumulation"], cfg["global_batch"]
     if glob is None:

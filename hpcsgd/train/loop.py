@@ -115,7 +115,9 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
         model.to_gpu()
     recipe = make_recipe(cfg, model, iters_per_epoch)
     optimizer = hpcsgd.create_multi_node_optimizer(recipe.optimizer, comm,
-                                                   double_buffering=cfg["double_buffering"])
+                                                   double_buffering=cfg["double_buffering"],
+                                                   overlap=cfg["overlap"],
+                                                   bucket_bytes=cfg["communicator_options"].get("bucket_bytes"))
 
     # 3. Resume --------------------------------------------------------------------------------
     ckpt_dir = os.path.join(out, "checkpoints")
@@ -191,13 +193,13 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
         recipe.on_iteration(iteration / iters_per_epoch)
         model.cleargrads()
         loss_value = 0.0
-        for _ in range(accum):
+        for micro in range(accum):
             with tracer.span("data_wait"):
                 x, t = next(stream)
             with tracer.span("forward"):
                 loss = F.softmax_cross_entropy(model(x), t)
             c0 = _comm_seconds(tracer)
-            with tracer.span("backward"):
+            with tracer.span("backward"), optimizer.backward_scope(last=micro == accum - 1):
                 (loss / accum).backward()
             tracer.phase_seconds["backward"] -= _comm_seconds(tracer) - c0  # overlapped comm is not compute
             loss_value += float(loss.array) / accum
