@@ -310,4 +310,5 @@ def create_multi_node_optimizer(actual_optimizer, communicator, double_buffering
         return DoubleBufferingOptimizer(actual_optimizer, communicator, zero_fill=zero_fill,
                                         accumulation_steps=accumulation_steps)
     return MultiNodeOptimizer(actual_optimizer, communicator, zero_fill=zero_fill,
-                              accumulation_steps=accumulation_steps, overlap=overlap, bucket_bytes=bucket_bytes)
+                              accumulation_steps=accumulation_steps, overlap=overlap,
+                              bucket_bytes=bucket_bytes)
