@@ -269,10 +269,20 @@ def median_record(recs: list[dict]) -> list[dict]:
 
 
 def add_efficiency(configs: list[dict]) -> None:
+    """T1/TN per model and framework, the speed-up over ChainerMN, and the step efficiency.
+
+    ``step_efficiency`` = (data_wait + forward + backward + update) / iteration of the same
+    job: the share of the step that is not exposed communication. Unlike T1/TN it does not
+    move when other jobs steal CPU between the 1-rank and the N-rank job.
+    """
     base = {(c["model"], c["framework"]): c["iteration_s"] for c in configs if c["ranks"] == 1}
     for c in configs:
         t1 = base.get((c["model"], c["framework"]))
         c["efficiency"] = t1 / c["iteration_s"] if t1 else None
+        ph = c["phases_s"]
+        c["comm_s"] = sum(ph.get(k, 0.0) for k in COMM_PHASES)
+        c["step_efficiency"] = sum(ph.get(k, 0.0) for k in ("data_wait", "forward", "backward", "update")) \
+            / c["iteration_s"]
     ref = {(c["model"], c["ranks"], c["nodes"]): c["iteration_s"]
            for c in configs if c["framework"] == "chainermn"}
     for c in configs:
@@ -309,9 +319,12 @@ def plot(data: dict, path: Path) -> None:
             pts = sorted((c["ranks"], c["efficiency"]) for c in configs
                          if c["model"] == model and c["framework"] == fw and c["efficiency"])
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} {fw}")
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} {fw}")
+                se = sorted((c["ranks"], c["step_efficiency"]) for c in configs
+                            if c["model"] == model and c["framework"] == fw and c.get("step_efficiency"))
+                ax.plot([p[0] for p in se], [p[1] for p in se], ls=":", marker="x", color=line.get_color())
     top = max([1.15] + [1.05 * c["efficiency"] for c in configs if c.get("efficiency")])
-    ax.set(xlabel="ranks (1 thread each)", ylabel="weak-scaling efficiency T1/TN", ylim=(0, top),
+    ax.set(xlabel="ranks (1 thread each)", ylabel="T1/TN (solid); step efficiency (dotted)", ylim=(0, top),
            title=f"load avg {data['loadavg_start'][0]:.1f} -> {data['loadavg_end'][0]:.1f} (2 cores)")
     ax.set_xticks(sorted({c["ranks"] for c in configs}))
     ax.grid(alpha=0.3)
@@ -455,9 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "scaling"))
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --out")
     args = p.parse_args(argv)
-    if args.replot:
-        out = Path(args.out)
-        plot(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".png"))
+    if args.replot:  # recompute efficiencies and the model check, rewrite JSON and PNG
+        finish(json.loads(Path(args.out).with_suffix(".json").read_text()), args)
         return 0
     if args.worker:
         worker(args)
