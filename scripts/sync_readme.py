@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Copy generated tables into README.md between their markers.
+
+    python scripts/sync_readme.py
+
+* ``<!-- fault-table:begin/end -->``: ``docs/fault_table.md``, written by
+  ``scripts/fault_table.py`` from the JSON the fault tests write.
+* ``<!-- convergence:begin/end -->``: ``benchmarks/results/convergence/convergence.md``,
+  written by ``benchmarks/convergence.py``.
+
+A missing source leaves its block as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCKS = {
+    "fault-table": ROOT / "docs" / "fault_table.md",
+    "convergence": ROOT / "benchmarks" / "results" / "convergence" / "convergence.md",
+}
+
+
+def sync(readme: Path = ROOT / "README.md") -> list[str]:
+    """Replace every block whose source exists; returns the names replaced."""
+    text = readme.read_text()
+    done = []
+    for name, source in BLOCKS.items():
+        if not source.exists():
+            continue
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+        body = source.read_text().strip() + "\n"
+        text, n = pattern.subn(lambda m, body=body: m.group(1) + body + m.group(2), text)
+        if n:
+            done.append(name)
+    readme.write_text(text)
+    return done
+
+
+if __name__ == "__main__":
+    print("synced:", ", ".join(sync()) or "nothing")
