@@ -11,5 +11,5 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
     >/dev/null 2>&1 || echo "[test.sh] could not install dataset-fashion-mnist; its tests will skip"
 fi
-ruff check hpcsgd tests benchmarks
+ruff check hpcsgd tests benchmarks scripts
 python -m pytest -q -ra "$@" tests
