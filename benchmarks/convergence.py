@@ -86,7 +86,7 @@ def run_settings(args, recipe: str, batch: int, seed: int, lr_scale: float) -> d
                                        * lr_scale, 6)},
         "bn_mode": "batch" if recipe == "akiba" else "running",
         "epochs": args.epochs, "eval_interval": args.eval_interval, "seed": seed,
-        "loader_workers": 1, "threads": 1, "checkpoint_interval": 0, "progress": False,
+        "augment": False, "loader_workers": 1, "threads": 1, "checkpoint_interval": 0, "progress": False,
         "log_interval": max(1, (60000 // batch) // 8), "eval_batch": 500, "communicator": "hierarchical",
     }
 
@@ -242,10 +242,10 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=float, default=4.0)
-    p.add_argument("--eval-interval", type=float, default=0.25)
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--eval-interval", type=float, default=0.5)
     p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--width", type=int, default=8)
     p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--tune-batch", type=int, default=4096)
     p.add_argument("--lr-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0])
@@ -264,10 +264,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     tuned = tune(args) if args.tune else {r: 1.0 for r in args.recipes}
-    records = [execute(args, "baseline", args.base_batch, s, 1.0) for s in args.seeds]
-    for batch in args.batches:
-        for recipe in args.recipes:
-            records += [execute(args, recipe, batch, s, tuned[recipe]) for s in args.seeds]
+    records = []
+    for seed in args.seeds:  # seed-major: an interrupted study still has whole grids
+        records.append(execute(args, "baseline", args.base_batch, seed, 1.0))
+        for batch in args.batches:
+            records += [execute(args, recipe, batch, seed, tuned[recipe]) for recipe in args.recipes]
     table = aggregate(records)
     (args.out / "convergence.json").write_text(json.dumps(
         {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
