@@ -27,7 +27,15 @@ def _pids(output: str) -> dict[int, int]:
     return {int(r): int(p) for r, p in re.findall(r"^rank (\d+) pid (\d+) started", output, re.M)}
 
 
-def _gone(pid: int) -> bool:
+def _gone(pid: int, wait: float = 5.0) -> bool:
+    """Whether process ``pid`` has exited (allowing ``wait`` s for the launcher's kill to land)."""
+    deadline = time.time() + wait
+    while not _gone_now(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    return _gone_now(pid)
+
+
+def _gone_now(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
