@@ -180,10 +180,11 @@ def markdown(table: list[dict], args, tuned: dict) -> str:
              f"{args.ranks} ranks x {args.batch_per_rank} images x accumulation; test top-1 error (%) = "
              f"median of the last 3 evaluations, mean ± spread (max-min) over seeds {args.seeds}.",
              f"Tuned: base-LR scale from {args.lr_scales} at batch {args.tune_batch}, seed 0: {tuned}.", "",
-             "| batch | recipe | LR | error % | spread | images/s | wall s |",
-             "|---|---|---|---|---|---|---|"]
+             "| batch | recipe | LR | seeds run | error % | spread | images/s | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['batch']} | {LABELS.get(row['recipe'], row['recipe'])} | {row['lr']:g} | "
+                     f"{','.join(map(str, row['seeds']))} | "
                      f"{row['error_mean']:.2f} | ±{row['error_spread'] / 2:.2f} | "
                      f"{row['images_per_s']:.0f} | {row['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
