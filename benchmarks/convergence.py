@@ -179,7 +179,8 @@ def markdown(table: list[dict], args, tuned: dict) -> str:
     lines = [f"Fashion-MNIST, ResNet-{args.depth} (width {args.width}), {args.epochs:g} epochs, "
              f"{args.ranks} ranks x {args.batch_per_rank} images x accumulation; test top-1 error (%) = "
              f"median of the last 3 evaluations, mean ± spread (max-min) over seeds {args.seeds}.",
-             f"Tuned: base-LR scale from {args.lr_scales} at batch {args.tune_batch}, seed 0: {tuned}.", "",
+             (f"Tuned: base-LR scale from {args.lr_scales} at batch {args.tune_batch}, seed 0: {tuned}."
+              if args.tune else "Not tuned in this run: every recipe at its paper LR rule (scale 1.0)."), "",
              "| batch | recipe | LR | seeds run | error % | spread | images/s | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for row in table:
