@@ -1,6 +1,6 @@
 """ResNet-50 training compute speed on CPU: stock Chainer vs hpcsgd kernels vs PyTorch, 1 and 2 threads.
 
-    python benchmarks/compute.py --torch-python /tmp/torchvenv/bin/python
+    python benchmarks/compute.py --torch-python $TORCH_VENV/bin/python
 
 Measures images/s of one forward+backward step (softmax cross-entropy, random
 data, BN in training mode) of ResNet-50 v1.5 at 8 x 224 px and 32 x 64 px for

@@ -29,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -205,7 +206,8 @@ def data_wait_fraction(ds, batch, workers, step_s, steps):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run (fewer images, one repeat)")
-    ap.add_argument("--cache", default=os.environ.get("HPCSGD_BENCH_CACHE", "/tmp/hpcsgd-bench-cache"))
+    ap.add_argument("--cache", default=os.environ.get(
+        "HPCSGD_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "hpcsgd-bench-cache")))
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])

@@ -1,6 +1,6 @@
 """Published clusters and runs, every number with its source.
 
-Source tags (A1, A3, G1, Y1, ...) are those of /work/shared/papers.md section 0.
+Source tags (A1, A3, G1, Y1, ...) are those of ../shared/papers.md section 0.
 ``ASSUMPTION`` marks a number no consulted source gives (a vendor data-sheet
 value or an engineering estimate); ``DERIVED`` marks arithmetic on sourced
 numbers. The model is meant to be read together with these tags: change an
