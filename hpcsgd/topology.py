@@ -21,12 +21,13 @@ physical node, so their shared-memory windows still work.
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 from mpi4py import MPI
+
+from hpcsgd.envvars import env_number
 
 RANKS_PER_NODE_ENV = "HPCSGD_RANKS_PER_NODE"
 
@@ -73,16 +74,7 @@ class Topology:
 
 
 def _ranks_per_node_from_env() -> int | None:
-    raw = os.environ.get(RANKS_PER_NODE_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        k = int(raw)
-    except ValueError as e:
-        raise ValueError(f"{RANKS_PER_NODE_ENV}={raw!r} is not an integer") from e
-    if k < 1:
-        raise ValueError(f"{RANKS_PER_NODE_ENV}={raw!r} must be >= 1")
-    return k
+    return env_number(RANKS_PER_NODE_ENV, int, 1, "ranks per node")
 
 
 def _gpu_count() -> int:

@@ -111,18 +111,10 @@ def _oldest_op() -> tuple[int, str, float, int, dict] | None:
 
 def timeout_from_env(default: float = DEFAULT_TIMEOUT) -> float:
     """``$HPCSGD_COLLECTIVE_TIMEOUT`` in seconds (0 = no timeout); a bad value is a ConfigError."""
-    from hpcsgd.errors import ConfigError
+    from hpcsgd.envvars import env_number
 
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError as e:
-        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from e
-    if value < 0:
-        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} must be >= 0 (0 disables the watchdog)")
-    return value
+    value = env_number(TIMEOUT_ENV, float, 0, "seconds (0 disables the watchdog)")
+    return default if value is None else value
 
 
 STALE_BOARD_AGE = 86400.0  # seconds: boards of killed jobs older than this are removed at install

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from hpcsgd.envvars import env_number
+
 _blas_limiter = None
 _current: int | None = None
 
@@ -24,18 +26,8 @@ def default_threads(environ=None) -> int:
     """
     env = os.environ if environ is None else environ
     for name in ("HPCSGD_THREADS", "OMP_NUM_THREADS"):
-        value = env.get(name)
-        if value:
-            try:
-                n = int(value)
-            except ValueError as e:
-                from hpcsgd.errors import ConfigError
-
-                raise ConfigError(f"{name}={value!r} is not an integer thread count") from e
-            if n < 1:
-                from hpcsgd.errors import ConfigError
-
-                raise ConfigError(f"{name}={value!r} must be >= 1")
+        n = env_number(name, int, 1, "threads", environ=env)
+        if n is not None:
             return n
     local = 1
     for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
