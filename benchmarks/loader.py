@@ -7,10 +7,17 @@ Generates ImageNet-like JPEGs once (500x375, quality 90, textured so files are
   the reduced-size JPEG decode (Pillow ``draft()``), single process;
 * images/s of ``Loader`` (workers 1, 2) with the training transform
   (random-resized crop 224, flip, normalize -> float32 NCHW batches);
-* images/s of ``MultiprocessIterator`` with the same number of processes,
-  running the same transform per example (full decode, the standard Chainer
-  ImageNet-example path) and, for a pipeline-only comparison, with the
-  draft decode too;
+* images/s of ``MultiprocessIterator`` with the same number of processes
+  running the same transform (same crop distribution, flip, normalization,
+  float32 CHW output) in two ways:
+
+  - ``chainer_standard`` (the baseline of the target): written the standard
+    Chainer way, ``LabeledImageDataset`` (full decode to float32 CHW) plus
+    crop/resize/flip/normalize on that float array as Chainer's ImageNet
+    example and ChainerCV do;
+  - ``chainer_mpiter`` (pipeline only): ``MultiprocessIterator`` calling
+    hpcsgd's own per-image function, so the ratio isolates the pipeline
+    (shared-memory slots vs pickled examples + ``concat_examples``);
 * the fraction of step time the trainer waits for data when the step is a
   synthetic compute of fixed duration (a sleep: compute that is off the CPU,
   as on a GPU), 2 workers.
@@ -62,6 +69,42 @@ def generate(cache: str, n: int, classes: int = 10) -> str:
                                                                    quality=90)
     open(done, "w").close()
     return root
+
+
+class ChainerStandardExample:
+    """The same transform written the standard Chainer way (the per-example baseline).
+
+    ``chainer.datasets.LabeledImageDataset`` reads each file as Chainer does
+    (Pillow full decode to a float32 CHW array), then the same random-resized
+    crop (same box distribution), flip and normalization are applied to that
+    array as Chainer's ImageNet example and ChainerCV do: crop the float array,
+    resize it with Pillow's bilinear filter per channel in float mode (ChainerCV's
+    ``transforms.resize`` without OpenCV), flip, ``(x - mean) / std``.
+    """
+
+    def __init__(self, paths, labels):
+        import chainer
+
+        self.base = chainer.datasets.LabeledImageDataset(list(zip(paths, labels)))
+        self.crop = RandomResizedCrop(224)
+        self.mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+        self.std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        img, label = self.base[i]  # float32 (C, H, W)
+        rng = np.random.default_rng()
+        x0, y0, x1, y1 = self.crop.box(img.shape[2], img.shape[1], rng)
+        img = img[:, y0:y1, x0:x1]
+        img = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(ch)).resize(
+            (224, 224), Image.BILINEAR)) for ch in img])
+        if rng.random() < 0.5:
+            img = img[:, :, ::-1]
+        return (img - self.mean) / self.std, label
 
 
 class ChainerExample:
@@ -128,10 +171,11 @@ def loader_iter(ds, batch, workers, **transform_kw):
     return gen(), loader
 
 
-def chainer_iter(ds, batch, workers, **transform_kw):
+def chainer_iter(ds, batch, workers, standard=False, **transform_kw):
     import chainer
 
-    base = ChainerExample(ds.paths, ds.labels, **transform_kw)
+    base = ChainerStandardExample(ds.paths, ds.labels) if standard else ChainerExample(
+        ds.paths, ds.labels, **transform_kw)
     it = chainer.iterators.MultiprocessIterator(base, batch, repeat=True, shuffle=True, n_processes=workers,
                                                 n_prefetch=2, shared_mem=3 * 224 * 224 * 4 + 64)
 
@@ -233,6 +277,8 @@ def main(argv=None) -> int:
             ("eval_1024x768_pillow_full", large, ResizeCenterCrop(256, 224, draft=False, decoder="pillow")),
             ("eval_1024x768_pillow_draft", large, ResizeCenterCrop(256, 224, draft=True, decoder="pillow"))]:
         micro[name] = per_image_cpu_ms(paths, t, reps)
+    standard = ChainerStandardExample(ds.paths[:32], ds.labels[:32])
+    micro["train_chainer_standard"] = per_image_cpu_ms(range(len(standard)), lambda i, rng: standard[i], reps)
     if simplejpeg is not None:
         micro["train_simplejpeg"] = per_image_cpu_ms(sample, RandomResizedCrop(224, decoder="simplejpeg"),
                                                      reps)
@@ -242,6 +288,7 @@ def main(argv=None) -> int:
           ", ".join(f"{k} {v:.2f}" for k, v in micro.items()), flush=True)
 
     variants = {"hpcsgd": (loader_iter, {"decoder": "pillow"}),
+                "chainer_standard": (chainer_iter, {"standard": True}),
                 "chainer_mpiter": (chainer_iter, {"decoder": "pillow"})}
     if simplejpeg is not None:
         variants["hpcsgd_simplejpeg"] = (loader_iter, {"decoder": "simplejpeg"})
@@ -270,7 +317,10 @@ def main(argv=None) -> int:
     med_cpu = {name: {w: statistics.median(v) for w, v in d.items()} for name, d in cpu_ms.items()}
     ratios = {}
     for w in med["hpcsgd"]:
-        ratios[w] = {"images_per_s_vs_chainer": med["hpcsgd"][w] / med["chainer_mpiter"][w],
+        std, std_cpu = med["chainer_standard"][w], med_cpu["chainer_standard"][w]
+        ratios[w] = {"images_per_s_vs_chainer_standard": med["hpcsgd"][w] / std,
+                     "cpu_per_image_vs_chainer_standard": std_cpu / med_cpu["hpcsgd"][w],
+                     "images_per_s_vs_chainer": med["hpcsgd"][w] / med["chainer_mpiter"][w],
                      "cpu_per_image_vs_chainer": med_cpu["chainer_mpiter"][w] / med_cpu["hpcsgd"][w]}
         if "hpcsgd_simplejpeg" in med:
             ratios[w]["images_per_s_simplejpeg_vs_chainer"] = (

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hpcsgd.errors import ConfigError
-from hpcsgd.models import build_model, prepare_for_eval
+from hpcsgd.models import build_model, prepare_for_eval, start_step
 from hpcsgd.models.batchnorm import BatchNorm
 
 
@@ -43,6 +43,28 @@ def test_training_uses_batch_stats_and_keeps_last():
         out = m(xe).array
     expect = (xe - m.bn.avg_mean.reshape(1, 3, 1, 1)) / np.sqrt(m.bn.avg_var.reshape(1, 3, 1, 1) + 1e-5)
     np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("var_combine", ["corrected", "mean"])
+def test_batch_mode_keeps_the_whole_step_under_accumulation(var_combine):
+    """After start_step, the kept statistics are those of all micro-batches of the step."""
+    m = OneBN(mode="batch", var_combine=var_combine)
+    start_step(m)
+    m(batch(7, shift=5.0))  # an earlier step: must not leak into the next one
+    micro = [batch(s, shift=s) for s in range(3)]  # micro-batches with different means
+    start_step(m)
+    for x in micro:
+        m(x)
+    allx = np.concatenate(micro).astype(np.float64)
+    np.testing.assert_allclose(m.bn.last_mean, allx.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    prepare_for_eval(m)
+    if var_combine == "corrected":  # exactly the unbiased variance of all 48 values per channel
+        assert m.bn.last_count == 48
+        expect = allx.var((0, 2, 3), ddof=1)
+    else:  # the mean of the micro-batches' unbiased variances (AllreducePersistent over micro-batches)
+        assert m.bn.last_count == 16
+        expect = np.mean([x.astype(np.float64).var((0, 2, 3), ddof=1) for x in micro], axis=0)
+    np.testing.assert_allclose(m.bn.avg_var, expect, rtol=1e-5)
 
 
 def test_running_averages_decay_0_9():

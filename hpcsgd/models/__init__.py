@@ -20,7 +20,7 @@ from hpcsgd.errors import ConfigError
 from hpcsgd.models.alexnet import AlexNetBN
 from hpcsgd.models.batchnorm import MODES as BN_MODES
 from hpcsgd.models.batchnorm import BatchNorm
-from hpcsgd.models.eval_stats import bn_links, prepare_for_eval
+from hpcsgd.models.eval_stats import bn_links, prepare_for_eval, start_step
 from hpcsgd.models.resnet import ResNet
 from hpcsgd.models.resnet_small import SmallResNet
 
@@ -55,5 +55,5 @@ def count_params(model: chainer.Link) -> int:
     return int(sum(p.size for p in model.params()))
 
 
-__all__ = ["build_model", "prepare_for_eval", "count_params", "bn_links", "BatchNorm", "BN_MODES",
-           "ResNet", "SmallResNet", "AlexNetBN", "MODEL_NAMES"]
+__all__ = ["build_model", "prepare_for_eval", "start_step", "count_params", "bn_links", "BatchNorm",
+           "BN_MODES", "ResNet", "SmallResNet", "AlexNetBN", "MODEL_NAMES"]

@@ -26,6 +26,17 @@ modes differ in what inference uses and, for 'sync', in which batch:
   mean underestimates. Its cost is a second allreduce of C floats per layer
   per evaluation. Unbiased (n/(n-1)) variance for inference is Chainer's
   convention (UNCONFIRMED for Akiba).
+
+  Under gradient accumulation the "last minibatch" of a rank is the whole
+  last step, i.e. all its micro-batches, each of which plays the part of one
+  of the paper's workers. After :func:`start_step` (called by the training
+  loop before the first micro-batch of every step), the link folds each
+  micro-batch into the step's statistics: ``last_mean`` is the count-weighted
+  mean of the micro-batch means; ``last_var`` is the pooled (biased) variance
+  of all the step's images for 'corrected', or the count-weighted mean of the
+  micro-batch variances for 'mean'; ``last_count`` is the step's image count
+  per channel ('corrected') or the micro-batch count ('mean', whose n/(n-1)
+  applies per micro-batch). Without ``start_step`` every forward starts anew.
 * ``'recompute'``: before evaluation, ``prepare_for_eval(model, comm, batches)``
   runs K training-mode forward passes (no backprop) and sets the population
   statistics ``mean = E[x]``, ``var = (E[x^2] - mean^2) * N/(N-1)`` over all
@@ -162,6 +173,8 @@ class BatchNorm(chainer.Link):
         self.last_count = 0  # images per channel in the last training minibatch (this rank)
         self.register_persistent("last_count")
         self._accum = None  # [sum x, sum x^2, count] (float64) while recomputing
+        self._step = None  # [sum n*mean, sum n*(var+mean^2), sum n*var, sum n] (float64) of this step
+        self._fold = False  # fold the next forward into self._step (set by start_step)
 
     # -- forward ---------------------------------------------------------------
     def forward(self, x, relu: bool = False):
@@ -181,9 +194,12 @@ class BatchNorm(chainer.Link):
     def _observe(self, mean, var, count) -> None:
         xp = backend.get_array_module(mean)
         dt = self.avg_mean.dtype
-        self.last_mean = xp.asarray(mean, dtype=dt)
-        self.last_var = xp.asarray(var, dtype=dt)
-        self.last_count = int(count)
+        if self.mode == "batch":
+            self._observe_step(xp, mean, var, count)
+        else:
+            self.last_mean = xp.asarray(mean, dtype=dt)
+            self.last_var = xp.asarray(var, dtype=dt)
+            self.last_count = int(count)
         if self._accum is not None:
             m = xp.asarray(mean, dtype=numpy.float64)
             v = xp.asarray(var, dtype=numpy.float64)
@@ -195,6 +211,31 @@ class BatchNorm(chainer.Link):
             d = self.decay
             self.avg_mean = xp.asarray(d * self.avg_mean + (1 - d) * xp.asarray(mean, dtype=dt), dtype=dt)
             self.avg_var = xp.asarray(d * self.avg_var + (1 - d) * xp.asarray(unbiased, dtype=dt), dtype=dt)
+
+    # -- 'batch' mode: statistics of the whole last step -------------------------
+    def start_step(self) -> None:
+        """The next forwards until the next ``start_step`` are micro-batches of one step."""
+        self._step, self._fold = None, True
+
+    def _observe_step(self, xp, mean, var, count) -> None:
+        m = xp.asarray(mean, dtype=numpy.float64)
+        v = xp.asarray(var, dtype=numpy.float64)
+        if self._step is None or not self._fold:
+            self._step = [m * 0, m * 0, m * 0, 0.0]
+        acc = self._step
+        acc[0] = acc[0] + m * count
+        acc[1] = acc[1] + (v + m * m) * count
+        acc[2] = acc[2] + v * count
+        acc[3] += count
+        n = acc[3]
+        step_mean = acc[0] / n
+        if self.var_combine == "corrected":
+            step_var, self.last_count = xp.maximum(acc[1] / n - step_mean * step_mean, 0.0), int(n)
+        else:
+            step_var, self.last_count = acc[2] / n, int(count)
+        dt = self.avg_mean.dtype
+        self.last_mean = step_mean.astype(dt)
+        self.last_var = step_var.astype(dt)
 
     # -- recompute ---------------------------------------------------------------
     def start_recompute(self) -> None:

@@ -126,6 +126,19 @@ def _recompute(model, bns: list[BatchNorm], comm, batches: Iterable) -> int:
     return n_batches
 
 
+def start_step(model: chainer.Link) -> None:
+    """Mark the start of a training step (its micro-batches follow) for 'batch'-mode BN layers.
+
+    Local, no communication. The training loop calls it before the first
+    micro-batch of every step, so under gradient accumulation the statistics
+    kept for evaluation are those of the whole step (all micro-batches), as
+    if every micro-batch were one of the paper's workers.
+    """
+    for bn in bn_links(model):
+        if bn.mode == "batch":
+            bn.start_step()
+
+
 def prepare_for_eval(model: chainer.Link, comm=None, batches: Iterable | None = None) -> dict:
     """Make every BN layer's inference statistics ready, per its mode. Collective over ``comm``.
 

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from hpcsgd.models.eval_stats import start_step
 from hpcsgd.trace import get_tracer
 from hpcsgd.train import checkpoint as ckpt
 from hpcsgd.train.evaluate import evaluate
@@ -192,6 +193,7 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
         tracer.start_iteration(iteration)
         recipe.on_iteration(iteration / iters_per_epoch)
         model.cleargrads()
+        start_step(model)  # 'batch'-mode BN keeps the statistics of all of this step's micro-batches
         loss_value = 0.0
         for micro in range(accum):
             with tracer.span("data_wait"):
