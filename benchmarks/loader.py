@@ -121,9 +121,8 @@ class ChainerExample:
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        img = self.transform(self.paths[i], np.random.default_rng())
-        out = np.empty((3, 224, 224), np.float32)
-        self.norm.write(img, out)
+        out = np.empty((3, 224, 224), np.float32)  # hpcsgd's per-image code, as the Loader runs it
+        self.transform.write_into(self.paths[i], np.random.default_rng(), self.norm, out)
         return out, np.int32(self.labels[i])
 
 
@@ -271,6 +270,12 @@ def main(argv=None) -> int:
     sample, large = ds.paths[:32], generate_large(args.cache)
     reps = 2 if args.quick else 5
     micro = {}
+    fused_norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    slot, crop = np.empty((3, 224, 224), np.float32), RandomResizedCrop(224)
+    micro["train_fused_write_into"] = per_image_cpu_ms(
+        sample, lambda p, rng: crop.write_into(p, rng, fused_norm, slot), reps)
+    micro["train_pillow_resize_then_normalize"] = per_image_cpu_ms(
+        sample, lambda p, rng: fused_norm.write(crop(p, rng), slot), reps)
     for name, paths, t in [
             ("train_pillow_full", sample, RandomResizedCrop(224, draft=False, decoder="pillow")),
             ("train_pillow_draft", sample, RandomResizedCrop(224, draft=True, decoder="pillow")),

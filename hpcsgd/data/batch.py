@@ -72,6 +72,23 @@ def load_sample(dataset, transform, i: int, rng: np.random.Generator) -> np.ndar
     return out
 
 
+def load_sample_into(dataset, transform, i: int, rng: np.random.Generator, normalize,
+                     out: np.ndarray) -> None:
+    """Sample ``i`` through ``transform.write_into`` straight into the slot ``out`` (C, H, W).
+
+    The fused path of the crop transforms (decode, then one resample + flip +
+    normalize pass into the slot); failures become a DataError naming the sample.
+    """
+    try:
+        transform.write_into(dataset.source(i), rng, normalize, out)
+    except DataError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise DataError(f"{dataset.name(i)}: {type(e).__name__}: {e}") from e
+
+
 def fill_batch(dataset, transform, normalize, indices: np.ndarray, rng: np.random.Generator,
                x: np.ndarray, t: np.ndarray, on_bad: str = "error") -> list[str]:
     """Write samples ``indices`` into ``x`` / ``t``; returns the names of skipped bad samples.
@@ -82,10 +99,15 @@ def fill_batch(dataset, transform, normalize, indices: np.ndarray, rng: np.rando
     batch full; the bad names are returned for counting.
     """
     skipped: list[str] = []
+    fused = hasattr(transform, "write_into")
     for j, i in enumerate(indices):
         i = int(i)
         for _ in range(MAX_REPLACEMENT_TRIES):
             try:
+                if fused:
+                    load_sample_into(dataset, transform, i, rng, normalize, x[j])
+                    t[j] = dataset.labels[i]
+                    break
                 img = load_sample(dataset, transform, i, rng)
                 if img.shape[:2] != x.shape[2:] or img.shape[2] != x.shape[1]:
                     raise DataError(f"{dataset.name(i)}: sample has shape {img.shape} (H, W, C), "
