@@ -11,7 +11,8 @@ Two layouts, chosen per call from the output's pixel count ``P = Ho * Wo``:
   instead of N skinny ones, whose efficiency collapses at ``P`` of 4-49;
   the output is then moved to NCHW by a parallel copy (cheap at small ``P``).
 
-im2col/col2im are numba kernels, parallel over (image, channel), that test
+im2col/col2im are numba kernels (one per layout, each writing its layout's
+contiguous order), parallel over (image, channel) or (channel, tap), that test
 the padding bounds instead of padding a copy of the input; col2im zero-fills
 each output plane in the thread that accumulates into it. The forward patch
 matrix is kept for the weight gradient (no second im2col in backward).
@@ -88,6 +89,63 @@ def _col2im(col, gx, kh, kw, sy, sx, ph, pw):
 
 
 @kernel
+def _im2col_cn(x, col, kh, kw, sy, sx, ph, pw):
+    """:func:`_im2col` for the batched layout ``col[c, i, j, n, oy, ox]`` (C-contiguous).
+
+    Parallel over (channel, tap), so each task writes one contiguous block;
+    2-3x faster than writing the same block through a transposed view.
+    """
+    n_img, n_ch, h, w = x.shape
+    ho = col.shape[4]
+    wo = col.shape[5]
+    for cij in prange(n_ch * kh * kw):
+        c = cij // (kh * kw)
+        i = (cij // kw) % kh
+        j = cij % kw
+        lo = max(0, (pw - j + sx - 1) // sx)
+        hi = max(min(wo, (w - 1 + pw - j) // sx + 1), lo)
+        base = j - pw
+        for n in range(n_img):
+            for oy in range(ho):
+                iy = oy * sy + i - ph
+                if iy < 0 or iy >= h:
+                    for ox in range(wo):
+                        col[c, i, j, n, oy, ox] = 0
+                    continue
+                for ox in range(lo):
+                    col[c, i, j, n, oy, ox] = 0
+                for ox in range(lo, hi):
+                    col[c, i, j, n, oy, ox] = x[n, c, iy, ox * sx + base]
+                for ox in range(hi, wo):
+                    col[c, i, j, n, oy, ox] = 0
+
+
+@kernel
+def _col2im_cn(col, gx, kh, kw, sy, sx, ph, pw):
+    """Adjoint of :func:`_im2col_cn` (``col[c, i, j, n, oy, ox]``, C-contiguous), parallel over planes."""
+    n_img, n_ch, h, w = gx.shape
+    ho = col.shape[4]
+    wo = col.shape[5]
+    for nc in prange(n_img * n_ch):
+        n = nc // n_ch
+        c = nc % n_ch
+        for iy in range(h):
+            for ix in range(w):
+                gx[n, c, iy, ix] = 0
+        for i in range(kh):
+            for j in range(kw):
+                lo = max(0, (pw - j + sx - 1) // sx)
+                hi = min(wo, (w - 1 + pw - j) // sx + 1)
+                base = j - pw
+                for oy in range(ho):
+                    iy = oy * sy + i - ph
+                    if iy < 0 or iy >= h:
+                        continue
+                    for ox in range(lo, hi):
+                        gx[n, c, iy, ox * sx + base] += col[c, i, j, n, oy, ox]
+
+
+@kernel
 def _swap01(a, out):
     """``out[j, i, :] = a[i, j, :]`` for 3-D arrays (NCP <-> CNP), parallel over rows."""
     d0, d1, d2 = a.shape
@@ -145,8 +203,7 @@ class Conv2D(function_node.FunctionNode):
                 col = swap01(x.reshape(n, c, p)).reshape(k, n * p)
             else:
                 col = np.empty((k, n * p), dtype=x.dtype)
-                view = col.reshape(c, kh, kw, n, ho, wo).transpose(3, 0, 1, 2, 4, 5)
-                _im2col(x, view, kh, kw, self.sy, self.sx, self.ph, self.pw)
+                _im2col_cn(x, col.reshape(c, kh, kw, n, ho, wo), kh, kw, self.sy, self.sx, self.ph, self.pw)
             y = swap01((W2 @ col).reshape(cout, n, p))
         else:
             if self.direct:
@@ -182,8 +239,8 @@ class Conv2D(function_node.FunctionNode):
                     gx = swap01(gcol.reshape(c, n, p))
                 else:
                     gx = np.empty(self.x_shape, dtype=gy.dtype)
-                    view = gcol.reshape(c, kh, kw, n, ho, wo).transpose(3, 0, 1, 2, 4, 5)
-                    _col2im(view, gx, kh, kw, self.sy, self.sx, self.ph, self.pw)
+                    gcol6 = gcol.reshape(c, kh, kw, n, ho, wo)
+                    _col2im_cn(gcol6, gx, kh, kw, self.sy, self.sx, self.ph, self.pw)
                 out[0] = gx.reshape(self.x_shape)
         else:
             if 1 in indexes:
