@@ -225,7 +225,8 @@ def data_wait_fraction(ds, batch, workers, step_s, steps):
     """Trainer wait per step with a fixed-duration compute step: (steady fraction, all-steps fraction,
     median step s, per-step waits). Steady state skips the first ``prefetch`` steps (queue filling)."""
     prefetch = 2 * workers
-    loader = Loader(ds, batch, workers=workers, prefetch=prefetch, seed=2, transform="train")
+    loader = Loader(ds, batch, workers=workers, prefetch=prefetch, seed=2, transform="train",
+                    copy=False)  # as `hpcsgd train` runs it: zero-copy views of the shared slots
     waits, t_steps = [], []
     try:
         it = iter(loader)

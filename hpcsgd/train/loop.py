@@ -46,7 +46,7 @@ def _eval_loader(dataset, rank: int, size: int, cfg: dict, device: int | None):
 
     return Loader(dataset, cfg["eval_batch"], rank=rank, size=size, shuffle=False,
                   workers=cfg["loader_workers"], prefetch=cfg["prefetch"], transform="eval",
-                  drop_remainder=False, partition="eval", device=device)
+                  drop_remainder=False, partition="eval", device=device, copy=False)
 
 
 def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None = None,
@@ -98,7 +98,8 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
     val_set = build_dataset(cfg["dataset"], cfg["val_path"] or cfg["data_path"], split="val", **data_kw)
     loader = Loader(train_set, cfg["batch_per_rank"], rank=rank, size=size, seed=cfg["seed"],
                     shuffle=True, workers=cfg["loader_workers"], prefetch=cfg["prefetch"],
-                    transform="train" if cfg["augment"] else "eval", device=device)
+                    transform="train" if cfg["augment"] else "eval", device=device,
+                    copy=False)  # zero-copy views of the shared slot: each batch is done with before the next
     val_loader = _eval_loader(val_set, rank, size, cfg, device)
     accum = cfg["grad_accumulation"]
     iters_per_epoch = len(loader) // accum
