@@ -40,6 +40,35 @@ def _comm_seconds(tracer) -> float:
     return sum(tracer.phase_seconds.get(p, 0.0) for p in COMM_PHASES)
 
 
+def accumulate_gradients(model, stream, accum: int, optimizer, tracer) -> float:
+    """Forward + backward of ``accum`` micro-batches from ``stream``; returns the step's mean loss.
+
+    Each micro-batch's mean loss is scaled by ``1/accum`` before backward and
+    the gradients add up, so with equal micro-batches the result is exactly
+    the gradient of the mean loss over their concatenation, i.e. of the
+    ``accum``-times larger batch (tested). The one difference is BN: it
+    normalizes each micro-batch with that micro-batch's statistics, as if
+    every micro-batch were its own worker (the papers' per-worker BN);
+    'batch'-mode BN keeps the statistics of all micro-batches of the step.
+    """
+    import chainer.functions as F
+
+    model.cleargrads()
+    start_step(model)
+    loss_value = 0.0
+    for micro in range(accum):
+        with tracer.span("data_wait"):
+            x, t = next(stream)
+        with tracer.span("forward"):
+            loss = F.softmax_cross_entropy(model(x), t)
+        c0 = _comm_seconds(tracer)
+        with tracer.span("backward"), optimizer.backward_scope(last=micro == accum - 1):
+            (loss / accum).backward()
+        tracer.phase_seconds["backward"] -= _comm_seconds(tracer) - c0  # overlapped comm is not compute
+        loss_value += float(loss.array) / accum
+    return loss_value
+
+
 def _eval_loader(dataset, rank: int, size: int, cfg: dict, device: int | None):
     """This rank's validation shard (``partition='eval'``: every sample once across ranks, in order)."""
     from hpcsgd.data import Loader
@@ -53,7 +82,6 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
           timeline_iters: range | None = None) -> dict:
     """Train as configured (``cfg`` already resolved by :func:`hpcsgd.train.config.resolve`)."""
     import chainer
-    import chainer.functions as F
 
     import hpcsgd
     from hpcsgd.data import Loader, build_dataset
@@ -193,19 +221,7 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
             stream, stream_epoch = iter(loader), epoch_index
         tracer.start_iteration(iteration)
         recipe.on_iteration(iteration / iters_per_epoch)
-        model.cleargrads()
-        start_step(model)  # 'batch'-mode BN keeps the statistics of all of this step's micro-batches
-        loss_value = 0.0
-        for micro in range(accum):
-            with tracer.span("data_wait"):
-                x, t = next(stream)
-            with tracer.span("forward"):
-                loss = F.softmax_cross_entropy(model(x), t)
-            c0 = _comm_seconds(tracer)
-            with tracer.span("backward"), optimizer.backward_scope(last=micro == accum - 1):
-                (loss / accum).backward()
-            tracer.phase_seconds["backward"] -= _comm_seconds(tracer) - c0  # overlapped comm is not compute
-            loss_value += float(loss.array) / accum
+        loss_value = accumulate_gradients(model, stream, accum, optimizer, tracer)
         optimizer.update()  # traces pack/allreduce/unpack (communicator) and update (optimizer)
         iteration += 1
         meter.add(tracer.pop_phases(), loss_value, cfg["batch_per_rank"] * accum)
