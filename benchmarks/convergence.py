@@ -250,7 +250,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--tune-batch", type=int, default=4096)
-    p.add_argument("--lr-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    p.add_argument("--lr-scales", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     p.add_argument("--run-timeout", type=float, default=1800)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny smoke study (not a result)")
