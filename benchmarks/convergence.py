@@ -165,12 +165,14 @@ def aggregate(records: list[dict]) -> list[dict]:
         if r:
             rows.setdefault((r["recipe"], r["batch"]), []).append(r)
     table = []
-    for (recipe, batch), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    order = {name: i for i, name in enumerate(("baseline",) + RECIPES)}
+    for (recipe, batch), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 99))):
         errs = [100.0 * (1.0 - r["metric_top1"]) for r in rs]
         table.append({"recipe": recipe, "batch": batch, "seeds": [r["seed"] for r in rs],
                       "lr_scale": rs[0]["lr_scale"], "lr": rs[0]["settings"]["recipe_options"]["lr"],
                       "error_mean": statistics.fmean(errs), "error_spread": max(errs) - min(errs),
-                      "errors": errs, "wall_s": statistics.fmean(r["wall_s"] or 0 for r in rs),
+                      "errors": errs, "steps": rs[0].get("iterations"),
+                      "wall_s": statistics.fmean(r["wall_s"] or 0 for r in rs),
                       "images_per_s": statistics.fmean(r["images_per_s"] or 0 for r in rs)})
     return table
 
@@ -181,10 +183,11 @@ def markdown(table: list[dict], args, tuned: dict) -> str:
              f"median of the last 3 evaluations, mean ± spread (max-min) over seeds {args.seeds}.",
              (f"Tuned: base-LR scale from {args.lr_scales} at batch {args.tune_batch}, seed 0: {tuned}."
               if args.tune else "Not tuned in this run: every recipe at its paper LR rule (scale 1.0)."), "",
-             "| batch | recipe | LR | seeds run | error % | spread | images/s | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| batch | recipe | LR | steps | seeds run | error % | spread | images/s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['batch']} | {LABELS.get(row['recipe'], row['recipe'])} | {row['lr']:g} | "
+                     f"{row.get('steps') or ''} | "
                      f"{','.join(map(str, row['seeds']))} | "
                      f"{row['error_mean']:.2f} | ±{row['error_spread'] / 2:.2f} | "
                      f"{row['images_per_s']:.0f} | {row['wall_s']:.0f} |")
