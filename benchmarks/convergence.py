@@ -275,8 +275,9 @@ def main(argv=None) -> int:
         for batch in args.batches:
             records += [execute(args, recipe, batch, seed, tuned[recipe]) for recipe in args.recipes]
     table = aggregate(records)
+    settings = {k: (os.path.relpath(v, ROOT) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "convergence.json").write_text(json.dumps(
-        {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        {"settings": settings,
          "tuned_lr_scale": tuned, "table": table, "loadavg": os.getloadavg()}, indent=1))
     md = markdown(table, args, tuned)
     (args.out / "convergence.md").write_text(md)
