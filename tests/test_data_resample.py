@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from hpcsgd.data import Normalize, RandomResizedCrop, ResizeCenterCrop
-from hpcsgd.data.resample import _taps, filter_taps, resample_into
+from hpcsgd.data.resample import _taps, resample_into
 from hpcsgd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from hpcsgd.errors import DataError
 
@@ -18,6 +18,32 @@ def photo(h=375, w=500, seed=0):
     yy, xx = np.mgrid[0:h, 0:w]
     img = 128 + 80 * np.sin(xx / 17.0)[:, :, None] * np.cos(yy / 23.0)[:, :, None] * rng.uniform(0.5, 1, 3)
     return np.clip(img + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def filter_taps(in_size: int, out_size: int, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """Separable bilinear taps mapping input span ``[lo, hi)`` (pixels) onto ``out_size`` pixels.
+
+    Returns ``(first, weights)``: ``first[o]`` is the first input pixel of
+    output ``o`` (int32), ``weights[o, k]`` the weight of input ``first[o] + k``
+    (float32, rows sum to 1, zero-padded to the widest filter).
+    """
+    scale = (hi - lo) / out_size
+    support = max(scale, 1.0)  # triangle half-width in input pixels (1 for upscaling)
+    centre = lo + (np.arange(out_size) + 0.5) * scale
+    first = np.maximum(np.floor(centre - support + 0.5), 0).astype(np.int64)
+    last = np.minimum(np.floor(centre + support + 0.5), in_size).astype(np.int64)
+    taps = int(max(1, (last - first).max()))
+    k = first[:, None] + np.arange(taps)[None, :]
+    w = np.maximum(1.0 - np.abs((k + 0.5 - centre[:, None]) / support), 0.0)
+    w[k >= last[:, None]] = 0.0
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+    # Keep every tap inside the image (no bounds test in the kernel): where the padded filter
+    # runs past the edge, start it earlier and shift its weights right (the pad is zeros).
+    shift = np.maximum(first + taps - in_size, 0)
+    j = np.arange(taps)[None, :] - shift[:, None]
+    w = np.where(j >= 0, np.take_along_axis(w, np.maximum(j, 0), axis=1), 0.0)
+    return (first - shift).astype(np.int32), w.astype(np.float32)
 
 
 @pytest.mark.parametrize("size,lo,hi", [(500, 50.3, 400.7), (375, 0, 375), (28, 3.0, 9.0),

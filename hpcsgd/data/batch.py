@@ -6,6 +6,7 @@ both produce bit-identical batches from the same random stream.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -57,16 +58,21 @@ def batch_rng(seed: int, epoch: int, k: int, rank: int) -> np.random.Generator:
                                                                         int(rank), 0xA06])))
 
 
-def load_sample(dataset, transform, i: int, rng: np.random.Generator) -> np.ndarray:
-    """Sample ``i`` after ``transform`` as uint8 (H, W, C); any failure becomes a DataError naming it."""
+@contextlib.contextmanager
+def _naming_sample(dataset, i: int):
+    """Any failure inside becomes a DataError naming sample ``i`` (DataError and MemoryError pass)."""
     try:
-        out = transform(dataset.source(i), rng)
-    except DataError:
-        raise
-    except MemoryError:
+        yield
+    except (DataError, MemoryError):
         raise
     except Exception as e:
         raise DataError(f"{dataset.name(i)}: {type(e).__name__}: {e}") from e
+
+
+def load_sample(dataset, transform, i: int, rng: np.random.Generator) -> np.ndarray:
+    """Sample ``i`` after ``transform`` as uint8 (H, W, C); any failure becomes a DataError naming it."""
+    with _naming_sample(dataset, i):
+        out = transform(dataset.source(i), rng)
     if out.ndim == 2:
         out = out[:, :, None]
     return out
@@ -79,14 +85,8 @@ def load_sample_into(dataset, transform, i: int, rng: np.random.Generator, norma
     The fused path of the crop transforms (decode, then one resample + flip +
     normalize pass into the slot); failures become a DataError naming the sample.
     """
-    try:
+    with _naming_sample(dataset, i):
         transform.write_into(dataset.source(i), rng, normalize, out)
-    except DataError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as e:
-        raise DataError(f"{dataset.name(i)}: {type(e).__name__}: {e}") from e
 
 
 def fill_batch(dataset, transform, normalize, indices: np.ndarray, rng: np.random.Generator,

@@ -27,32 +27,6 @@ import numpy as np
 from hpcsgd.kernels._numba import kernel
 
 
-def filter_taps(in_size: int, out_size: int, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
-    """Separable bilinear taps mapping input span ``[lo, hi)`` (pixels) onto ``out_size`` pixels.
-
-    Returns ``(first, weights)``: ``first[o]`` is the first input pixel of
-    output ``o`` (int32), ``weights[o, k]`` the weight of input ``first[o] + k``
-    (float32, rows sum to 1, zero-padded to the widest filter).
-    """
-    scale = (hi - lo) / out_size
-    support = max(scale, 1.0)  # triangle half-width in input pixels (1 for upscaling)
-    centre = lo + (np.arange(out_size) + 0.5) * scale
-    first = np.maximum(np.floor(centre - support + 0.5), 0).astype(np.int64)
-    last = np.minimum(np.floor(centre + support + 0.5), in_size).astype(np.int64)
-    taps = int(max(1, (last - first).max()))
-    k = first[:, None] + np.arange(taps)[None, :]
-    w = np.maximum(1.0 - np.abs((k + 0.5 - centre[:, None]) / support), 0.0)
-    w[k >= last[:, None]] = 0.0
-    total = w.sum(axis=1, keepdims=True)
-    w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
-    # Keep every tap inside the image (no bounds test in the kernel): where the padded filter
-    # runs past the edge, start it earlier and shift its weights right (the pad is zeros).
-    shift = np.maximum(first + taps - in_size, 0)
-    j = np.arange(taps)[None, :] - shift[:, None]
-    w = np.where(j >= 0, np.take_along_axis(w, np.maximum(j, 0), axis=1), 0.0)
-    return (first - shift).astype(np.int32), w.astype(np.float32)
-
-
 @kernel(parallel=False)
 def _resample_into(src, x_first, x_w, y_first, y_w, mean, inv_std, out, to_uint8):  # pragma: no cover
     """Separable resample of ``src`` (H, W, C) uint8 into ``out`` (C, oh, ow) float32 or uint8.
@@ -108,7 +82,16 @@ def _resample_into(src, x_first, x_w, y_first, y_w, mean, inv_std, out, to_uint8
 
 
 @kernel(parallel=False)
-def _taps(in_size, out_size, lo, hi, flip):  # pragma: no cover - numba; mirrors filter_taps
+def _taps(in_size, out_size, lo, hi, flip):  # pragma: no cover - numba
+    """Separable bilinear taps mapping input span ``[lo, hi)`` onto ``out_size`` pixels.
+
+    Returns ``(first, weights)``: ``first[o]`` the first input pixel of output
+    ``o`` (int32), ``weights[o, k]`` the weight of input ``first[o] + k`` (float32,
+    rows sum to 1, zero-padded to the widest filter; a filter that would run past
+    the image edge starts earlier with its weights shifted right, so every tap is
+    inside the image). ``flip`` reverses the outputs. tests/test_data_resample.py
+    checks it against a NumPy reference.
+    """
     scale = (hi - lo) / out_size
     support = max(scale, 1.0)
     taps = 1
