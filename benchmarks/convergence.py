@@ -159,6 +159,17 @@ def tune(args) -> dict[str, float]:
     return best
 
 
+def tune_records(args) -> list[dict]:
+    """The stored records of the tuning grid (empty without ``--tune``)."""
+    if not args.tune:
+        return []
+    saved, args.report_only = args.report_only, True
+    try:
+        return [execute(args, r, args.tune_batch, 0, s) for r in args.recipes for s in args.lr_scales]
+    finally:
+        args.report_only = saved
+
+
 def aggregate(records: list[dict]) -> list[dict]:
     rows = {}
     for r in records:
@@ -177,12 +188,14 @@ def aggregate(records: list[dict]) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict], args, tuned: dict) -> str:
+def markdown(table: list[dict], args, tuned: dict, cost: dict) -> str:
     lines = [f"Fashion-MNIST, ResNet-{args.depth} (width {args.width}), {args.epochs:g} epochs, "
              f"{args.ranks} ranks x {args.batch_per_rank} images x accumulation; test top-1 error (%) = "
              f"median of the last 3 evaluations, mean ± spread (max-min) over seeds {args.seeds}.",
              (f"Tuned: base-LR scale from {args.lr_scales} at batch {args.tune_batch}, seed 0: {tuned}."
-              if args.tune else "Not tuned in this run: every recipe at its paper LR rule (scale 1.0)."), "",
+              if args.tune else "Not tuned in this run: every recipe at its paper LR rule (scale 1.0)."),
+             f"Whole study (tuning included): {cost['runs']} runs, {cost['run_seconds'] / 60:.0f} min of "
+             "run time on this machine (sum of the runs' wall times, launch to exit).", "",
              "| batch | recipe | LR | steps | seeds run | error % | spread | images/s | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
@@ -275,11 +288,14 @@ def main(argv=None) -> int:
         for batch in args.batches:
             records += [execute(args, recipe, batch, seed, tuned[recipe]) for recipe in args.recipes]
     table = aggregate(records)
+    study_runs = [r for r in tune_records(args) + records if r]
+    unique = {r["run_id"]: r for r in study_runs}
+    cost = {"runs": len(unique), "run_seconds": round(sum(r["elapsed_s"] for r in unique.values()), 1)}
     settings = {k: (os.path.relpath(v, ROOT) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "convergence.json").write_text(json.dumps(
         {"settings": settings,
-         "tuned_lr_scale": tuned, "table": table, "loadavg": os.getloadavg()}, indent=1))
-    md = markdown(table, args, tuned)
+         "tuned_lr_scale": tuned, "study_cost": cost, "table": table, "loadavg": os.getloadavg()}, indent=1))
+    md = markdown(table, args, tuned, cost)
     (args.out / "convergence.md").write_text(md)
     plot(table, records, args)
     print(md)
