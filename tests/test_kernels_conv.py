@@ -25,6 +25,7 @@ SHAPES = [
     (1, 4, 1, 1, 3, 1, 1, 0),     # 1x1 on a 1x1 map (last stage at tiny inputs)
     (2, 3, 2, 2, 4, 3, 1, 1),     # 3x3 on 2x2 (last stage of ResNet-50 at 64 px)
     (2, 2, 6, 6, 3, 3, 1, 0),     # no padding
+    (1, 2, 2, 3, 3, 7, 1, 3),     # padding wider than the image (empty row ranges)
 ]
 
 
