@@ -437,44 +437,6 @@ def uninstall() -> None:
         _active = None
 
 
-def finalize_mpi() -> None:
-    """Finalize MPI as a watched collective, then stop the watchdog.
-
-    MPICH's ``MPI_Finalize`` talks to the other ranks; a rank or link lost after
-    the last training collective would otherwise hang the exit of a job whose
-    results are already on disk. Under the watchdog it ends like any stuck
-    collective: a CollectiveTimeoutError report and an abort within the timeout.
-    Without an active watchdog this only finalizes MPI. MPI cannot be used
-    afterwards: call it last (:func:`finalize_mpi_at_exit` does).
-    """
-    from mpi4py import MPI
-
-    try:
-        if MPI.Is_initialized() and not MPI.Is_finalized():
-            with collective("MPI_Finalize"):
-                MPI.Finalize()
-    finally:
-        uninstall()
-
-
-_finalize_registered = False
-
-
-def finalize_mpi_at_exit() -> None:
-    """Keep the watchdog running to the end of the process and finalize MPI under it.
-
-    Registers :func:`finalize_mpi` with :mod:`atexit` (once). Python runs it
-    before its own teardown, while the watchdog's thread still runs, and before
-    mpi4py's finalization, which then has nothing left to do.
-    """
-    global _finalize_registered
-    if not _finalize_registered:
-        import atexit
-
-        atexit.register(finalize_mpi)
-        _finalize_registered = True
-
-
 def active() -> Watchdog | None:
     return _active
 

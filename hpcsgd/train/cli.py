@@ -127,6 +127,7 @@ def _run_or_abort(cfg: dict, args, timeline_iters: range, rank: int, size: int) 
     try:
         summary = train(cfg, args.out, resume=args.resume, timeline=args.timeline,
                         timeline_iters=timeline_iters)
+        hpcsgd.watchdog.uninstall()
     except Exception as e:
         sys.stdout.flush()
         if size > 1:  # print this rank's traceback, then MPI_Abort: no rank is left waiting
@@ -146,9 +147,6 @@ def _run_or_abort(cfg: dict, args, timeline_iters: range, rank: int, size: int) 
         else:
             print(f"stopped at iteration {summary['iterations']} of {summary['total_iterations']} "
                   f"(checkpoint in {os.path.join(args.out, 'checkpoints')})")
-        sys.stdout.flush()
-    # Results are on disk; a peer or link lost now must not hang the exit in MPI_Finalize.
-    hpcsgd.watchdog.finalize_mpi_at_exit()
     return 0
 
 
