@@ -148,26 +148,25 @@ def final_metric(evals: list[dict]) -> float:
     return statistics.median(e["top1"] for e in evals[-3:])
 
 
-def tune(args) -> dict[str, float]:
-    """Best base-LR scale per recipe at ``--tune-batch``, seed 0, same grid for every recipe."""
-    best = {}
+def tune(args) -> tuple[dict[str, float], list[dict]]:
+    """Best base-LR scale per recipe at ``--tune-batch``, seed 0, same grid for every recipe.
+
+    Returns the picks and the grid's run records.
+    """
+    best, records = {}, []
     for recipe in args.recipes:
-        scores = {s: execute(args, recipe, args.tune_batch, 0, s).get("metric_top1", 0.0)
-                  for s in args.lr_scales}
+        runs = {s: execute(args, recipe, args.tune_batch, 0, s) for s in args.lr_scales}
+        records += runs.values()
+        scores = {s: r.get("metric_top1", 0.0) for s, r in runs.items()}
         best[recipe] = max(scores, key=scores.get)
         print(f"[convergence] tuned {recipe}: scores {scores} -> lr scale {best[recipe]}", flush=True)
-    return best
+    return best, records
 
 
-def tune_records(args) -> list[dict]:
-    """The stored records of the tuning grid (empty without ``--tune``)."""
-    if not args.tune:
-        return []
-    saved, args.report_only = args.report_only, True
-    try:
-        return [execute(args, r, args.tune_batch, 0, s) for r in args.recipes for s in args.lr_scales]
-    finally:
-        args.report_only = saved
+def study_cost(records: list[dict]) -> dict:
+    """Distinct runs of the study and the sum of their launch-to-exit times (s)."""
+    unique = {r["run_id"]: r for r in records if r}
+    return {"runs": len(unique), "run_seconds": round(sum(r["elapsed_s"] for r in unique.values()), 1)}
 
 
 def aggregate(records: list[dict]) -> list[dict]:
@@ -281,16 +280,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    tuned = tune(args) if args.tune else {r: 1.0 for r in args.recipes}
+    tuned, tune_runs = tune(args) if args.tune else ({r: 1.0 for r in args.recipes}, [])
     records = []
     for seed in args.seeds:  # seed-major: an interrupted study still has whole grids
         records.append(execute(args, "baseline", args.base_batch, seed, 1.0))
         for batch in args.batches:
             records += [execute(args, recipe, batch, seed, tuned[recipe]) for recipe in args.recipes]
     table = aggregate(records)
-    study_runs = [r for r in tune_records(args) + records if r]
-    unique = {r["run_id"]: r for r in study_runs}
-    cost = {"runs": len(unique), "run_seconds": round(sum(r["elapsed_s"] for r in unique.values()), 1)}
+    cost = study_cost(tune_runs + records)
     settings = {k: (os.path.relpath(v, ROOT) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "convergence.json").write_text(json.dumps(
         {"settings": settings,
