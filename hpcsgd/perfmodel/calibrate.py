@@ -1,19 +1,23 @@
-"""Fit the model's parameters to this machine and report its error on measured cases.
+"""Fit the model's parameters to this machine from measured results.
 
-Sources, in order of preference:
+Every function takes the files it reads or writes as arguments: nothing is
+looked up relative to the source tree, so the installed package writes nowhere
+inside itself. The results directory is the caller's (``hpcsgd predict
+--results DIR``, ``python -m hpcsgd.perfmodel.calibrate --results DIR``).
 
-* allreduce alpha/beta: ``benchmarks/results/allreduce.json`` (COMM-ALGO's benchmark) when it
-  has (bytes, seconds) points for 2 ranks; else this module's own measurement
-  (``mpiexec -n 2 python -m hpcsgd.perfmodel.calibrate``: ``MPI_Allreduce`` of float32
-  buffers from 4 KiB to 32 MiB, median of repeats) stored in
-  ``benchmarks/results/predict_calibration.json``;
+Sources, in order of preference, inside the results directory:
+
+* allreduce alpha/beta: ``allreduce.json`` (written by benchmarks/allreduce.py) when it
+  has (bytes, seconds) points; else this module's own measurement (``mpiexec -n 2
+  python -m hpcsgd.perfmodel.calibrate --results DIR``: ``MPI_Allreduce`` of float32
+  buffers from 4 KiB to 16 MiB, median of repeats), stored in ``predict_calibration.json``;
 * pack bandwidth: a timed float32 -> float16 copy (the cast the packer does);
-* compute: ``benchmarks/results/scaling.json`` 1-rank phases (forward + backward per image,
-  update) for each model.
+* compute: ``scaling.json`` (benchmarks/scaling.py) 1-rank phases;
+* overlap fraction: ``overlap.json`` (benchmarks/overlap.py).
 
-The model's error on what was measured (allreduce cases, step times, the emulated
-cluster) is computed by :mod:`hpcsgd.perfmodel.checks`
-(``python -m hpcsgd.perfmodel.calibrate --report``).
+The model's error on what was measured is computed by :mod:`hpcsgd.perfmodel.checks`
+(``python -m hpcsgd.perfmodel.checks --results DIR``), which imports this module; this
+module imports nothing from it.
 
 The fit is least squares on relative error of ``T(n) = c_alpha(p) alpha + c_beta(p, n) beta``
 with the algorithm's coefficients (ring at p = 2: 2 alpha + n beta).
@@ -21,6 +25,7 @@ with the algorithm's coefficients (ring at p = 2: 2 alpha + n beta).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -32,9 +37,11 @@ import numpy as np
 from .costs import Level
 from .model import Cluster, Device
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
-CALIBRATION = RESULTS / "predict_calibration.json"
+#: File names inside a results directory.
+CALIBRATION_FILE = "predict_calibration.json"
+SCALING_FILE = "scaling.json"
+OVERLAP_FILE = "overlap.json"
+ALLREDUCE_FILE = "allreduce.json"
 
 # Used only when nothing was measured yet (ASSUMPTION: a 2-core VM, MPICH shared memory).
 DEFAULT_SHM = {"alpha": 2e-6, "beta": 1 / 3e9}
@@ -104,9 +111,9 @@ def measure_allreduce(comm, sizes=tuple(4096 << (2 * i) for i in range(7)), repe
     return out
 
 
-def points_from_allreduce_json(path: Path = RESULTS / "allreduce.json") -> tuple[list, int] | None:
-    """((bytes, seconds) points, ranks) of the OSU-style ``MPI_Allreduce`` sweep in COMM-ALGO's
-    ``benchmarks/allreduce.py`` output; None when the file is missing or has no sweep."""
+def points_from_allreduce_json(path: Path) -> tuple[list, int] | None:
+    """((bytes, seconds) points, ranks) of the OSU-style ``MPI_Allreduce`` sweep in
+    benchmarks/allreduce.py's output; None when the file is missing or has no sweep."""
     if not path.exists():
         return None
     try:
@@ -118,8 +125,8 @@ def points_from_allreduce_json(path: Path = RESULTS / "allreduce.json") -> tuple
     return (pts, ranks) if len(pts) >= 2 else None
 
 
-def measured_overlap(path: Path = RESULTS / "overlap.json", config: str | None = None) -> float | None:
-    """Fraction of the allreduce hidden behind backward, from COMM-BASE's overlap benchmark.
+def measured_overlap(path: Path, config: str | None = None) -> float | None:
+    """Fraction of the allreduce hidden behind backward, from benchmarks/overlap.py's output.
 
     ``1 - exposed(overlapped) / exposed(no_overlap)`` of the launch without MPICH's
     async-progress thread ("plain"), where exposed = step - compute (medians of the
@@ -152,7 +159,9 @@ def measured_overlap(path: Path = RESULTS / "overlap.json", config: str | None =
     return float(min(1.0, max(0.0, 1.0 - cfgs[config]["exposed_comm_s"] / base)))
 
 
-def load_calibration(path: Path = CALIBRATION) -> dict:
+def load_calibration(path: Path) -> dict:
+    """The calibration JSON at ``path``; {} when it is missing or unreadable (defaults apply)."""
+    path = Path(path)
     if path.exists():
         try:
             return json.loads(path.read_text())
@@ -161,7 +170,7 @@ def load_calibration(path: Path = CALIBRATION) -> dict:
     return {}
 
 
-def local_resnet50_compute(path: Path = RESULTS / "scaling.json") -> dict:
+def local_resnet50_compute(path: Path) -> dict:
     """This machine's ResNet-50 compute per 224-px image, from scaling.json's 1-rank hpcsgd run.
 
     The benchmark runs ResNet-50 at a reduced size; FLOPs grow with the pixel count, so the
@@ -179,19 +188,18 @@ def local_resnet50_compute(path: Path = RESULTS / "scaling.json") -> dict:
     scale = (224 / rec["image_size"]) ** 2
     return {"per_image_s": fb / rec["per_rank_batch"] * scale,
             "backward_fraction": ph.get("backward", 0.0) / fb,
-            "source": f"benchmarks/results/scaling.json resnet50 1 rank at {rec['image_size']} px x "
+            "source": f"{Path(path).name} resnet50 1 rank at {rec['image_size']} px x "
                       f"(224/{rec['image_size']})^2 (ASSUMPTION: FLOPs-proportional)"}
 
 
-def local_cluster(calibration: dict | None = None, per_image_s: float = 0.01, fixed_s: float = 0.0,
-                  backward_fraction: float = 2 / 3, compute_source: str = "benchmarks/results/scaling.json "
-                                                                           "(1 rank)") -> Cluster:
+def local_cluster(calibration: dict, per_image_s: float = 0.01, fixed_s: float = 0.0,
+                  backward_fraction: float = 2 / 3, compute_source: str = "scaling.json (1 rank)") -> Cluster:
     """This machine as a 'cluster': one node of 2 cores, MPICH shared memory between ranks.
 
     The emulated 2-host cluster (tests/cluster) is modelled as 2 nodes of 2 with the same
     level between nodes unless the calibration has an ``inter`` fit.
     """
-    cal = load_calibration() if calibration is None else calibration
+    cal = calibration
     shm = cal.get("shm", DEFAULT_SHM)
     inter = cal.get("inter", shm)
     src = cal.get("source", "ASSUMPTION: defaults, nothing measured yet")
@@ -211,21 +219,23 @@ def local_cluster(calibration: dict | None = None, per_image_s: float = 0.01, fi
                    update_bytes_per_param=20.0, sources={"all": src})
 
 
-def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
-    """Moved to :func:`hpcsgd.perfmodel.checks.model_errors` (kept for existing callers)."""
-    from .checks import model_errors as impl
+def measured_local_cluster(results: Path) -> Cluster:
+    """This machine as a cluster, from the calibration and scaling.json in ``results``."""
+    results = Path(results)
+    comp = local_resnet50_compute(results / SCALING_FILE)
+    return local_cluster(load_calibration(results / CALIBRATION_FILE), per_image_s=comp["per_image_s"],
+                         backward_fraction=comp["backward_fraction"], compute_source=comp["source"])
 
-    return impl(scaling, calibration)
 
+def measure(results: Path) -> None:
+    """Under mpiexec -n 2: time allreduce and packing, write predict_calibration.json in ``results``.
 
-def measure() -> None:
-    """Under mpiexec -n 2: measure allreduce and packing bandwidth, write predict_calibration.json.
-
-    alpha/beta come from COMM-ALGO's interleaved sweep (benchmarks/results/allreduce.json) when it
-    exists, else from this measurement; both fits are recorded.
+    alpha/beta come from benchmarks/allreduce.py's interleaved sweep (``results``/allreduce.json)
+    when it exists, else from this measurement; both fits are recorded.
     """
     from mpi4py import MPI
 
+    results = Path(results)
     comm = MPI.COMM_WORLD
     pts = measure_allreduce(comm)
     bw, cast = measure_pack_bandwidth("float32"), measure_pack_bandwidth("float16")
@@ -237,26 +247,26 @@ def measure() -> None:
            "shm": {"alpha": own["alpha"], "beta": own["beta"]},
            "mem_bandwidth": bw, "cast_bandwidth": cast, "loadavg": os.getloadavg(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    other = points_from_allreduce_json()
+    other = points_from_allreduce_json(results / ALLREDUCE_FILE)
     if other:
         fit = fit_alpha_beta(*other)
         out.update(fit_allreduce_json=fit, shm={"alpha": fit["alpha"], "beta": fit["beta"]},
-                   source="benchmarks/results/allreduce.json OSU sweep (COMM-ALGO), fitted by "
+                   source="allreduce.json OSU sweep (benchmarks/allreduce.py), fitted by "
                           "hpcsgd.perfmodel.calibrate")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    CALIBRATION.write_text(json.dumps(out, indent=1))
+    results.mkdir(parents=True, exist_ok=True)
+    (results / CALIBRATION_FILE).write_text(json.dumps(out, indent=1))
     keys = ("source", "shm", "fit_own", "fit_allreduce_json", "mem_bandwidth", "cast_bandwidth", "loadavg")
     print(json.dumps({k: out.get(k) for k in keys}, indent=1))
 
 
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hpcsgd.perfmodel.calibrate",
+                                description="measure this machine (run under mpiexec -n 2)")
+    p.add_argument("--results", type=Path, required=True,
+                   help="results directory: reads allreduce.json, writes predict_calibration.json")
+    measure(p.parse_args(argv).results)
+    return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    if "--report" in sys.argv:
-        from .checks import report
-
-        report()
-    else:
-        measure()
+    raise SystemExit(main())

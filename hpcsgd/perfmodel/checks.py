@@ -1,23 +1,35 @@
 """The model against what was measured on this machine: allreduce cases, steps, the emulated cluster.
 
-* :func:`allreduce_model_check`: each ResNet-50 gradient-averaging case of COMM-ALGO's
-  ``benchmarks/allreduce.py`` (``benchmarks/results/allreduce.json``) vs. the model with
-  the calibrated shared-memory level;
-* :func:`model_errors`: every multi-rank step of ``benchmarks/results/scaling.json``,
+All inputs are files of one results directory passed by the caller:
+
+* :func:`allreduce_model_check`: each ResNet-50 gradient-averaging case of
+  benchmarks/allreduce.py (``allreduce.json``) vs. the model with the calibrated
+  shared-memory level; every case is modelled under its runtime communicator's name;
+* :func:`model_errors`: every multi-rank step of benchmarks/scaling.py (``scaling.json``),
   predicted from the same model's 1-rank step (compute) + the communication model;
-* :func:`cluster_model_check`: ``benchmarks/results/cluster_allreduce.json`` (2 emulated
-  hosts x 2 ranks, link shaped to a known rate): the inter-node bandwidth term against a
-  link whose bandwidth is known by construction;
-* :func:`report` writes all of it to ``benchmarks/results/predict_local.json``.
+* :func:`cluster_model_check`: benchmarks/cluster_allreduce.py (``cluster_allreduce.json``,
+  2 emulated hosts x 2 ranks, link shaped to a known rate): the inter-node bandwidth term
+  against a link whose bandwidth is known by construction;
+* :func:`report` writes all of it to ``predict_local.json`` in the same directory
+  (``python -m hpcsgd.perfmodel.checks --results DIR``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
 
-from .calibrate import RESULTS, load_calibration, local_cluster, measured_overlap
+from .calibrate import (
+    ALLREDUCE_FILE,
+    CALIBRATION_FILE,
+    OVERLAP_FILE,
+    SCALING_FILE,
+    load_calibration,
+    local_cluster,
+    measured_overlap,
+)
 from .costs import (
     Level,
     allreduce_cost,
@@ -45,14 +57,14 @@ def _allreduce_case(name: str, params: int, arrays: int) -> dict | None:
     if "hpcsgd" in key:
         for comm in ("hierarchical", "flat", "naive"):
             if comm in key:
-                model_comm = {"flat": "ring", "hierarchical": "two_dimensional"}.get(comm, comm)
-                return {"communicator": model_comm, "calls": arrays if comm == "naive" else 1, "pack": True,
+                return {"communicator": comm, "calls": arrays if comm == "naive" else 1, "pack": True,
                         "batched": comm != "naive", "wire": wire}
     return None
 
 
-def allreduce_model_check(path: Path = RESULTS / "allreduce.json", calibration: dict | None = None) -> list:
+def allreduce_model_check(path: Path, calibration: dict) -> list:
     """Model vs. measured ResNet-50 gradient mean for each communicator of benchmarks/allreduce.py."""
+    path = Path(path)
     if not path.exists():
         return []
     data = json.loads(path.read_text())
@@ -79,24 +91,18 @@ def allreduce_model_check(path: Path = RESULTS / "allreduce.json", calibration: 
     return rows
 
 
-
-def _framework_comm(c: dict) -> tuple[str, int, float]:
+def _framework_comm(c: dict, overlap_fraction: float) -> tuple[str, int, float]:
     """(model communicator, allreduce calls per step, overlap fraction) of a scaling.json record."""
     fw = c.get("framework", "hpcsgd")
     if fw == "chainermn":  # naive: one MPI allreduce per parameter array, unbatched copies
         return "naive", c.get("param_arrays", 1), 0.0
     if fw in ("hpcsgd-overlap", "hpcsgd-nooverlap"):  # one MPI allreduce per 4 MiB bucket
         buckets = max(1, -(-4 * c["params"] // (4 << 20)))
-        ov = (measured_overlap() or 0.0) if fw == "hpcsgd-overlap" else 0.0
-        return "naive", buckets, ov
-    # hpcsgd's hierarchical is shard-parallel (reduce-scatter in the node, per-shard allreduce between
-    # nodes, allgather): the model's two_dimensional.
-    comm = {"hierarchical": "two_dimensional", "flat": "ring"}.get(c.get("communicator", "hierarchical"),
-                                                                  c.get("communicator"))
-    return comm, c.get("param_arrays", 1), 0.0
+        return "naive", buckets, overlap_fraction if fw == "hpcsgd-overlap" else 0.0
+    return c.get("communicator", "hierarchical"), c.get("param_arrays", 1), 0.0
 
 
-def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
+def model_errors(scaling: dict, calibration: dict, overlap_fraction: float = 0.0) -> list[dict]:
     """Predicted vs. measured iteration time for every multi-rank config in scaling.json.
 
     Compute (forward + backward per image) is the median over all frameworks' 1-rank runs of
@@ -104,8 +110,8 @@ def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
     update time is the same framework's 1-rank update; the multi-rank runs are then predicted
     from the calibrated
     communication model (hpcsgd hierarchical; ChainerMN naive = one allreduce per array;
-    the bucketed reducer = one allreduce per bucket, overlapped by the fraction measured
-    in benchmarks/results/overlap.json).
+    the bucketed reducer = one allreduce per bucket, overlapped by ``overlap_fraction``,
+    the fraction benchmarks/overlap.py measured: :func:`~hpcsgd.perfmodel.calibrate.measured_overlap`).
     """
     rows = []
     configs = scaling.get("configs", [])
@@ -126,7 +132,7 @@ def model_errors(scaling: dict, calibration: dict | None = None) -> list[dict]:
         per_image, bwd_frac = sorted(pooled[c["model"]])[(len(pooled[c["model"]]) - 1) // 2]
         cluster = local_cluster(calibration, per_image_s=per_image, backward_fraction=bwd_frac)
         cluster = _replace_update(cluster, ph.get("update", 0.0), c["params"])
-        comm_name, calls, overlap = _framework_comm(c)
+        comm_name, calls, overlap = _framework_comm(c, overlap_fraction)
         batched = fw != "chainermn"
         wl = Workload(c["model"], params=c["params"], param_arrays=calls, dataset_images=10**6)
         nodes = c.get("nodes", 1)
@@ -153,7 +159,6 @@ def _replace_update(cluster: Cluster, update_s: float, params: int) -> Cluster:
     return replace(cluster, update_bytes_per_param=update_s * cluster.device.mem_bandwidth / params)
 
 
-
 def _rate_bits(rate: str) -> float:
     """'1gbit' -> 1e9, '250mbit' -> 250e6 (tc's units)."""
     units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3}
@@ -163,8 +168,7 @@ def _rate_bits(rate: str) -> float:
     raise ValueError(f"cannot read link rate {rate!r}")
 
 
-def cluster_model_check(path: Path = RESULTS / "cluster_allreduce.json",
-                        calibration: dict | None = None) -> list:
+def cluster_model_check(path: Path, calibration: dict) -> list:
     """Model vs. benchmarks/cluster_allreduce.py: 2 emulated hosts x 2 ranks over a shaped link.
 
     Inter level: beta = 8 / rate (the tbf rate, known by construction), alpha =
@@ -174,6 +178,7 @@ def cluster_model_check(path: Path = RESULTS / "cluster_allreduce.json",
     SMP-aware: node reduce, leaders, broadcast), ``*_naive`` (one such allreduce per array,
     unbatched copies).
     """
+    path = Path(path)
     if not path.exists():
         return []
     data = json.loads(path.read_text())
@@ -192,7 +197,7 @@ def cluster_model_check(path: Path = RESULTS / "cluster_allreduce.json",
                     + k * between.bandwidth + between.latency + between.reduction  # k shards share the link
                 pack = pack_cost(n_el, 4, 2, dev.cast_bandwidth or dev.mem_bandwidth)
             elif name == "mpi_packed_fp32":
-                comm = allreduce_cost("hierarchical", 4 * n_el, hosts, k, intra, inter).total
+                comm = allreduce_cost("flat", 4 * n_el, hosts, k, intra, inter).total
                 pack = pack_cost(n_el, 4, 4, dev.mem_bandwidth)
             elif name.endswith("_naive"):
                 comm = allreduce_cost("naive", 4 * n_el, hosts, k, intra, inter, param_arrays=arrays).total
@@ -206,17 +211,20 @@ def cluster_model_check(path: Path = RESULTS / "cluster_allreduce.json",
     return rows
 
 
-def report(out_path: Path = RESULTS / "predict_local.json") -> dict:
-    """The model's error on everything measured here; writes predict_local.json and prints a table."""
-    cal = load_calibration()
-    scaling_path = RESULTS / "scaling.json"
+def report(results: Path) -> dict:
+    """The model's error on everything measured in ``results``; writes predict_local.json there."""
+    results = Path(results)
+    cal = load_calibration(results / CALIBRATION_FILE)
+    scaling_path = results / SCALING_FILE
     scaling = json.loads(scaling_path.read_text()) if scaling_path.exists() else {}
+    overlap = measured_overlap(results / OVERLAP_FILE)
     keys = ("source", "shm", "mem_bandwidth", "cast_bandwidth", "loadavg", "time")
     rep = {"calibration": {k: cal.get(k) for k in keys},
-           "overlap_fraction_measured": measured_overlap(),
-           "allreduce": allreduce_model_check(calibration=cal), "steps": model_errors(scaling, cal),
-           "cluster": cluster_model_check(calibration=cal)}
-    out_path.write_text(json.dumps(rep, indent=1))
+           "overlap_fraction_measured": overlap,
+           "allreduce": allreduce_model_check(results / ALLREDUCE_FILE, cal),
+           "steps": model_errors(scaling, cal, overlap or 0.0),
+           "cluster": cluster_model_check(results / "cluster_allreduce.json", cal)}
+    (results / "predict_local.json").write_text(json.dumps(rep, indent=1))
     for r in rep["allreduce"]:
         print(f"allreduce {r['case']:36s} measured {r['measured_s'] * 1e3:8.2f} ms  predicted "
               f"{r['predicted_s'] * 1e3:8.2f} ms  {r['error']:+6.1%}")
@@ -230,3 +238,17 @@ def report(out_path: Path = RESULTS / "predict_local.json") -> dict:
               f"measured {r['measured_s'] * 1e3:8.1f} ms  predicted {r['predicted_s'] * 1e3:8.1f} ms  "
               f"{r['error']:+6.1%}  (comm only {ce})")
     return rep
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hpcsgd.perfmodel.checks",
+                                description="the model's error on what was measured on this machine")
+    p.add_argument("--results", type=Path, required=True,
+                   help="results directory (allreduce.json, scaling.json, cluster_allreduce.json, "
+                        "overlap.json, predict_calibration.json); predict_local.json is written there")
+    report(p.parse_args(argv).results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

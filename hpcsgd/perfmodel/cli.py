@@ -1,9 +1,12 @@
 """``hpcsgd predict``: time-to-train of ResNet-50 on a cluster, with its breakdown.
 
     hpcsgd predict --cluster mn1 --gpus 1024 --global-batch 32768 --epochs 90
-    hpcsgd predict --published              # the three papers, model vs. published
-    hpcsgd predict --cluster mn1 --sweep    # efficiency vs GPUs per communicator and dtype (PNG + JSON)
+    hpcsgd predict --published              # in-sample and held-out papers, model vs. published
+    hpcsgd predict --cluster mn1 --sweep --out DIR/sweep   # efficiency vs GPUs (PNG + JSON)
     hpcsgd predict --cluster mn1 --sources  # every parameter with its source tag
+    hpcsgd predict --cluster local --results DIR   # this machine, from benchmark results in DIR
+
+Nothing is read or written unless a path is given (--out, --results).
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import argparse
 import json
 import os
 from dataclasses import asdict, replace
+from pathlib import Path
 
 from ..errors import ConfigError
+from .calibrate import OVERLAP_FILE, measured_local_cluster, measured_overlap
 from .clusters import CLUSTER_NAMES, PUBLISHED, get_cluster
 from .costs import COMMUNICATORS, INTER_ALGORITHMS
-from .model import RESNET50, Prediction, predict
+from .heldout import heldout_table, spread
+from .model import RESNET50, Cluster, Prediction, predict
 
 SWEEP_DEVICES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -33,7 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float16", "float32"), default=None, help="gradient wire format")
     p.add_argument("--overlap", default=None,
                    help="fraction of the allreduce hidden behind backward, 0..1, or 'measured' "
-                        "(benchmarks/results/overlap.json)")
+                        "(overlap.json in --results)")
+    p.add_argument("--results", type=Path, default=None,
+                   help="directory of benchmark results (predict_calibration.json, scaling.json, "
+                        "overlap.json); needed by --cluster local and --overlap measured")
     p.add_argument("--jitter-cv", type=float, default=None,
                    help="relative std of per-iteration compute (adds the straggler term)")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
@@ -41,20 +50,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sources", action="store_true", help="list every parameter with its source")
     p.add_argument("--sweep", action="store_true",
                    help="plot efficiency vs device count for each communicator and dtype")
-    p.add_argument("--out", default="benchmarks/results/predict_sweep",
-                   help="path prefix for --sweep output (.json, .png)")
+    p.add_argument("--out", default=None, help="path prefix for --sweep output (.json, .png); required")
 
 
-def _overlap(value: str | None) -> float | None:
+def _overlap(value: str | None, results: Path | None) -> float | None:
     if value is None:
         return None
     if value == "measured":
-        from .calibrate import measured_overlap
-
-        ov = measured_overlap()
+        if results is None:
+            raise ConfigError("--overlap measured needs --results DIR (the directory holding overlap.json)")
+        ov = measured_overlap(results / OVERLAP_FILE)
         if ov is None:
-            raise ConfigError("--overlap measured: benchmarks/results/overlap.json has no overlap "
-                              "fraction yet")
+            raise ConfigError(f"--overlap measured: {results / OVERLAP_FILE} has no overlap fraction")
         return ov
     try:
         ov = float(value)
@@ -92,8 +99,16 @@ def format_prediction(p: Prediction, description: str = "") -> str:
     return "\n".join(lines)
 
 
+def _cluster(name: str, results: Path | None) -> Cluster:
+    if name == "local":
+        if results is None:
+            raise ConfigError("--cluster local is built from this machine's measurements: pass --results DIR")
+        return measured_local_cluster(results)
+    return get_cluster(name)
+
+
 def published_table(overlap: float | None = None) -> list[dict]:
-    """Model vs. the three published runs (one dict per run)."""
+    """Model vs. the three in-sample published runs (one dict per run)."""
     rows = []
     for run in PUBLISHED:
         c = get_cluster(run.cluster)
@@ -114,14 +129,16 @@ def published_table(overlap: float | None = None) -> list[dict]:
     return rows
 
 
-def sweep(cluster_name: str, per_device_batch: int, fixed_global_batch: int, epochs: float,
+SWEEP_COMMUNICATORS = ("nccl", "leader", "hierarchical")
+
+
+def sweep(c: Cluster, per_device_batch: int, fixed_global_batch: int, epochs: float,
           overlap: float | None = None) -> dict:
     """Weak-scaling efficiency and fixed-batch time-to-train for each communicator x dtype."""
-    c = get_cluster(cluster_name)
-    out = {"cluster": cluster_name, "max_devices": c.max_devices, "per_device_batch": per_device_batch,
+    out = {"cluster": c.name, "max_devices": c.max_devices, "per_device_batch": per_device_batch,
            "fixed_global_batch": fixed_global_batch, "epochs": epochs, "series": []}
     devices = [d for d in SWEEP_DEVICES if d >= c.devices_per_node]
-    for comm in ("ring", "hierarchical", "two_dimensional"):
+    for comm in SWEEP_COMMUNICATORS:
         for dtype in ("float16", "float32"):
             weak, strong = [], []
             for d in devices:
@@ -170,8 +187,7 @@ def plot_sweep(data: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _print_sources(name: str) -> None:
-    c = get_cluster(name)
+def _print_sources(c: Cluster) -> None:
     print(f"{c.name}: {c.description}")
     groups = (("cluster", c.sources), (f"device {c.device.name}", c.device.sources),
               (f"intra {c.intra.name if c.intra else '-'}", c.intra.sources if c.intra else {}),
@@ -184,32 +200,58 @@ def _print_sources(name: str) -> None:
     print("  values:", json.dumps(d, default=str, indent=None)[:2000])
 
 
+def print_published(overlap: float | None) -> None:
+    """Both tables: in-sample runs, then held-out runs, every number computed now."""
+    rows = published_table(overlap)
+    print("In-sample (device compute derived from the same papers' small runs):")
+    print(f"  {'run':13s} {'devices':>7s} {'batch':>6s} {'published':>10s} {'predicted':>10s} {'error':>7s} "
+          f"{'eff pub':>7s} {'eff model':>9s}")
+    for r in rows:
+        pe = f"{r['published_efficiency']:.0%}" if r["published_efficiency"] else "-"
+        print(f"  {r['key']:13s} {r['devices']:7d} {r['global_batch']:6d} {r['published_s'] / 60:8.1f} m "
+              f"{r['predicted_s'] / 60:8.1f} m {r['error']:+7.1%} {pe:>7s} {r['predicted_efficiency']:9.0%}")
+    held = heldout_table(overlap)
+    print("Held-out (every parameter from public specs or small benchmarks; nothing fitted to these runs):")
+    print(f"  {'run':13s} {'cluster':14s} {'devices':>7s} {'batch':>13s} {'metric':>6s} {'published':>10s} "
+          f"{'predicted':>10s} {'error':>7s}  overlap 0..1")
+    for r in held:
+        unit, scale = ("s", 1.0) if r["metric"] == "time_to_train_s" else ("ms", 1e3)
+        metric = "time" if r["metric"] == "time_to_train_s" else "iter"
+        batch = "->".join(str(b) for b in r["global_batch"])
+        lo, hi = r["error_range_overlap"]
+        print(f"  {r['key']:13s} {r['cluster']:14s} {r['devices']:7d} {batch:>13s} {metric:>6s} "
+              f"{r['published'] * scale:8.1f}{unit:>2s} {r['predicted'] * scale:8.1f}{unit:>2s} "
+              f"{r['error']:+7.1%}  {lo:+.0%}..{hi:+.0%}")
+    sp = spread(held)
+    print(f"Held-out spread: {sp['n']} runs, errors {sp['min']:+.0%} to {sp['max']:+.0%}, "
+          f"median |error| {sp['median_abs']:.0%}")
+
+
 def main(args: argparse.Namespace) -> int:
-    overlap = _overlap(args.overlap)
+    overlap = _overlap(args.overlap, args.results)
     if args.published:
-        rows = published_table(overlap)
         if args.json:
-            print(json.dumps(rows, indent=1))
-            return 0
-        print(f"{'run':8s} {'devices':>7s} {'batch':>6s} {'published':>10s} {'predicted':>10s} {'error':>7s} "
-              f"{'eff pub':>7s} {'eff model':>9s}")
-        for r in rows:
-            pe = f"{r['published_efficiency']:.0%}" if r["published_efficiency"] else "-"
-            print(f"{r['key']:8s} {r['devices']:7d} {r['global_batch']:6d} {r['published_s'] / 60:8.1f} m "
-                  f"{r['predicted_s'] / 60:8.1f} m {r['error']:+7.1%} {pe:>7s} "
-                  f"{r['predicted_efficiency']:9.0%}")
+            print(json.dumps({"in_sample": published_table(overlap), "held_out": heldout_table(overlap),
+                              "held_out_spread": spread(heldout_table(overlap))}, indent=1))
+        else:
+            print_published(overlap)
         return 0
+    try:
+        c = _cluster(args.cluster, args.results)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if args.sources:
-        _print_sources(args.cluster)
+        _print_sources(c)
         return 0
     run = next((r for r in PUBLISHED if r.cluster == args.cluster), None)
-    c = get_cluster(args.cluster)
     devices = args.devices or (run.devices if run else c.devices_per_node)
     batch = args.global_batch or (run.global_batch if run else 32 * devices)
     if args.jitter_cv is not None:
         c = replace(c, jitter_cv=args.jitter_cv)
     if args.sweep:
-        data = sweep(args.cluster, max(1, batch // devices), batch, args.epochs, overlap)
+        if not args.out:
+            raise ConfigError("--sweep writes a JSON and a PNG: pass --out PATH_PREFIX")
+        data = sweep(c, max(1, batch // devices), batch, args.epochs, overlap)
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out + ".json", "w") as f:
             json.dump(data, f, indent=1)

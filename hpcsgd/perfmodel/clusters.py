@@ -1,6 +1,7 @@
 """Published clusters and runs, every number with its source.
 
-Source tags (A1, A3, G1, Y1, ...) are those of ../shared/papers.md section 0.
+Source tags (A1, A3, G1, Y1, ...) are listed with their papers and addresses in
+docs/perf.md ("Source tags").
 ``ASSUMPTION`` marks a number no consulted source gives (a vendor data-sheet
 value or an engineering estimate); ``DERIVED`` marks arithmetic on sourced
 numbers. The model is meant to be read together with these tags: change an
@@ -26,8 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cache
 
-from .costs import Level
+from .heldout import SPEC_CLUSTERS, spec_cluster
 from .model import RESNET50, Cluster, Device, derive_per_image_s
+from .networks import ETH_50G, FDR_X2_THIN_TREE, NVLINK_P100, OMNIPATH_100G, PCIE3_P100
 
 ASSUMPTION = "ASSUMPTION"
 
@@ -47,52 +49,12 @@ _KNL_7250 = Device(
              "mem_bandwidth": "ASSUMPTION: MCDRAM STREAM-class bandwidth ~300 GB/s",
              "backward_fraction": "ASSUMPTION: backward ~2x forward"})
 
-# -- interconnect levels ------------------------------------------------------------
-
-NCCL_STEP_S = 5e-6  # ASSUMPTION: NCCL 2 per-step software latency
-
-NVLINK_P100 = Level(
-    "NVLink P100 hybrid cube-mesh (NCCL)", alpha=NCCL_STEP_S, beta=1 / 20e9, gamma=1e-11,
-    sources={"alpha": "ASSUMPTION (NCCL per-step latency)",
-             "beta": "ASSUMPTION: ~20 GB/s NCCL ring bandwidth on an 8-P100 NVLink server (G1 names NVLink)",
-             "gamma": "ASSUMPTION: GPU reduction at ~100 GB/s"})
-
-PCIE3_P100 = Level(
-    "PCIe 3.0 x16 (NCCL)", alpha=NCCL_STEP_S, beta=1 / 10e9, gamma=1e-11,
-    sources={"alpha": "ASSUMPTION (NCCL per-step latency)",
-             "beta": "ASSUMPTION: ~10 GB/s achievable of PCIe 3.0 x16's 15.75 GB/s (P100 PCIe per A3)",
-             "gamma": "ASSUMPTION: GPU reduction at ~100 GB/s"})
-
-FDR_X2_THIN_TREE = Level(
-    "2x InfiniBand FDR, thin tree", alpha=0.7e-6 + NCCL_STEP_S, beta=0.2e-9, gamma=1e-11, rails=2,
-    group_size=16, oversubscription=4.0,
-    sources={"alpha": "Y1 Table 11: FDR alpha = 0.7 us, plus NCCL per-step latency (ASSUMPTION)",
-             "beta": "Y1 Table 11: FDR beta = 0.2 ns/B per link",
-             "rails": "A3: two FDR links (56 Gbps x2) per node",
-             "group_size": "A3: groups of 16 nodes under a redundant switch pair, 8 groups",
-             "oversubscription": "ASSUMPTION: A3 says only that inter-group links are the bottleneck; 4:1",
-             "gamma": "ASSUMPTION: GPU reduction at ~100 GB/s"})
-
-ETH_50G = Level(
-    "50 Gbit Ethernet (Gloo over TCP)", alpha=7.2e-6, beta=8 / (0.8 * 50e9), gamma=1e-11,
-    sources={"alpha": "Y1 Table 11: 10GbE alpha = 7.2 us (ASSUMPTION that 50GbE is no faster)",
-             "beta": "G1: ConnectX-4 50 Gbit Ethernet; ASSUMPTION: 80% of line rate achieved -> 0.2 ns/B",
-             "gamma": "ASSUMPTION: GPU reduction at ~100 GB/s"})
-
-OMNIPATH_100G = Level(
-    "Intel Omni-Path 100 Gbit/s (MLSL/MPI)", alpha=3e-6, beta=8 / (0.8 * 100e9), gamma=5e-11,
-    sources={"alpha": "ASSUMPTION: ~1 us fabric latency + ~2 us MPI/MLSL per step",
-             "beta": "ASSUMPTION: Stampede2 Omni-Path 100 Gbit/s (TACC user guide; not in papers.md), 80% "
-                     "achieved -> 0.1 ns/B",
-             "gamma": "ASSUMPTION: host reduction at ~20 GB/s on a KNL"})
-
-
 # -- clusters ----------------------------------------------------------------------
 
 BIG_BASIN = Cluster(
     "bigbasin", "Facebook Big Basin: 8 P100 (NVLink) per server, 50 Gbit Ethernet (Goyal et al., G1)",
     device=_P100_SXM2, devices_per_node=8, intra=NVLINK_P100, inter=ETH_50G, max_devices=352,
-    communicator="hierarchical", inter_algorithm="halving_doubling", wire_dtype="float32", overlap=0.5,
+    communicator="leader", inter_algorithm="halving_doubling", wire_dtype="float32", overlap=0.5,
     sources={"devices_per_node": "G1: Big Basin, 8 P100 per server", "max_devices": "G1: up to 352 GPUs",
              "communicator": "G1: intra-server reduce (NCCL), inter-server allreduce, broadcast (3 phases)",
              "inter_algorithm": "G1: recursive halving/doubling, 3x faster than ring on 32 servers",
@@ -103,7 +65,7 @@ BIG_BASIN = Cluster(
 MN1 = Cluster(
     "mn1", "PFN MN-1: 128 nodes x 8 P100 (PCIe), 2x InfiniBand FDR, thin tree (Akiba et al., A3)",
     device=_P100_SXM2, devices_per_node=8, intra=PCIE3_P100, inter=FDR_X2_THIN_TREE, max_devices=1024,
-    communicator="ring", inter_algorithm="ring", wire_dtype="float16", overlap=0.0,
+    communicator="nccl", inter_algorithm="ring", wire_dtype="float16", overlap=0.0,
     sources={"devices_per_node": "A3: 128 nodes x 8 P100", "max_devices": "A3: 1024 GPUs",
              "communicator": "A3: the 15-min run used the ring all-reduce (NCCL 2.0.5 per A1; pure ring "
                              "over all GPUs is UNCONFIRMED)",
@@ -113,8 +75,10 @@ MN1 = Cluster(
 STAMPEDE2_KNL = Cluster(
     "stampede2", "TACC Stampede2: Xeon Phi 7250 (KNL) nodes, Intel Omni-Path (You et al., Y1/Y2)",
     device=_KNL_7250, devices_per_node=1, intra=None, inter=OMNIPATH_100G, max_devices=4200,
-    communicator="hierarchical", inter_algorithm="halving_doubling", wire_dtype="float32", overlap=0.5,
+    communicator="flat", inter_algorithm="halving_doubling", wire_dtype="float32", overlap=0.5,
     sources={"devices_per_node": "ASSUMPTION: one Caffe process per KNL node",
+             "communicator": "ASSUMPTION: MLSL/Intel MPI allreduce of the packed gradients (one device per "
+                             "node, so flat = leader = hierarchical here)",
              "max_devices": "ASSUMPTION: Stampede2 has 4,200 KNL nodes (TACC); Y2 uses 2,048",
              "inter_algorithm": "ASSUMPTION: MLSL/Intel MPI large-message allreduce = Rabenseifner",
              "wire_dtype": "Y1: float32", "overlap": "ASSUMPTION: Intel Caffe/MLSL overlaps allreduce "
@@ -141,7 +105,11 @@ YOU_16KNL = BaselineRun(16, 256, 45 * 3600 / -(-90 * 1_281_167 // 256),
 
 @cache
 def get_cluster(name: str) -> Cluster:
-    """A cluster with its device compute derived from the published baseline run."""
+    """A published cluster, with its device compute derived from the published baseline run.
+
+    ``local`` (this machine) is built from measurements: use
+    :func:`hpcsgd.perfmodel.calibrate.measured_local_cluster` with the results directory.
+    """
     name = name.lower()
     if name == "bigbasin":
         per_image = derive_per_image_s(BIG_BASIN, GOYAL_8GPU.devices, GOYAL_8GPU.global_batch,
@@ -158,21 +126,18 @@ def get_cluster(name: str) -> Cluster:
         per_image = derive_per_image_s(STAMPEDE2_KNL, YOU_16KNL.devices, YOU_16KNL.global_batch,
                                        YOU_16KNL.iteration_s)
         return replace(STAMPEDE2_KNL, device=replace(STAMPEDE2_KNL.device, per_image_s=per_image))
+    if name in SPEC_CLUSTERS:
+        return spec_cluster(name)
     if name == "local":
-        from .calibrate import local_cluster, local_resnet50_compute
-
-        comp = local_resnet50_compute()
-        return local_cluster(per_image_s=comp["per_image_s"], backward_fraction=comp["backward_fraction"],
-                             compute_source=comp["source"])
+        raise ValueError("cluster 'local' is built from this machine's measurements: pass the results "
+                         "directory (hpcsgd predict --cluster local --results DIR)")
     raise ValueError(f"unknown cluster {name!r}; choose from {CLUSTER_NAMES}")
-
-
-CLUSTER_NAMES = ("mn1", "bigbasin", "stampede2", "local")
+CLUSTER_NAMES = ("mn1", "bigbasin", "stampede2", *SPEC_CLUSTERS, "local")
 
 
 @dataclass(frozen=True)
 class PublishedRun:
-    """A published time-to-train the model must reproduce."""
+    """A published time-to-train whose sources the model's parameters were taken for (in-sample)."""
 
     key: str
     paper: str

@@ -166,7 +166,9 @@ def chain_broadcast(nbytes: float, p: int, level: Level) -> CommCost:
 
 
 INTER_ALGORITHMS = ("ring", "halving_doubling")
-COMMUNICATORS = ("ring", "hierarchical", "two_dimensional", "naive")
+#: The runtime's communicator names (hpcsgd.comm) plus ``leader``, the leader-based scheme the
+#: runtime does not implement (ChainerMN's ``hierarchical``, Goyal et al.'s three phases).
+COMMUNICATORS = ("naive", "flat", "nccl", "hierarchical", "leader")
 
 
 def _inter_allreduce(nbytes: float, nodes: int, inter: Level, algorithm: str, rails_used: int) -> CommCost:
@@ -178,32 +180,50 @@ def _inter_allreduce(nbytes: float, nodes: int, inter: Level, algorithm: str, ra
     raise ValueError(f"unknown inter-node algorithm {algorithm!r}; choose from {INTER_ALGORITHMS}")
 
 
+def _scaled(cost: CommCost, times: int) -> CommCost:
+    return CommCost(cost.latency * times, cost.bandwidth * times, cost.reduction * times)
+
+
 def allreduce_cost(communicator: str, nbytes: float, nodes: int, per_node: int, intra: Level | None,
                    inter: Level, inter_algorithm: str = "ring", param_arrays: int = 1) -> CommCost:
     """Seconds to allreduce ``nbytes`` over ``nodes`` x ``per_node`` devices.
 
-    communicator:
-      * ``ring``: one ring over all devices (NCCL2 ``pure_nccl``, Horovod): 2(P-1) steps,
-        each as slow as the slowest hop; inter-node hops use all rails.
-      * ``hierarchical``: reduce to a node leader, allreduce among leaders
-        (``inter_algorithm``) through one rail, broadcast back (ChainerMN
-        ``hierarchical``, Goyal's 3 phases, hpcsgd ``hierarchical``).
-      * ``two_dimensional``: intra reduce-scatter, per-shard inter allreduce among
-        ranks of equal local rank (concurrently, sharing min(per_node, rails) rails),
-        intra allgather (ChainerMN ``two_dimensional``).
-      * ``naive``: one MPI allreduce per parameter array (ChainerMN ``naive``): on one node
-        ``param_arrays`` halving/doubling allreduces of n/arrays bytes; across nodes MPICH's
-        SMP-aware allreduce (node-local reduce, leaders, broadcast: each host sends n bytes per
-        direction, as measured by benchmarks/cluster_allreduce.py), i.e. ``hierarchical``.
+    The names are those of the runtime's communicators (``hpcsgd.comm``), so a
+    measured case is modelled under its own name:
+
+    * ``flat``: one MPI allreduce of the packed buffer. Inside one node, ``inter_algorithm``
+      over the intra level; across nodes MPICH's SMP-aware allreduce (node-local reduce,
+      allreduce among node leaders, broadcast), i.e. the ``leader`` cost: each host sends n
+      bytes per direction, as benchmarks/cluster_allreduce.py's interface counters show.
+    * ``naive``: one ``flat`` allreduce per parameter array (ChainerMN ``naive``).
+    * ``nccl``: one ring over all devices (NCCL2, ChainerMN ``pure_nccl``, Horovod): 2(P-1)
+      steps, each as slow as the slowest hop; inter-node hops use all rails.
+    * ``hierarchical``: reduce-scatter inside the node, allreduce of each of the ``per_node``
+      shards among the ranks of equal local rank (concurrently, sharing min(per_node, rails)
+      rails), allgather inside the node (hpcsgd ``hierarchical``, ChainerMN
+      ``two_dimensional``, Mikami et al.'s 2D torus with the node as one dimension).
+    * ``leader``: reduce to a node leader, allreduce among leaders (``inter_algorithm``)
+      through one rail, broadcast back (ChainerMN ``hierarchical``, Goyal et al.'s 3 phases).
     """
     if nodes < 1 or per_node < 1:
         raise ValueError(f"need nodes >= 1 and per_node >= 1, got {nodes} x {per_node}")
     if per_node > 1 and intra is None:
         raise ValueError("per_node > 1 needs an intra-node level")
+    if communicator not in COMMUNICATORS:
+        raise ValueError(f"unknown communicator {communicator!r}; choose from {COMMUNICATORS}")
+    if inter_algorithm not in INTER_ALGORITHMS:
+        raise ValueError(f"unknown inter-node algorithm {inter_algorithm!r}; choose from {INTER_ALGORITHMS}")
     p = nodes * per_node
     if p == 1:
         return ZERO
-    if communicator == "ring":
+    if communicator == "naive":
+        one = allreduce_cost("flat", nbytes / param_arrays, nodes, per_node, intra, inter, inter_algorithm)
+        return _scaled(one, param_arrays)
+    if communicator == "flat":
+        if nodes == 1:
+            return _inter_allreduce(nbytes, per_node, intra, inter_algorithm, 1)
+        return allreduce_cost("leader", nbytes, nodes, per_node, intra, inter, inter_algorithm)
+    if communicator == "nccl":
         if nodes == 1:
             return ring_allreduce(nbytes, p, intra)
         if per_node == 1:
@@ -213,7 +233,7 @@ def allreduce_cost(communicator: str, nbytes: float, nodes: int, per_node: int, 
         frac = (p - 1) / p
         return CommCost(2 * (p - 1) * slow_alpha, 2 * frac * nbytes * slow_beta,
                         frac * nbytes * max(intra.gamma, inter.gamma))
-    if communicator == "hierarchical":
+    if communicator == "leader":
         cost = ZERO
         if per_node > 1:
             cost = cost + chain_reduce(nbytes, per_node, intra)
@@ -221,27 +241,18 @@ def allreduce_cost(communicator: str, nbytes: float, nodes: int, per_node: int, 
         if per_node > 1:
             cost = cost + chain_broadcast(nbytes, per_node, intra)
         return cost
-    if communicator == "two_dimensional":
-        cost = ZERO
-        if per_node > 1:
-            cost = cost + ring_reduce_scatter(nbytes, per_node, intra)
-        # per_node concurrent shards of n/per_node share the node's rails.
-        shard = nbytes / per_node
-        lanes = min(per_node, inter.rails)
-        one = _inter_allreduce(shard, nodes, inter, inter_algorithm, 1)
-        cost = cost + CommCost(one.latency, one.bandwidth * per_node / lanes, one.reduction)
-        if per_node > 1:
-            cost = cost + ring_allgather(nbytes, per_node, intra)
-        return cost
-    if communicator == "naive":
-        if nodes > 1:
-            per_array = allreduce_cost("hierarchical", nbytes / param_arrays, nodes, per_node, intra, inter,
-                                       inter_algorithm)
-        else:
-            per_array = halving_doubling_allreduce(nbytes / param_arrays, p, intra)
-        return CommCost(per_array.latency * param_arrays, per_array.bandwidth * param_arrays,
-                        per_array.reduction * param_arrays)
-    raise ValueError(f"unknown communicator {communicator!r}; choose from {COMMUNICATORS}")
+    # hierarchical
+    cost = ZERO
+    if per_node > 1:
+        cost = cost + ring_reduce_scatter(nbytes, per_node, intra)
+    # per_node concurrent shards of n/per_node share the node's rails.
+    shard = nbytes / per_node
+    lanes = min(per_node, inter.rails)
+    one = _inter_allreduce(shard, nodes, inter, inter_algorithm, 1)
+    cost = cost + CommCost(one.latency, one.bandwidth * per_node / lanes, one.reduction)
+    if per_node > 1:
+        cost = cost + ring_allgather(nbytes, per_node, intra)
+    return cost
 
 
 def pack_cost(n_elements: int, grad_bytes: int, wire_bytes: int, mem_bandwidth: float,

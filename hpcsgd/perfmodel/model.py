@@ -12,6 +12,9 @@
   ``overlap`` is the fraction of the communication that runs concurrently with
   backward (0 = ChainerMN-style after-backward allreduce; measured by
   ``benchmarks/overlap.py`` for hpcsgd).
+* communicator names are the runtime's (``naive``, ``flat``, ``hierarchical``,
+  ``nccl``) plus ``leader`` (reduce to a node leader, leaders allreduce,
+  broadcast); see :func:`hpcsgd.perfmodel.costs.allreduce_cost`.
 * straggler: synchronous SGD waits for the slowest of P devices; with
   per-iteration compute jitter of relative std ``jitter_cv`` the expected
   maximum of P normal draws adds ``cv * compute * sqrt(2 ln P)``.
@@ -87,7 +90,7 @@ class Cluster:
     intra: Level | None
     inter: Level
     max_devices: int
-    communicator: str = "hierarchical"   # what the published run used (default for predictions)
+    communicator: str = "hierarchical"   # a name of costs.COMMUNICATORS: what the published run used
     inter_algorithm: str = "ring"
     wire_dtype: str = "float32"
     overlap: float = 0.0
@@ -174,7 +177,10 @@ def predict(cluster: Cluster, devices: int, global_batch: int, epochs: float = 9
     nodes = devices // k
     b = global_batch // devices
     comm_name = communicator or cluster.communicator
-    algo = inter_algorithm or cluster.inter_algorithm
+    if comm_name == "nccl" and inter_algorithm not in (None, "ring"):
+        raise ValueError(f"communicator 'nccl' is one ring over all devices; inter_algorithm "
+                         f"{inter_algorithm!r} does not apply")
+    algo = "ring" if comm_name == "nccl" else (inter_algorithm or cluster.inter_algorithm)
     wire = wire_dtype or cluster.wire_dtype
     ov = cluster.overlap if overlap is None else overlap
     if not 0.0 <= ov <= 1.0:
