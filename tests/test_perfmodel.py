@@ -11,7 +11,15 @@ import pytest
 from hpcsgd.cli import main as hpcsgd_main
 from hpcsgd.errors import ConfigError
 from hpcsgd.perfmodel import PUBLISHED, RESNET50, Level, allreduce_cost, get_cluster, pack_cost, predict
-from hpcsgd.perfmodel.costs import halving_doubling_allreduce, ring_allreduce
+from hpcsgd.perfmodel.costs import (
+    chain_broadcast,
+    chain_reduce,
+    halving_doubling_allreduce,
+    ring_allgather,
+    ring_allreduce,
+    ring_reduce_scatter,
+)
+from hpcsgd.perfmodel.heldout import HELDOUT
 from hpcsgd.perfmodel.model import derive_per_image_s
 
 LINK = Level("test", alpha=2e-6, beta=1e-10, gamma=1e-11)
@@ -50,7 +58,7 @@ def test_thin_tree_oversubscription_hurts_halving_doubling_not_ring():
     assert hd_thin.latency == hd_full.latency
 
 
-@pytest.mark.parametrize("comm", ["ring", "hierarchical", "two_dimensional", "naive"])
+@pytest.mark.parametrize("comm", ["nccl", "leader", "hierarchical", "flat", "naive"])
 def test_fp16_halves_bandwidth_term_and_keeps_latency(comm):
     intra, inter = Level("i", 5e-6, 1e-10, 1e-11), Level("x", 6e-6, 2e-10, 1e-11, rails=2)
     c32 = allreduce_cost(comm, 4 * RESNET50.params, 16, 8, intra, inter, "ring", RESNET50.param_arrays)
@@ -58,6 +66,39 @@ def test_fp16_halves_bandwidth_term_and_keeps_latency(comm):
     assert c16.bandwidth == pytest.approx(c32.bandwidth / 2)
     assert c16.reduction == pytest.approx(c32.reduction / 2)
     assert c16.latency == pytest.approx(c32.latency)
+
+
+def test_communicators_match_hand_computation():
+    """hierarchical = reduce-scatter, shard allreduce, allgather; leader = reduce, allreduce, broadcast."""
+    intra, inter = Level("i", 5e-6, 1e-10, 1e-11), Level("x", 6e-6, 2e-10, 1e-11, rails=2)
+    n, nodes, k = 4e8, 16, 8
+    shard = ring_allreduce(n / k, nodes, inter)
+    hier = allreduce_cost("hierarchical", n, nodes, k, intra, inter, "ring")
+    want = ring_reduce_scatter(n, k, intra) + ring_allgather(n, k, intra)
+    assert hier.latency == pytest.approx(want.latency + shard.latency)
+    assert hier.bandwidth == pytest.approx(want.bandwidth + shard.bandwidth * k / 2)  # k shards, 2 rails
+    leader = allreduce_cost("leader", n, nodes, k, intra, inter, "ring")
+    want = chain_reduce(n, k, intra) + ring_allreduce(n, nodes, inter) + chain_broadcast(n, k, intra)
+    assert leader.total == pytest.approx(want.total)
+    # flat across nodes is MPICH's SMP-aware allreduce (= leader); naive is one flat per array.
+    assert allreduce_cost("flat", n, nodes, k, intra, inter).total == pytest.approx(leader.total)
+    naive = allreduce_cost("naive", n, nodes, k, intra, inter, param_arrays=10)
+    assert naive.total == pytest.approx(10 * allreduce_cost("flat", n / 10, nodes, k, intra, inter).total)
+    nccl = allreduce_cost("nccl", n, nodes, k, intra, inter)
+    p = nodes * k
+    assert nccl.latency == pytest.approx(2 * (p - 1) * 6e-6)
+    assert nccl.bandwidth == pytest.approx(2 * (p - 1) / p * n * 1e-10)  # max(1e-10, 2e-10 / 2 rails)
+
+
+def test_model_names_are_the_runtime_names():
+    """Every runtime communicator except the benchmark-only dummy has a model under its own name."""
+    from hpcsgd.comm import COMMUNICATORS as RUNTIME
+    from hpcsgd.perfmodel.checks import _allreduce_case
+    from hpcsgd.perfmodel.costs import COMMUNICATORS
+
+    assert set(RUNTIME) - {"dummy"} <= set(COMMUNICATORS)
+    for comm in ("naive", "flat", "hierarchical"):
+        assert _allreduce_case(f"hpcsgd {comm} float32", 10**6, 10)["communicator"] == comm
 
 
 def test_pack_cost_counts_bytes_and_launches():
@@ -86,10 +127,10 @@ def _scaled(cluster, factor):
     return replace(cluster, intra=intra, inter=replace(cluster.inter, beta=cluster.inter.beta / factor))
 
 
-@pytest.mark.parametrize("name", ["mn1", "bigbasin", "stampede2"])
+@pytest.mark.parametrize("name", ["mn1", "bigbasin", "stampede2", "bigbasin-spec", "stampede2-skx", "abci"])
 def test_more_bandwidth_is_never_slower(name):
     c = get_cluster(name)
-    for comm in ("ring", "hierarchical", "two_dimensional"):
+    for comm in ("nccl", "leader", "hierarchical", "flat"):
         for dtype in ("float16", "float32"):
             for d in (c.devices_per_node, 64, 1024, 16384):
                 times = [predict(_scaled(c, f), d, 32 * d, communicator=comm, wire_dtype=dtype).iteration_s
@@ -178,9 +219,11 @@ def test_cli_prints_breakdown(capsys):
 
 def test_cli_published_and_json(capsys):
     assert hpcsgd_main(["predict", "--published", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    data = json.loads(capsys.readouterr().out)
+    rows = data["in_sample"]
     assert {r["key"] for r in rows} == {"akiba", "goyal", "you"}
     assert all(abs(r["error"]) <= 0.2 for r in rows)
+    assert {r["key"] for r in data["held_out"]} == {r.key for r in HELDOUT}
     assert hpcsgd_main(["predict", "--cluster", "bigbasin", "--json", "--dtype", "float16"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["wire_dtype"] == "float16" and d["devices"] == 256
@@ -192,7 +235,9 @@ def test_cli_sweep_writes_json_and_png(tmp_path, capsys):
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert {(s["communicator"], s["dtype"]) for s in data["series"]} == {
-        (c, d) for c in ("ring", "hierarchical", "two_dimensional") for d in ("float16", "float32")}
+        (c, d) for c in ("nccl", "leader", "hierarchical") for d in ("float16", "float32")}
+    with pytest.raises(ConfigError, match="--out"):
+        hpcsgd_main(["predict", "--cluster", "mn1", "--sweep"])
 
 
 def test_cli_rejects_bad_input():
@@ -200,6 +245,13 @@ def test_cli_rejects_bad_input():
         hpcsgd_main(["predict", "--cluster", "mn1", "--gpus", "1024", "--global-batch", "1000"])
     with pytest.raises(ConfigError, match="overlap"):
         hpcsgd_main(["predict", "--overlap", "2"])
+    with pytest.raises(ConfigError, match="--results"):
+        hpcsgd_main(["predict", "--overlap", "measured"])
+    with pytest.raises(ConfigError, match="--results"):
+        hpcsgd_main(["predict", "--cluster", "local"])
+    with pytest.raises(ConfigError, match="does not apply"):
+        hpcsgd_main(["predict", "--cluster", "mn1", "--communicator", "nccl", "--inter-algorithm",
+                     "halving_doubling"])
 
 
 # -- calibration --------------------------------------------------------------------------
