@@ -116,6 +116,13 @@ def test_cli_published_prints_the_computed_tables(capsys):
         assert run.key in lines
 
 
+def test_a_cluster_refuses_a_model_its_compute_was_not_taken_for():
+    skx = spec_cluster("stampede2-skx")
+    assert predict(skx, 2048, 32768, 100).workload == "alexnet-bn"
+    with pytest.raises(ValueError, match="alexnet-bn, not resnet50"):
+        predict(skx, 2048, 32768, 100, workload=perfmodel.RESNET50)
+
+
 def test_every_cluster_name_resolves_or_says_what_it_needs():
     for name in CLUSTER_NAMES:
         if name == "local":

@@ -1,4 +1,4 @@
-"""``hpcsgd predict``: time-to-train of ResNet-50 on a cluster, with its breakdown.
+"""``hpcsgd predict``: time-to-train on a cluster (ResNet-50 unless the cluster says), with its breakdown.
 
     hpcsgd predict --cluster mn1 --gpus 1024 --global-batch 32768 --epochs 90
     hpcsgd predict --published              # in-sample and held-out papers, model vs. published
@@ -76,7 +76,7 @@ def format_prediction(p: Prediction, description: str = "") -> str:
     ms = lambda s: f"{s * 1e3:10.2f}"  # noqa: E731
     ar = p.allreduce
     lines = [
-        f"ResNet-50 on {p.cluster}" + (f": {description}" if description else ""),
+        f"{p.workload} on {p.cluster}" + (f": {description}" if description else ""),
         f"  {p.devices} devices = {p.nodes} nodes x {p.devices // p.nodes}, global batch {p.global_batch} "
         f"({p.per_device_batch} per device), {p.epochs:g} epochs = {p.iterations} iterations",
         f"  communicator {p.communicator} (inter-node {p.inter_algorithm}), wire {p.wire_dtype}, "
@@ -191,7 +191,8 @@ def _print_sources(c: Cluster) -> None:
     print(f"{c.name}: {c.description}")
     groups = (("cluster", c.sources), (f"device {c.device.name}", c.device.sources),
               (f"intra {c.intra.name if c.intra else '-'}", c.intra.sources if c.intra else {}),
-              (f"inter {c.inter.name}", c.inter.sources), ("workload resnet50", RESNET50.sources))
+              (f"inter {c.inter.name}", c.inter.sources),
+              (f"workload {(c.workload or RESNET50).name}", (c.workload or RESNET50).sources))
     for owner, sources in groups:
         print(f"  [{owner}]")
         for k, v in sources.items():

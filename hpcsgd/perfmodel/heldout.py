@@ -97,6 +97,7 @@ BIG_BASIN_SPEC = Cluster(
 STAMPEDE2_SKX = Cluster(
     "stampede2-skx", "TACC Stampede2 Skylake nodes: 2 Xeon Platinum 8160 per node, Omni-Path 100 Gbit/s",
     device=XEON_8160_CAFFE, devices_per_node=2, intra=UPI_SHM, inter=OMNIPATH_100G, max_devices=2 * 1736,
+    workload=ALEXNET_BN,
     communicator="flat", inter_algorithm="halving_doubling", wire_dtype="float32", overlap=0.5,
     sources={"devices_per_node": "TACC Stampede2 user guide: 2 sockets per SKX node; one process per "
                                  "socket (ASSUMPTION: Y2's 2,048 CPUs = 1,024 nodes; Y1's '1024 CPUs' "
@@ -113,7 +114,7 @@ ABCI = Cluster(
     communicator="hierarchical", inter_algorithm="ring", wire_dtype="float16", overlap=0.0,
     sources={"devices_per_node": "ABCI system description (news.mynavi.jp/article/abci-2): 4 V100 per node",
              "max_devices": "NVIDIA blog on Yamazaki et al.: 'over 4300 V100'; 1,088 nodes x 4 = 4,352",
-             "communicator": "Mikami et al. (papers digest section 5): 2D-torus allreduce = reduce-scatter, "
+             "communicator": "Mikami et al., arXiv 1811.05233 abstract: 2D-torus allreduce = reduce-scatter, "
                              "allreduce of shards, allgather (node as one dimension: ASSUMPTION); Yamazaki "
                              "et al.: algorithm UNCONFIRMED, same assumed",
              "wire_dtype": "ASSUMPTION: float16 gradients (both runs compute in mixed precision, A7 and the "
@@ -179,14 +180,14 @@ HELDOUT = (
                {"iteration": "G1: ~30 s per epoch on 352 GPUs at kn = 11,264 -> 113.7 iterations (DERIVED)"}),
     HeldOutRun("mikami", "Mikami et al. 2018 (v1)", "abci", 2176, ((5, 34_816), (85, 69_632)),
                "time_to_train_s", 224.0,
-               {"time": "A7 and papers digest section 5: 224 s on 2,176 V100 (ABCI), 75.03%",
-                "batch": "digest section 5: batch-size control 34K -> 68K, the first 5 epochs at the small "
+               {"time": "A7 and arXiv 1811.05233v1: 224 s on 2,176 V100 (ABCI), 75.03%",
+                "batch": "A7: batch-size control 34K -> 68K, the first 5 epochs at the small "
                          "batch (16 and 32 per GPU); the exact switch epoch is UNCONFIRMED",
                 "epochs": "90 (the convention of every compared run; UNCONFIRMED for Mikami)"}),
     HeldOutRun("yamazaki", "Yamazaki et al. 2019", "abci", 2048, ((90, 81_920),), "iteration_s",
                81_920 / 1.73e6,
-               {"iteration": "abstract (digest section 5): >1.73M images/s on 2,048 V100 (ABCI) at batch "
-                             "81,920 -> 47.4 ms per iteration (DERIVED)"}),
+               {"iteration": "arXiv 1903.12650 abstract: >1.73M images/s on 2,048 V100 (ABCI); batch 81,920 "
+                             "(NVIDIA blog on the record) -> 47.4 ms per iteration (DERIVED)"}),
 )
 
 

@@ -50,7 +50,7 @@ RESNET50 = Workload(
                        "Table 6 round it to 25M",
              "param_arrays": "53 conv W + 53 BN (gamma, beta) + fc W, b = 161 (derived from the "
                              "architecture)",
-             "dataset_images": "ImageNet-1k train, 1,281,167 images (papers.md 1(a))"})
+             "dataset_images": "ImageNet-1k train, 1,281,167 images"})
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ class Cluster:
     update_bytes_per_param: float = 16.0  # read param, grad, state; write param, state (fp32)
     jitter_cv: float = 0.0
     data_images_per_s_per_node: float | None = None
+    workload: Workload | None = None    # the model the device's compute figures are for (None: any)
     sources: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -107,6 +108,7 @@ class Prediction:
     """Breakdown of one iteration (seconds) and the time-to-train."""
 
     cluster: str
+    workload: str
     devices: int
     nodes: int
     global_batch: int
@@ -159,14 +161,21 @@ class Prediction:
 
 
 def predict(cluster: Cluster, devices: int, global_batch: int, epochs: float = 90.0,
-            workload: Workload = RESNET50, communicator: str | None = None,
+            workload: Workload | None = None, communicator: str | None = None,
             inter_algorithm: str | None = None, wire_dtype: str | None = None,
             overlap: float | None = None, jitter_cv: float | None = None,
             grad_dtype: str = "float32") -> Prediction:
     """Predict one iteration and the time-to-train of ``workload`` on ``devices`` of ``cluster``.
 
-    Arguments left as None take the cluster's published setting.
+    Arguments left as None take the cluster's published setting; ``workload`` defaults to
+    the cluster's (ResNet-50 when it has none). A cluster whose device compute was taken for
+    one model refuses another: its per-image time would be meaningless.
     """
+    wl = workload or cluster.workload or RESNET50
+    if cluster.workload is not None and wl.name != cluster.workload.name:
+        raise ValueError(f"cluster {cluster.name!r}: its device compute is for {cluster.workload.name}, "
+                         f"not {wl.name}")
+    workload = wl
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
     if global_batch % devices:
@@ -214,7 +223,7 @@ def predict(cluster: Cluster, devices: int, global_batch: int, epochs: float = 9
     iteration += data
     iterations = math.ceil(epochs * workload.dataset_images / global_batch)
     return Prediction(
-        cluster=cluster.name, devices=devices, nodes=nodes, global_batch=global_batch,
+        cluster=cluster.name, workload=workload.name, devices=devices, nodes=nodes, global_batch=global_batch,
         per_device_batch=b, communicator=comm_name, inter_algorithm=algo, wire_dtype=wire, overlap=ov,
         forward_s=forward, backward_s=backward, update_s=update, straggler_s=straggler, pack_s=pack,
         allreduce=ar, exposed_comm_s=exposed_comm, exposed_data_s=data, iteration_s=iteration,

@@ -41,7 +41,7 @@ ETH_50G = Level(
 OMNIPATH_100G = Level(
     "Intel Omni-Path 100 Gbit/s (MLSL/MPI)", alpha=3e-6, beta=8 / (0.8 * 100e9), gamma=5e-11,
     sources={"alpha": "ASSUMPTION: ~1 us fabric latency + ~2 us MPI/MLSL per step",
-             "beta": "ASSUMPTION: Stampede2 Omni-Path 100 Gbit/s (TACC user guide; not in papers.md), 80% "
+             "beta": "ASSUMPTION: Stampede2 Omni-Path 100 Gbit/s (TACC user guide), 80% "
                      "achieved -> 0.1 ns/B",
              "gamma": "ASSUMPTION: host reduction at ~20 GB/s on a KNL"})
 
