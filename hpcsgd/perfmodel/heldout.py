@@ -17,7 +17,7 @@ arithmetic on sourced numbers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .model import RESNET50, Cluster, Device, Workload, predict
 from .networks import EDR_X2_ABCI, ETH_50G, NVLINK2_V100, NVLINK_P100, OMNIPATH_100G, UPI_SHM
@@ -228,7 +228,3 @@ def spread(rows: list[dict]) -> dict:
     median = absolute[n // 2] if n % 2 else 0.5 * (absolute[n // 2 - 1] + absolute[n // 2])
     return {"min": errs[0], "max": errs[-1], "median_abs": median, "n": n}
 
-
-def with_device(cluster: Cluster, **changes) -> Cluster:
-    """``cluster`` with some device fields changed (what-if analysis in docs/perf.md)."""
-    return replace(cluster, device=replace(cluster.device, **changes))
