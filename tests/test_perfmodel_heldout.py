@@ -65,6 +65,8 @@ def test_heldout_runs_are_not_used_by_the_calibration(monkeypatch):
     import hpcsgd.perfmodel.clusters as clusters
     import hpcsgd.perfmodel.model as model
 
+    calibrated = [perfmodel.get_cluster(n) for n in ("mn1", "bigbasin", "stampede2")]
+
     def no_fit(*a, **k):
         raise AssertionError("held-out prediction called derive_per_image_s")
 
@@ -79,7 +81,6 @@ def test_heldout_runs_are_not_used_by_the_calibration(monkeypatch):
         assert not names & {"derive_per_image_s", "BaselineRun", "GOYAL_8GPU", "YOU_16KNL", "PUBLISHED"}, mod
     # Held-out runs are predicted only by spec clusters, which share no device with a calibrated
     # (in-sample) cluster: Goyal's 8-GPU figure calibrates the in-sample bigbasin, never bigbasin-spec.
-    calibrated = [perfmodel.get_cluster(n) for n in ("mn1", "bigbasin", "stampede2")]
     for run in HELDOUT:
         assert run.cluster in clusters.SPEC_CLUSTERS, run.key
         dev = spec_cluster(run.cluster).device
