@@ -371,9 +371,12 @@ def finish(data: dict, args: argparse.Namespace) -> None:
     add_efficiency(data["configs"])
     data["loadavg_end"] = os.getloadavg()
     try:
-        from hpcsgd.perfmodel.checks import load_calibration, model_errors  # noqa: F401
+        from hpcsgd.perfmodel.calibrate import load_calibration, measured_overlap
+        from hpcsgd.perfmodel.checks import model_errors
 
-        data["model_check"] = model_errors(data, load_calibration())
+        cal = load_calibration(RESULTS / "predict_calibration.json")
+        overlap = measured_overlap(RESULTS / "overlap.json") or 0.0
+        data["model_check"] = model_errors(data, cal, overlap)
         for r in data["model_check"]:
             print(f"  model check {r['model']} {r['framework']} n={r['ranks']}: "
                   f"measured {r['measured_s'] * 1e3:.1f} ms, "
