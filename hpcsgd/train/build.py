@@ -65,7 +65,7 @@ def build_run(cfg: dict, out: str, resume: bool = False, timeline: str | None = 
                                                    bucket_bytes=cfg["communicator_options"].get("bucket_bytes"))
     return Run(cfg=cfg, out=out, comm=comm, topology=topology, tracer=tracer, device=device, log=log,
                train_set=train_set, val_set=val_set, loader=loader, val_loader=val_loader, model=model,
-               loss_fn=make_loss(cfg["label_smoothing"]), recipe=recipe, optimizer=optimizer,
+               loss_fn=loss_from_config(cfg), recipe=recipe, optimizer=optimizer,
                iters_per_epoch=iters_per_epoch, total_iters=math.ceil(cfg["epochs"] * iters_per_epoch))
 
 
@@ -133,6 +133,13 @@ def make_loader(cfg: dict, dataset, comm, device: int | None, role: str) -> Load
         return Loader(dataset, cfg["batch_per_rank"], seed=cfg["seed"] + 1, workers=0, transform="eval",
                       **common)
     raise ValueError(f"unknown loader role {role!r}")
+
+
+def loss_from_config(cfg: dict):
+    """The training loss ``loss(logits, t)``: ``loss`` (softmax cross-entropy) with ``label_smoothing``."""
+    if cfg["loss"] != "softmax_cross_entropy":
+        raise ConfigError(f"config key 'loss'={cfg['loss']!r}: only softmax_cross_entropy is implemented")
+    return make_loss(cfg["label_smoothing"])
 
 
 def create_model(cfg: dict, train_set, comm):
