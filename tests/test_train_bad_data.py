@@ -32,7 +32,8 @@ def _tiny_list(root, bad_name, write_bad):
         Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / n)
     write_bad(root / bad_name)
     for split in ("train", "val"):
-        (root / f"{split}.txt").write_text("".join(f"{n} {i % 2}\n" for i, n in enumerate(names + [bad_name])))
+        lines = [f"{n} {i % 2}\n" for i, n in enumerate(names + [bad_name])]
+        (root / f"{split}.txt").write_text("".join(lines))
 
 
 @pytest.mark.parametrize("bad_name, write_bad, cause", [

@@ -61,7 +61,8 @@ def make_data() -> None:
         image(os.path.join(root, f"val{i}.JPEG"), 200 + i)
     open(os.path.join(root, "val_noise.JPEG"), "wb").write(np.random.default_rng(2).bytes(500))
     with open(os.path.join(root, "val.txt"), "w") as f:
-        f.writelines(f"{n} {i % 3}\n" for i, n in enumerate([f"val{i}.JPEG" for i in range(5)] + list(BAD_VAL)))
+        val = [f"val{i}.JPEG" for i in range(5)] + list(BAD_VAL)
+        f.writelines(f"{n} {i % 3}\n" for i, n in enumerate(val))
 
 
 config = os.path.join(base, "bad.yaml")
