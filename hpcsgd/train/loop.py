@@ -139,6 +139,7 @@ class Run:
                  f"{self.total_iters} iterations")
         self.progress = Progress(self.total_iters, initial=self.iteration, rank0=self.rank == 0,
                                  bar=cfg["progress"], iters_per_epoch=self.iters_per_epoch)
+        self.meter = PhaseMeter()  # its clock starts with the loop, after any resume
         t_loop, paused_total = time.perf_counter(), 0.0
         while self.iteration < stop:
             loss_value = self.step()
