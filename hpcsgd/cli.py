@@ -17,7 +17,7 @@ import sys
 
 SUBCOMMANDS = {
     "train": ("hpcsgd.train.cli", "train a model data-parallel under mpiexec"),
-    "schedule": ("hpcsgd.schedules_cli", "print or plot a learning-rate recipe"),
+    "schedule": ("hpcsgd.schedules.cli", "print or plot a learning-rate recipe"),
     "predict": ("hpcsgd.perfmodel.cli", "predict time-to-train on a cluster"),
 }
 

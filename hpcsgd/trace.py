@@ -89,7 +89,24 @@ class Tracer:
         """Add ``seconds`` to phase ``name`` without an event (for externally timed work)."""
         self.phase_seconds[name] += seconds
 
+    def seconds(self, phases) -> float:
+        """Seconds of this iteration spent so far in ``phases`` (an iterable of names)."""
+        return sum(self.phase_seconds.get(p, 0.0) for p in phases)
+
     # -- spans ------------------------------------------------------------
+    @contextmanager
+    def span_excluding(self, name: str, excluded, **args) -> Iterator[None]:
+        """A :meth:`span` whose phase total leaves out time counted in ``excluded`` inside it.
+
+        For backward with overlapped communication: the buckets' pack/allreduce/unpack
+        spans run inside it and are counted as communication, not again as compute.
+        The timeline event still covers the whole block.
+        """
+        before = self.seconds(excluded)
+        with self.span(name, **args):
+            yield
+        self.phase_seconds[name] -= self.seconds(excluded) - before
+
     @contextmanager
     def span(self, name: str, **args) -> Iterator[None]:
         """Time the enclosed block as phase ``name``; ``args`` go into the event."""

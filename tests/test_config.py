@@ -88,3 +88,67 @@ def test_overlap_and_double_buffering_are_exclusive():
     assert resolve(file_cfg={"overlap": True}, check_paths=False)["overlap"] is True
     with pytest.raises(ConfigError, match="'overlap' and 'double_buffering'"):
         resolve(file_cfg={"overlap": True, "double_buffering": True}, check_paths=False)
+
+
+@pytest.mark.parametrize("file_cfg, both", [
+    ({"dataset": "imagenet_list", "data_path": "x", "dataset_options": {"on_bad": "skip"}},
+     ("'dataset_options.on_bad'", "on_bad: skip")),
+    ({"kernels": True, "gpu": True}, ("'kernels'", "'gpu'")),
+    ({"communicator": "dummy"}, ("'communicator'='dummy'", "world size 2")),
+    ({"dataset": "synthetic", "data_path": "/data"}, ("'data_path'", "'dataset'")),
+    ({"dataset": "synthetic", "val_path": "/data"}, ("'val_path'", "'dataset'")),
+    ({"schedule": {"type": "cosine"}}, ("'schedule'", "recipe: custom")),
+    ({"recipe": "custom", "recipe_options": {"lr": 1}}, ("'recipe_options'", "recipe: custom")),
+    ({"label_smoothing": 1.0}, ("'label_smoothing'", "[0, 1)")),
+    ({"on_bad": "ignore"}, ("'on_bad'", "'skip'")),
+    ({"loss": "mse"}, ("'loss'", "softmax_cross_entropy")),
+])
+def test_combinations_are_rejected_naming_both_keys(file_cfg, both):
+    with pytest.raises(ConfigError) as ei:
+        resolve(world=2, file_cfg=file_cfg, check_paths=False)
+    for part in both:
+        assert part in str(ei.value), str(ei.value)
+
+
+def test_new_keys_default_and_resolve():
+    cfg = resolve(file_cfg={"on_bad": "skip", "label_smoothing": 0.1}, check_paths=False)
+    assert cfg["on_bad"] == "skip" and cfg["label_smoothing"] == 0.1
+    assert cfg["loss"] == "softmax_cross_entropy"
+    assert resolve(check_paths=False)["on_bad"] == "error"  # a bad file stops the job unless asked
+    assert resolve(world=1, file_cfg={"communicator": "dummy"}, check_paths=False)  # one rank: no average
+
+
+def _checked(**file_cfg):
+    from hpcsgd.train.checks import check_components
+
+    check_components(resolve(world=2, file_cfg=file_cfg, check_paths=False))
+
+
+@pytest.mark.parametrize("file_cfg, names", [
+    # the case: imagenet_list has no on_bad; it was accepted and silently ignored
+    ({"dataset": "imagenet_list", "data_path": "x", "dataset_options": {"root": "/r", "shuffle": True}},
+     ("'dataset_options'", "'shuffle'", "imagenet_list")),
+    ({"dataset": "fashion_mnist", "dataset_options": {"n": 10}}, ("'dataset_options'", "'n'", "none")),
+    ({"dataset": "synthetic", "dataset_options": {"shape": [1, 8, 8], "size": 9}}, ("'size'", "pool")),
+    ({"model_options": {"depht": 8}}, ("'model_options'", "'depht'", "depth")),
+    ({"model": "resnet50", "model_options": {"depth": 18}}, ("'model_options'", "'depth'")),
+    ({"model_options": {"n_classes": 5}}, ("'model_options.n_classes'", "set by the trainer")),
+    ({"model": "alexnet_bn", "zero_init_residual": True}, ("'zero_init_residual'", "alexnet_bn")),
+    ({"model": "vgg16"}, ("'model'", "vgg16")),
+    ({"communicator": "naive", "communicator_options": {"bucket_size": 1 << 20}},
+     ("'communicator_options'", "'naive'", "'bucket_size'", "bucket_bytes")),
+    ({"recipe_options": {"warmpu_epochs": 3}}, ("'recipe_options'", "warmpu_epochs")),
+    ({"recipe": "custom", "optimizer": {"name": "adagrad"}}, ("'optimizer.name'", "adagrad")),
+])
+def test_component_options_are_checked_against_the_component(file_cfg, names):
+    with pytest.raises(ConfigError) as ei:
+        _checked(**file_cfg)
+    for part in names:
+        assert part in str(ei.value), str(ei.value)
+
+
+def test_component_options_that_are_used_pass():
+    _checked(dataset="synthetic", dataset_options={"shape": [1, 8, 8], "n": 64, "n_classes": 3, "pool": 8})
+    _checked(model="resnet_small", model_options={"depth": 8, "width": 4, "decay": 0.95})
+    _checked(dataset="imagenet_folder", data_path="x", on_bad="skip", communicator="hierarchical",
+             communicator_options={"bucket_bytes": 1 << 20})

@@ -142,3 +142,44 @@ def test_worker_exit_code_and_hang_are_reported():
         with pytest.raises(DataWorkerError, match="no answer from data workers"):
             list(loader)
     assert time.monotonic() - t0 < 15
+
+
+def test_every_planted_defect_is_named_and_odd_files_are_decoded(tmp_path):
+    """Zero-byte, truncated, random bytes, listed-but-missing: skipped and named. Grayscale, CMYK and
+    PNG named .JPEG: decodable, so converted to RGB and never skipped."""
+    root = tmp_path / "imnet"
+    make_folder(str(root), per_class=2, splits=("train",))
+    good = build_dataset("imagenet_folder", str(root))
+    odd = make_special_files(str(root / "odd"))
+    bad = {k: str(root / f"{k}.JPEG") for k in ("zero", "noise", "gone")}
+    open(bad["zero"], "wb").close()
+    scramble(bad["noise"])
+    truncate(good.paths[0])
+    bad["truncated"] = good.paths[0]
+    entries = list(zip(good.paths, good.labels)) + [(str(root / "odd" / n), 0) for n in odd]
+    entries += [(bad["zero"], 1), (bad["noise"], 1), (bad["gone"], 2)]
+    write_list(str(root / "train.txt"), entries, str(root))
+    ds = build_dataset("imagenet_list", str(root / "train.txt"))
+    crop = ResizeCenterCrop(16, 16)
+    with Loader(ds, len(ds), workers=1, shuffle=False, on_bad="skip", transform=crop) as ld:
+        list(ld)
+        named = ld.skipped_files
+        state = ld.state_dict()
+    assert set(named) == set(bad.values()), named  # exactly the bad ones, each by its path
+    assert state["skipped_files"] == named  # a checkpoint keeps them
+    for name, cause in [("zero", "not a readable image"), ("noise", "not a readable image"),
+                        ("gone", "file not found"), ("truncated", "corrupt or truncated")]:
+        one = FileListDataset([bad[name], good.paths[1]], [0, 0])
+        with pytest.raises(DataError, match=f"{bad[name]}: {cause}"):
+            list(Loader(one, 2, workers=0, shuffle=False, transform=ResizeCenterCrop(16, 16)))
+
+
+def test_dataset_options_a_kind_does_not_use_are_errors(tmp_path):
+    from hpcsgd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dataset 'imagenet_list' does not use 'on_bad'"):
+        build_dataset("imagenet_list", str(tmp_path), on_bad="skip")
+    with pytest.raises(ConfigError, match="dataset 'fashion_mnist' does not use 'shape'"):
+        build_dataset("fashion_mnist", None, shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match="does not use 'size'.*options: shape, n_classes, n, seed, pool"):
+        build_dataset("synthetic", size=3)

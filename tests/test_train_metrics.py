@@ -56,7 +56,7 @@ def test_curves_png(tmp_path):
 
 
 def test_planned_topology():
-    from hpcsgd.train.cli import planned_topology
+    from hpcsgd.train.plan import planned_topology
 
     t = planned_topology({"gpu": True}, 1024, 8)
     assert (t["nodes"], t["ranks_per_node"], t["gpus_per_node"], t["uniform"]) == (128, 8, 8, True)

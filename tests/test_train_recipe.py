@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hpcsgd.errors import ConfigError
-from hpcsgd.train.custom_recipe import build_custom_recipe
+from hpcsgd.schedules.custom import build_custom_recipe
 
 
 def test_cosine_with_warmup_momentum_sgd():

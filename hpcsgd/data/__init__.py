@@ -29,9 +29,30 @@ from hpcsgd.errors import ConfigError
 
 KINDS = ("fashion_mnist", "imagenet_folder", "imagenet_list", "synthetic", "arrays")
 
+#: The keyword options each dataset kind uses; any other raises ConfigError naming it
+#: (a misspelt or misplaced option must not be silently ignored).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "fashion_mnist": (),
+    "imagenet_folder": ("on_bad",),
+    "imagenet_list": ("root",),
+    "synthetic": ("shape", "n_classes", "n", "seed", "pool"),
+    "arrays": ("images", "labels", "n_classes", "layout", "mean", "std"),
+}
+
+
+def check_options(kind: str, options, where: str = "dataset options") -> None:
+    """ConfigError naming every option in ``options`` that dataset ``kind`` does not use."""
+    if kind not in OPTIONS:
+        raise ConfigError(f"unknown dataset kind {kind!r}; choose from {', '.join(KINDS)}")
+    unknown = sorted(set(options) - set(OPTIONS[kind]))
+    if unknown:
+        allowed = ", ".join(OPTIONS[kind]) or "none"
+        raise ConfigError(f"{where}: dataset {kind!r} does not use {', '.join(map(repr, unknown))} "
+                          f"(its options: {allowed})")
+
 
 def build_dataset(kind: str, path: str | None = None, split: str = "train", **kw) -> Dataset:
-    """Build a dataset by name.
+    """Build a dataset by name; an option the kind does not use raises ConfigError naming it.
 
     kinds:
         'fashion_mnist': IDX files under ``path`` (default /usr/share/datasets/fashion-mnist);
@@ -40,9 +61,13 @@ def build_dataset(kind: str, path: str | None = None, split: str = "train", **kw
             unreadable class folders.
         'imagenet_list': ``path`` is a list file of ``relpath label`` lines (or a folder holding
             ``split.txt``); kw ``root`` (default: the list file's folder).
-        'synthetic': no I/O; kw ``shape`` (C, H, W), ``n_classes``, ``n``, ``seed``.
-        'arrays': in-memory; kw ``images`` uint8 (N, H, W[, C]), ``labels``.
+        'synthetic': no I/O; kw ``shape`` (C, H, W), ``n_classes``, ``n``, ``seed``, ``pool``.
+        'arrays': in-memory; kw ``images`` uint8 (N, H, W[, C]), ``labels``, ``n_classes``,
+            ``layout``, ``mean``, ``std``.
+
+    Bad files inside a dataset (corrupt, missing) are the loader's ``on_bad`` to handle.
     """
+    check_options(kind, kw)
     if kind == "fashion_mnist":
         return FashionMNIST(path, split)
     if kind == "imagenet_folder":
@@ -55,12 +80,10 @@ def build_dataset(kind: str, path: str | None = None, split: str = "train", **kw
         return image_list(path, root=kw.pop("root", None), split=split)
     if kind == "synthetic":
         return SyntheticDataset(**kw)
-    if kind == "arrays":
-        return ArrayDataset(kw.pop("images"), kw.pop("labels"), **kw)
-    raise ConfigError(f"unknown dataset kind {kind!r}; choose from {', '.join(KINDS)}")
+    return ArrayDataset(kw.pop("images"), kw.pop("labels"), **kw)
 
 
 __all__ = ["ArrayDataset", "ConfigError", "DataWorkerError", "Dataset", "FashionMNIST", "FileListDataset",
-           "Identity", "KINDS", "Loader", "Normalize", "PadRandomCrop", "RandomResizedCrop",
-           "ResizeCenterCrop", "SyntheticDataset", "build_dataset", "epoch_permutation", "epoch_plan",
-           "eval_shard", "image_folder", "image_list", "iterations_per_epoch"]
+           "Identity", "KINDS", "Loader", "OPTIONS", "Normalize", "PadRandomCrop", "RandomResizedCrop",
+           "ResizeCenterCrop", "SyntheticDataset", "build_dataset", "check_options", "epoch_permutation",
+           "epoch_plan", "eval_shard", "image_folder", "image_list", "iterations_per_epoch"]

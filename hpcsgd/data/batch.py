@@ -90,15 +90,15 @@ def load_sample_into(dataset, transform, i: int, rng: np.random.Generator, norma
 
 
 def fill_batch(dataset, transform, normalize, indices: np.ndarray, rng: np.random.Generator,
-               x: np.ndarray, t: np.ndarray, on_bad: str = "error") -> list[str]:
-    """Write samples ``indices`` into ``x`` / ``t``; returns the names of skipped bad samples.
+               x: np.ndarray, t: np.ndarray, on_bad: str = "error") -> list[tuple[str, str]]:
+    """Write samples ``indices`` into ``x`` / ``t``; returns ``(name, reason)`` of each skipped sample.
 
     ``on_bad='error'``: the first bad sample raises DataError naming it.
     ``on_bad='skip'``: a bad sample is replaced by a sample drawn at random
     (from ``rng``, so reproducible) until a good one is found, keeping the
-    batch full; the bad names are returned for counting.
+    batch full; the bad samples are returned for counting and naming.
     """
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []
     fused = hasattr(transform, "write_into")
     for j, i in enumerate(indices):
         i = int(i)
@@ -118,9 +118,9 @@ def fill_batch(dataset, transform, normalize, indices: np.ndarray, rng: np.rando
             except DataError as e:
                 if on_bad != "skip":
                     raise
-                skipped.append(str(e))
+                skipped.append((dataset.name(i), str(e)))
                 i = int(rng.integers(0, len(dataset)))
         else:
             raise DataError(f"{MAX_REPLACEMENT_TRIES} bad samples in a row while replacing a bad sample; "
-                            f"last: {skipped[-1]}")
+                            f"last: {skipped[-1][1]}")
     return skipped

@@ -37,7 +37,8 @@ class Loader:
         workers: worker processes (0: decode in this process, no prefetch).
         prefetch: batches prepared ahead of the trainer (at least one per worker is kept in flight).
         transform: None (no augmentation), 'train', 'eval' or a transform object.
-        on_bad: 'error' (DataError naming the file) or 'skip' (replace, count, warn).
+        on_bad: 'error' (DataError naming the file) or 'skip' (replace it by another sample of
+            the same batch stream, count it in ``bad_files``, name it in ``skipped_files``, warn).
         drop_remainder: drop (True) or wrap-pad (False) the last incomplete global batch.
         dtype: 'float32' (normalized in the worker) or 'uint8' (raw; normalize with
             :meth:`normalize`, on the device when ``device`` is set: 4x less copy traffic).
@@ -82,6 +83,7 @@ class Loader:
         self.normalizer = normalize or Normalize(dataset.mean, dataset.std)
         self.epoch, self.position = 0, 0
         self.bad_files, self.bad_files_total = 0, 0
+        self.skipped_files: dict[str, int] = {}  # name -> times skipped on this rank (all epochs)
         self.last_wait_seconds, self.wait_seconds_total = 0.0, 0.0
         self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation (current and next)
         self._pending: deque[tuple[int, int, int]] = deque()  # (epoch, k, task) sent, in batch order
@@ -141,7 +143,8 @@ class Loader:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "n": len(self.dataset), "global_batch": self.batch_size * self.size,
                 "shuffle": bool(self.shuffle), "drop_remainder": bool(self.drop_remainder),
-                "bad_files": self.bad_files, "bad_files_total": self.bad_files_total}
+                "bad_files": self.bad_files, "bad_files_total": self.bad_files_total,
+                "skipped_files": dict(self.skipped_files)}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["n"]) != len(self.dataset):
@@ -154,6 +157,7 @@ class Loader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.bad_files = int(state.get("bad_files", 0))
         self.bad_files_total = int(state.get("bad_files_total", 0))
+        self.skipped_files = {str(k): int(v) for k, v in state.get("skipped_files", {}).items()}
         self._perms = {}
         self._abandon()  # batches in flight were drawn for the old state
 
@@ -333,9 +337,10 @@ class Loader:
         self._count_bad(msg[2])
         return slot
 
-    def _count_bad(self, skipped: list[str]) -> None:
-        for name in skipped:
-            log.warning("skipped bad sample (on_bad='skip'): %s", name)
+    def _count_bad(self, skipped: list[tuple[str, str]]) -> None:
+        for name, reason in skipped:
+            log.warning("skipped bad sample (on_bad='skip'): %s", reason)
+            self.skipped_files[name] = self.skipped_files.get(name, 0) + 1
         self.bad_files += len(skipped)
         self.bad_files_total += len(skipped)
 

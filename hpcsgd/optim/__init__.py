@@ -5,7 +5,7 @@
 * :class:`LARS` (You et al.), :class:`RMSpropWarmup` (Akiba et al.),
   :class:`CorrectedMomentumSGD` (Goyal et al.), all Chainer ``GradientMethod``s.
 * :func:`apply_weight_decay` (BN/bias excluded by default).
-* :func:`build_recipe` ('goyal', 'akiba', 'lars', 'sgd'): :mod:`hpcsgd.optim.recipes`.
+* :func:`build_recipe` ('goyal', 'akiba', 'lars', 'sgd'): re-exported from :mod:`hpcsgd.schedules.recipes`.
 """
 
 from hpcsgd.optim.lars import LARS, LARSRule
@@ -15,9 +15,9 @@ from hpcsgd.optim.multi_node import (
     MultiNodeOptimizer,
     create_multi_node_optimizer,
 )
-from hpcsgd.optim.recipes import RECIPES, Recipe, build_recipe
 from hpcsgd.optim.rmsprop_warmup import RMSpropWarmup, RMSpropWarmupRule
 from hpcsgd.optim.weight_decay import apply_weight_decay, is_bn_or_bias
+from hpcsgd.schedules.recipes import RECIPES, Recipe, build_recipe
 
 __all__ = [
     "LARS", "LARSRule", "CorrectedMomentumSGD", "CorrectedMomentumSGDRule", "RMSpropWarmup",

@@ -41,6 +41,8 @@ RECIPES = ("goyal", "akiba", "lars", "sgd", "custom")
 COMMUNICATORS = ("hierarchical", "flat", "naive", "nccl", "dummy")
 WIRE_DTYPES = (None, "float16", "bfloat16", "float32")
 BN_MODES = ("batch", "recompute", "running", "sync")
+ON_BAD = ("error", "skip")
+LOSSES = ("softmax_cross_entropy",)
 
 #: Number of training/validation samples per dataset kind, used by ``--dry-run`` when
 #: the data are not on this machine (ImageNet-1k: 1,281,167 train / 50,000 val).
@@ -68,6 +70,8 @@ SCHEMA: dict[str, Key] = {
     "loader_workers": Key(2, "loader worker threads/processes per rank", (int,)),
     "prefetch": Key(2, "batches prefetched per rank", (int,)),
     "augment": Key(True, "random training transform ('train'); False: the 'eval' transform", (bool,)),
+    "on_bad": Key("error", "an unreadable image or class folder: error (stop, naming it) | skip (replace "
+                           "it, count and name it in the log and summary.json)", (str,), ON_BAD),
     # batch arithmetic
     "batch_per_rank": Key(32, "images per rank per micro-batch", (int,)),
     "global_batch": Key(None, "images per optimizer step over all ranks (None: ranks x batch x accum)",
@@ -82,6 +86,9 @@ SCHEMA: dict[str, Key] = {
     "optimizer": Key({}, "recipe custom: {name: momentum_sgd|sgd|rmsprop|adam|lars, weight_decay, ...}",
                      (dict,)),
     "schedule": Key({}, "recipe custom: {type: constant|step|cosine|poly, lr, warmup_epochs, ...}", (dict,)),
+    "loss": Key("softmax_cross_entropy", "training loss (hpcsgd.losses)", (str,), LOSSES),
+    "label_smoothing": Key(0.0, "smoothed targets (1 - eps) onehot + eps / classes; 0: plain "
+                                "cross-entropy (validation loss is always plain)", _NUM),
     "epochs": Key(1.0, "training epochs (fractional allowed)", _NUM),
     "stop_iteration": Key(None, "stop (and checkpoint) after this iteration; the schedule still "
                                 "spans all epochs", (int, type(None))),
@@ -221,19 +228,9 @@ def resolve(cfg: dict, world_size: int, check_paths: bool = True,
             f"config key 'global_batch'={glob} must equal ranks x batch_per_rank x grad_accumulation = "
             f"{world_size} x {cfg['batch_per_rank']} x {accum} = {per_step * accum}")
     cfg["global_batch"], cfg["grad_accumulation"], cfg["world_size"] = glob, accum, world_size
-    for key in ("optimizer", "schedule"):
-        if cfg[key] and cfg["recipe"] != "custom":
-            raise ConfigError(f"config key {key!r} is only used with recipe: custom (recipe is "
-                              f"{cfg['recipe']!r}; its settings go in recipe_options)")
-    if cfg["recipe"] == "custom" and cfg["recipe_options"]:
-        raise ConfigError("config key 'recipe_options' does not apply to recipe: custom "
-                          "(use the optimizer and schedule keys)")
-    if cfg["communicator"] == "nccl" and not cfg["gpu"]:
-        raise ConfigError(f"config key 'communicator'={cfg['communicator']!r} needs gpu: true")
+    check_combinations(cfg)
     if cfg["kernels"] is None:
         cfg["kernels"] = not cfg["gpu"]
-    if cfg["dataset"] in ("imagenet_folder", "imagenet_list") and cfg["data_path"] is None:
-        raise ConfigError(f"config key 'data_path' is required for dataset {cfg['dataset']!r}")
     if check_paths:
         if cfg["dataset"] == "fashion_mnist" and cfg["data_path"] is None \
                 and not path_exists(FASHION_MNIST_DEFAULT):
@@ -246,6 +243,41 @@ def resolve(cfg: dict, world_size: int, check_paths: bool = True,
             if p is not None and not path_exists(p):
                 raise ConfigError(f"config key {key!r}: dataset path {p!r} does not exist")
     return cfg
+
+
+def check_combinations(cfg: dict) -> None:
+    """Keys that are valid alone but not together: ConfigError naming both (or the unused one).
+
+    Every rejected pair would otherwise fail late (after the communicator exists)
+    or, worse, be silently ignored.
+    """
+    for key in ("optimizer", "schedule"):
+        if cfg[key] and cfg["recipe"] != "custom":
+            raise ConfigError(f"config key {key!r} is only used with recipe: custom (recipe is "
+                              f"{cfg['recipe']!r}; its settings go in recipe_options)")
+    if cfg["recipe"] == "custom" and cfg["recipe_options"]:
+        raise ConfigError("config key 'recipe_options' does not apply to recipe: custom "
+                          "(use the optimizer and schedule keys)")
+    if cfg["communicator"] == "nccl" and not cfg["gpu"]:
+        raise ConfigError(f"config key 'communicator'={cfg['communicator']!r} needs gpu: true")
+    if cfg["communicator"] == "dummy" and cfg["world_size"] > 1:
+        raise ConfigError("config key 'communicator'='dummy' does not average gradients (it measures "
+                          f"packing only): with world size {cfg['world_size']} the replicas would diverge")
+    if cfg["kernels"] and cfg["gpu"]:
+        raise ConfigError("config keys 'kernels' and 'gpu': hpcsgd.kernels are CPU kernels; "
+                          "set kernels: false (or leave it unset) with gpu: true")
+    if not 0.0 <= cfg["label_smoothing"] < 1.0:
+        raise ConfigError(f"config key 'label_smoothing' must be in [0, 1), got {cfg['label_smoothing']!r}")
+    if cfg["dataset"] in ("imagenet_folder", "imagenet_list") and cfg["data_path"] is None:
+        raise ConfigError(f"config key 'data_path' is required for dataset {cfg['dataset']!r}")
+    if cfg["dataset"] == "synthetic":
+        for key in ("data_path", "val_path"):
+            if cfg[key] is not None:
+                raise ConfigError(f"config keys {key!r} and 'dataset': synthetic data reads no files; "
+                                  f"remove {key}")
+    if "on_bad" in cfg["dataset_options"]:
+        raise ConfigError("config key 'dataset_options.on_bad': on_bad is a top-level key (it governs the "
+                          "loader as well as the folder scan); set on_bad: skip instead")
 
 
 def describe() -> str:

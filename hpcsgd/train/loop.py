@@ -1,46 +1,53 @@
-"""The training loop of ``hpcsgd train``; it reads top to bottom.
+"""The training driver of ``hpcsgd train``: build, then step / evaluate / checkpoint, then finish.
 
     mpiexec -n 2 hpcsgd train jobs/configs/fashion_mnist.yaml --out runs/fmnist
     mpiexec -n 4 -env HPCSGD_RANKS_PER_NODE 2 hpcsgd train CONFIG.yaml --out DIR --resume auto
     srun --mpi=pmix hpcsgd train jobs/configs/akiba32k.yaml --out $SCRATCH/akiba
 
-Order of events on every rank:
-
-1. communicator (hierarchical by default) and topology; threads, kernels, device;
-2. datasets, the sharded loader, model, recipe, multi-node optimizer;
-3. resume from a checkpoint (``--resume DIR|auto``) if asked;
-4. per iteration: data wait, forward, backward (``grad_accumulation``
-   micro-batches), then the optimizer step, whose pack/allreduce/unpack the
-   communicator traces itself, then update; every ``log_interval`` the phase
-   timings are aggregated across ranks with one small Allgather;
-5. evaluation every ``eval_interval`` epochs; checkpoints every
-   ``checkpoint_interval`` iterations;
-6. at the end: final evaluation, checkpoint, ``model.npz``, ``summary.json``,
-   ``curves.png``, and the timeline if asked.
+:func:`train` is the whole story: :func:`~hpcsgd.train.build.build_run` sets
+everything up, :meth:`Run.resume` loads a checkpoint if asked, :meth:`Run.fit`
+loops over iterations (:meth:`Run.step`; every ``log_interval`` one small
+Allgather of phase timings; :meth:`Run.evaluate` every ``eval_interval``
+epochs; :meth:`Run.checkpoint` every ``checkpoint_interval`` iterations), and
+:meth:`Run.finish` writes the final evaluation, checkpoint, ``model.npz``,
+``summary.json``, ``curves.png`` and the timeline.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import random
 import time
+from dataclasses import dataclass, field
 
+import chainer
+import chainer.functions as F
 import numpy as np
 
+from hpcsgd.models import prepare_for_eval
 from hpcsgd.models.eval_stats import start_step
-from hpcsgd.trace import get_tracer
 from hpcsgd.train import checkpoint as ckpt
+from hpcsgd.train.build import build_run, make_loader
 from hpcsgd.train.evaluate import evaluate
-from hpcsgd.train.metrics import COMM_PHASES, JsonlLog, PhaseMeter, plot_curves, versions, write_json
+from hpcsgd.train.metrics import COMM_PHASES, PhaseMeter, plot_curves, versions, write_json
 from hpcsgd.train.progress import Progress
+from hpcsgd.train.skipped import SkippedFiles, gather_skipped
 
 
-def _comm_seconds(tracer) -> float:
-    return sum(tracer.phase_seconds.get(p, 0.0) for p in COMM_PHASES)
+def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None = None,
+          timeline_iters: range | None = None) -> dict:
+    """Train as configured (``cfg`` resolved by :func:`hpcsgd.train.config.resolve`); returns the summary."""
+    t_start = time.perf_counter()
+    run = build_run(cfg, out, resume=bool(resume), timeline=timeline, timeline_iters=timeline_iters)
+    try:
+        run.resume(resume)
+        run.fit()
+        return run.finish(t_start, timeline)
+    finally:
+        run.close()
 
 
-def accumulate_gradients(model, stream, accum: int, optimizer, tracer) -> float:
+def accumulate_gradients(model, stream, accum: int, optimizer, tracer,
+                         loss_fn=F.softmax_cross_entropy) -> float:
     """Forward + backward of ``accum`` micro-batches from ``stream``; returns the step's mean loss.
 
     Each micro-batch's mean loss is scaled by ``1/accum`` before backward and
@@ -50,9 +57,8 @@ def accumulate_gradients(model, stream, accum: int, optimizer, tracer) -> float:
     normalizes each micro-batch with that micro-batch's statistics, as if
     every micro-batch were its own worker (the papers' per-worker BN);
     'batch'-mode BN keeps the statistics of all micro-batches of the step.
+    Communication overlapped with backward counts as communication, not backward.
     """
-    import chainer.functions as F
-
     model.cleargrads()
     start_step(model)
     loss_value = 0.0
@@ -60,219 +66,250 @@ def accumulate_gradients(model, stream, accum: int, optimizer, tracer) -> float:
         with tracer.span("data_wait"):
             x, t = next(stream)
         with tracer.span("forward"):
-            loss = F.softmax_cross_entropy(model(x), t)
-        c0 = _comm_seconds(tracer)
-        with tracer.span("backward"), optimizer.backward_scope(last=micro == accum - 1):
+            loss = loss_fn(model(x), t)
+        with tracer.span_excluding("backward", COMM_PHASES), \
+                optimizer.backward_scope(last=micro == accum - 1):
             (loss / accum).backward()
-        tracer.phase_seconds["backward"] -= _comm_seconds(tracer) - c0  # overlapped comm is not compute
         loss_value += float(loss.array) / accum
     return loss_value
 
 
-def _eval_loader(dataset, rank: int, size: int, cfg: dict, device: int | None):
-    """This rank's validation shard (``partition='eval'``: every sample once across ranks, in order)."""
-    from hpcsgd.data import Loader
+def device_seed(seed: int, rank: int, iteration: int) -> int:
+    """Seed of the GPU's RNG for ``iteration`` on ``rank``: a function of nothing else.
 
-    return Loader(dataset, cfg["eval_batch"], rank=rank, size=size, shuffle=False,
-                  workers=cfg["loader_workers"], prefetch=cfg["prefetch"], transform="eval",
-                  drop_remainder=False, partition="eval", device=device, copy=False)
+    CuPy's generator state cannot be checkpointed, so the driver reseeds it before
+    every step: a resumed run draws exactly what the uninterrupted run drew.
+    """
+    return int(np.random.SeedSequence([int(seed), int(rank), int(iteration), 0xC0FA]).generate_state(1)[0])
 
 
-def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None = None,
-          timeline_iters: range | None = None) -> dict:
-    """Train as configured (``cfg`` already resolved by :func:`hpcsgd.train.config.resolve`)."""
-    import chainer
+@dataclass
+class Run:
+    """One rank's training run: its parts (built by :func:`~hpcsgd.train.build.build_run`) and state."""
 
-    import hpcsgd
-    from hpcsgd.data import Loader, build_dataset
-    from hpcsgd.models import build_model, prepare_for_eval
-    from hpcsgd.train.custom_recipe import make_recipe
+    cfg: dict
+    out: str
+    comm: object
+    topology: dict
+    tracer: object
+    device: int | None
+    log: object
+    train_set: object
+    val_set: object
+    loader: object
+    val_loader: object
+    model: object
+    loss_fn: object
+    recipe: object
+    optimizer: object
+    iters_per_epoch: int
+    total_iters: int
+    iteration: int = 0
+    history: list = field(default_factory=list)
+    skipped: SkippedFiles = field(default_factory=SkippedFiles)
+    device_random: object = None  # cupy.random on GPU (reseeded per step), else None
+    train_seconds: float = 0.0
+    meter: PhaseMeter = field(default_factory=PhaseMeter)
 
-    t_start = time.perf_counter()
-    # 1. Communicator, topology, threads, kernels, device --------------------------------
-    comm = hpcsgd.create_communicator(cfg["communicator"], allreduce_grad_dtype=cfg["wire_dtype"],
-                                      **cfg["communicator_options"])
-    rank, size = comm.rank, comm.size
-    if getattr(comm, "topology", None) is not None:
-        topology = comm.topology.describe()
-    else:  # a ChainerMN communicator
-        topology = {"size": size, "nodes": comm.inter_size, "ranks_per_node": comm.intra_size}
-    tracer = get_tracer()
-    tracer.rank = rank
-    if timeline:
-        tracer.enable_timeline(timeline, timeline_iters)
-    from hpcsgd.kernels.threads import set_threads
+    def __post_init__(self):
+        self.rank, self.size = self.comm.rank, self.comm.size
+        self.ckpt_dir = os.path.join(self.out, "checkpoints")
+        if self.device is not None and self.device_random is None:
+            import cupy
 
-    set_threads(cfg["threads"])
-    if cfg["kernels"] and not cfg["gpu"]:
-        import hpcsgd.kernels
+            self.device_random = cupy.random
+        self._stream, self._stream_epoch = None, -1
 
-        hpcsgd.kernels.enable(True)
-    device = None
-    if cfg["gpu"]:  # one GPU per rank; also right when the launcher shows each rank a single GPU
-        import cupy
+    def epoch(self, iteration: int | None = None) -> float:
+        return (self.iteration if iteration is None else iteration) / self.iters_per_epoch
 
-        device = comm.intra_rank % cupy.cuda.runtime.getDeviceCount()
-        cupy.cuda.Device(device).use()
-        topology["device"] = device
-    random.seed(cfg["seed"] + rank)
-    np.random.seed(cfg["seed"] + rank)
-    os.makedirs(out, exist_ok=True)
-    log = JsonlLog(os.path.join(out, f"log.rank{rank}.jsonl"), append=bool(resume))
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[hpcsgd] {text}", flush=True)
 
-    # 2. Data, model, recipe, optimizer ---------------------------------------------------
-    data_kw = dict(cfg["dataset_options"])
-    train_set = build_dataset(cfg["dataset"], cfg["data_path"], split="train", **data_kw)
-    val_set = build_dataset(cfg["dataset"], cfg["val_path"] or cfg["data_path"], split="val", **data_kw)
-    loader = Loader(train_set, cfg["batch_per_rank"], rank=rank, size=size, seed=cfg["seed"],
-                    shuffle=True, workers=cfg["loader_workers"], prefetch=cfg["prefetch"],
-                    transform="train" if cfg["augment"] else "eval", device=device,
-                    copy=False)  # zero-copy views of the shared slot: each batch is done with before the next
-    val_loader = _eval_loader(val_set, rank, size, cfg, device)
-    accum = cfg["grad_accumulation"]
-    iters_per_epoch = len(loader) // accum
-    if iters_per_epoch < 1:
-        raise ValueError(f"one epoch of {len(train_set)} samples has fewer than one step of "
-                         f"{cfg['global_batch']} images: lower global_batch")
-    total_iters = math.ceil(cfg["epochs"] * iters_per_epoch)
-    model_kw = dict(cfg["model_options"])
-    chainer.global_config.dtype = np.dtype("float32")
-    if cfg["bn_mode"] == "sync":
-        model_kw["comm"] = comm
-    model = build_model(cfg["model"], train_set.n_classes, in_channels=train_set.channels,
-                        bn_mode=cfg["bn_mode"], zero_init_residual=cfg["zero_init_residual"], **model_kw)
-    if cfg["gpu"]:
-        model.to_gpu()
-    recipe = make_recipe(cfg, model, iters_per_epoch)
-    optimizer = hpcsgd.create_multi_node_optimizer(recipe.optimizer, comm,
-                                                   double_buffering=cfg["double_buffering"],
-                                                   overlap=cfg["overlap"],
-                                                   bucket_bytes=cfg["communicator_options"].get("bucket_bytes"))
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Iterate up to ``stop_iteration`` (or the end); evaluation and checkpoints between steps."""
+        cfg, accum = self.cfg, self.cfg["grad_accumulation"]
+        stop = min(self.total_iters, cfg["stop_iteration"] or self.total_iters)
+        eval_every = max(1, round(cfg["eval_interval"] * self.iters_per_epoch)) if cfg["eval_interval"] else 0
+        self.say(f"{self.size} ranks on {self.topology.get('nodes', '?')} node(s), {cfg['model']} on "
+                 f"{cfg['dataset']}: global batch {cfg['global_batch']} = {self.size} x "
+                 f"{cfg['batch_per_rank']} x {accum}, {self.iters_per_epoch} iterations/epoch, "
+                 f"{self.total_iters} iterations")
+        self.progress = Progress(self.total_iters, initial=self.iteration, rank0=self.rank == 0,
+                                 bar=cfg["progress"], iters_per_epoch=self.iters_per_epoch)
+        self.meter = PhaseMeter()  # its clock starts with the loop, after any resume
+        t_loop, paused_total = time.perf_counter(), 0.0
+        while self.iteration < stop:
+            loss_value = self.step()
+            if self.iteration % cfg["log_interval"] == 0 or self.iteration == stop:
+                self.log_train(loss_value)
+            t_pause = time.perf_counter()
+            if eval_every and self.iteration % eval_every == 0 and self.iteration < self.total_iters:
+                self.evaluate()
+            if cfg["checkpoint_interval"] and self.iteration % cfg["checkpoint_interval"] == 0 \
+                    and self.iteration < stop:
+                self.checkpoint()
+            paused = time.perf_counter() - t_pause  # evaluation and checkpoints: not training throughput
+            self.meter.exclude(paused)
+            paused_total += paused
+        self.train_seconds = time.perf_counter() - t_loop - paused_total
+        self.progress.close()
+        if hasattr(self.optimizer, "finalize"):
+            self.optimizer.finalize()  # double buffering: no reduction left in flight
 
-    # 3. Resume --------------------------------------------------------------------------------
-    ckpt_dir = os.path.join(out, "checkpoints")
-    iteration, history = 0, []
-    source = ckpt_dir if resume == "auto" else resume
-    if source and os.path.isdir(os.path.join(source, "checkpoints")):
-        source = os.path.join(source, "checkpoints")  # --resume OTHER_OUT_DIR
-    if source:
-        state = ckpt.load_for_resume(source, comm, log=print if rank == 0 else (lambda _m: None))
-        if state is None and resume != "auto":
-            raise FileNotFoundError(f"--resume {resume}: no good checkpoint in {source}")
-        if state is not None:
-            ckpt.from_arrays("model", model, state.arrays)
-            ckpt.from_arrays("optimizer", recipe.optimizer, state.arrays)
-            iteration, history = state.iteration, state.meta.get("history", [])
-            if len(state.rank_states) == size:
-                ckpt.restore_rng(state.rank_states[rank]["rng"])
-                loader.load_state_dict(state.rank_states[rank]["loader"])
-                ckpt.restore_bn_stats(model, state.rank_states[rank]["bn"])
-            elif rank == 0:
-                print(f"[hpcsgd] checkpoint was written by {len(state.rank_states)} ranks, now {size}: "
-                      f"data order restarts within epoch {iteration // iters_per_epoch}")
-            if rank == 0:
-                print(f"[hpcsgd] resumed from {state.path} at iteration {iteration}")
-    # Replicas are identical: the optimizer wrapper broadcast rank 0's parameters at setup, and a
-    # resume loads the same bytes on every rank (each checkpoint re-verifies it with a CRC allgather).
+    def step(self) -> float:
+        """One optimizer step (``grad_accumulation`` micro-batches); returns this rank's mean loss."""
+        epoch_index = self.iteration // self.iters_per_epoch
+        if self._stream is None or self._stream_epoch != epoch_index:
+            self.loader.set_epoch(epoch_index)  # same epoch as a restored loader state: keeps its position
+            self._stream, self._stream_epoch = iter(self.loader), epoch_index
+        if self.device_random is not None:
+            self.device_random.seed(device_seed(self.cfg["seed"], self.rank, self.iteration))
+        self.tracer.start_iteration(self.iteration)
+        self.recipe.on_iteration(self.epoch())
+        loss_value = accumulate_gradients(self.model, self._stream, self.cfg["grad_accumulation"],
+                                          self.optimizer, self.tracer, self.loss_fn)
+        self.optimizer.update()  # traces pack/allreduce/unpack (communicator) and update (optimizer)
+        self.iteration += 1
+        images = self.cfg["batch_per_rank"] * self.cfg["grad_accumulation"]
+        self.meter.add(self.tracer.pop_phases(), loss_value, images)
+        return loss_value
 
-    def save(it: int) -> None:
-        with tracer.span("checkpoint", iteration=it):
-            arrays = {**ckpt.to_arrays("model", model), **ckpt.to_arrays("optimizer", recipe.optimizer)}
-            meta = {"iteration": it, "epoch": it / iters_per_epoch, "config": cfg, "world_size": size,
-                    "history": history}
-            ckpt.save_checkpoint(ckpt_dir, {"iteration": it, "arrays": arrays, "meta": meta, "model": model,
-                                            "rank_state": {"rng": ckpt.capture_rng(),
-                                                           "loader": loader.state_dict(),
-                                                           "bn": ckpt.rank_local_bn_stats(model)}},
-                                 comm, keep=cfg["keep_checkpoints"])
-        log.write("checkpoint", iteration=it)
+    def log_train(self, loss_value: float) -> None:
+        """Aggregate the interval's timings and loss across ranks (collective); log and show them."""
+        rec = self.meter.aggregate(self.comm)
+        lr = self.recipe.hyperparams(self.epoch()).get("lr")
+        rec.update(kind="train", iteration=self.iteration, epoch=self.epoch(), lr=lr,
+                   skipped_steps=int(getattr(self.optimizer, "skipped_steps", 0)))
+        self.history.append({k: rec[k] for k in ("kind", "iteration", "epoch", "loss", "lr", "images_per_s")})
+        self.log.write("train", local_loss=loss_value, **{k: v for k, v in rec.items() if k != "kind"})
+        self.log_skipped()
+        self.progress.update(self.iteration, rec["loss"], rec["images_per_s"], lr)
 
-    def run_eval(it: int) -> dict:
+    def log_skipped(self) -> None:
+        """Name in this rank's log the files skipped (``on_bad: skip``) since the last record."""
+        self.skipped.update("train", self.loader.skipped_files)
+        self.skipped.update("val", self.val_loader.skipped_files)
+        for role, names in self.skipped.new_since_logged().items():
+            self.log.write("skipped", role=role, iteration=self.iteration, files=names)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Top-1/top-5/loss on the whole validation set (collective); BN statistics made ready first."""
         recompute = None
-        if cfg["bn_mode"] == "recompute":
-            recompute = Loader(train_set, cfg["batch_per_rank"], rank=rank, size=size, seed=cfg["seed"] + 1,
-                               workers=0, transform="eval")
-        prepare_for_eval(model, comm, batches=recompute)
-        result = evaluate(model, val_loader, comm, n_total=len(val_set))
-        rec = {"kind": "eval", "iteration": it, "epoch": it / iters_per_epoch, **result}
-        history.append(rec)
-        log.write("eval", **{k: v for k, v in rec.items() if k != "kind"})
-        progress.write(f"[hpcsgd] iteration {it} epoch {rec['epoch']:.2f}: "
-                       f"val top-1 {100 * rec['top1']:.2f}% "
-                       f"top-5 {100 * rec['top5']:.2f}% loss {rec['loss']:.4f} ({rec['samples']} images)")
+        if self.cfg["bn_mode"] == "recompute":
+            recompute = make_loader(self.cfg, self.train_set, self.comm, self.device, "recompute")
+        try:
+            prepare_for_eval(self.model, self.comm, batches=recompute)
+        finally:
+            if recompute is not None:
+                self.skipped.add("bn_recompute", recompute.skipped_files)
+                recompute.close()
+        result = evaluate(self.model, self.val_loader, self.comm, n_total=len(self.val_set))
+        rec = {"kind": "eval", "iteration": self.iteration, "epoch": self.epoch(), **result}
+        self.history.append(rec)
+        self.log.write("eval", **{k: v for k, v in rec.items() if k != "kind"})
+        self.log_skipped()
+        self.progress.write(f"[hpcsgd] iteration {self.iteration} epoch {rec['epoch']:.2f}: "
+                            f"val top-1 {100 * rec['top1']:.2f}% top-5 {100 * rec['top5']:.2f}% "
+                            f"loss {rec['loss']:.4f} ({rec['samples']} images)")
         return rec
 
-    # 4-5. Iterations ------------------------------------------------------------------------------
-    stop = min(total_iters, cfg["stop_iteration"] or total_iters)
-    eval_every = max(1, round(cfg["eval_interval"] * iters_per_epoch)) if cfg["eval_interval"] else 0
-    if rank == 0:
-        print(f"[hpcsgd] {size} ranks on {topology.get('nodes', '?')} node(s), {cfg['model']} on "
-              f"{cfg['dataset']}: global batch {cfg['global_batch']} = {size} x {cfg['batch_per_rank']}"
-              f" x {accum}, {iters_per_epoch} iterations/epoch, {total_iters} iterations", flush=True)
-    progress = Progress(total_iters, initial=iteration, rank0=rank == 0, bar=cfg["progress"],
-                        iters_per_epoch=iters_per_epoch)
-    meter = PhaseMeter()
-    stream, stream_epoch = None, -1
-    t_loop, paused_total = time.perf_counter(), 0.0
-    while iteration < stop:
-        epoch_index = iteration // iters_per_epoch
-        if stream is None or stream_epoch != epoch_index:
-            loader.set_epoch(epoch_index)  # same epoch as a restored loader state: keeps its position
-            stream, stream_epoch = iter(loader), epoch_index
-        tracer.start_iteration(iteration)
-        recipe.on_iteration(iteration / iters_per_epoch)
-        loss_value = accumulate_gradients(model, stream, accum, optimizer, tracer)
-        optimizer.update()  # traces pack/allreduce/unpack (communicator) and update (optimizer)
-        iteration += 1
-        meter.add(tracer.pop_phases(), loss_value, cfg["batch_per_rank"] * accum)
-        if iteration % cfg["log_interval"] == 0 or iteration == stop:
-            rec = meter.aggregate(comm)
-            lr = recipe.hyperparams(iteration / iters_per_epoch).get("lr")
-            rec.update(kind="train", iteration=iteration, epoch=iteration / iters_per_epoch, lr=lr,
-                       skipped_steps=int(getattr(optimizer, "skipped_steps", 0)))
-            history.append({k: rec[k] for k in ("kind", "iteration", "epoch", "loss", "lr", "images_per_s")})
-            log.write("train", local_loss=loss_value, **{k: v for k, v in rec.items() if k != "kind"})
-            progress.update(iteration, rec["loss"], rec["images_per_s"], lr)
-        t_pause = time.perf_counter()
-        if eval_every and iteration % eval_every == 0 and iteration < total_iters:
-            run_eval(iteration)
-        if cfg["checkpoint_interval"] and iteration % cfg["checkpoint_interval"] == 0 and iteration < stop:
-            save(iteration)
-        paused = time.perf_counter() - t_pause  # evaluation and checkpoints: not training throughput
-        meter.exclude(paused)
-        paused_total += paused
-    train_seconds = time.perf_counter() - t_loop - paused_total
-    progress.close()
-    if hasattr(optimizer, "finalize"):
-        optimizer.finalize()  # double buffering: no reduction left in flight
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Save a checkpoint of this iteration (collective; verifies the replicas agree)."""
+        it = self.iteration
+        with self.tracer.span("checkpoint", iteration=it):
+            arrays = {**ckpt.to_arrays("model", self.model),
+                      **ckpt.to_arrays("optimizer", self.recipe.optimizer)}
+            meta = {"iteration": it, "epoch": self.epoch(), "config": self.cfg, "world_size": self.size,
+                    "history": self.history}
+            self.skipped.update("val", self.val_loader.skipped_files)
+            rank_state = {"rng": ckpt.capture_rng(), "loader": self.loader.state_dict(),
+                          "bn": ckpt.rank_local_bn_stats(self.model), "skipped": self.skipped.state_dict()}
+            ckpt.save_checkpoint(self.ckpt_dir, {"iteration": it, "arrays": arrays, "meta": meta,
+                                                 "model": self.model, "rank_state": rank_state},
+                                 self.comm, keep=self.cfg["keep_checkpoints"])
+        self.log.write("checkpoint", iteration=it)
 
-    # 6. The end: evaluation, checkpoint, model, summary, curves, timeline ------------------------
-    completed = iteration >= total_iters
-    final = run_eval(iteration) if completed else None
-    save(iteration)
-    if rank == 0:
-        chainer.serializers.save_npz(os.path.join(out, "model.npz"), model)
-    phases = meter.run_means_across(comm)
-    done_iters = meter.total_iters
-    summary = {
-        "completed": completed, "iterations": iteration, "total_iterations": total_iters,
-        "epochs": iteration / iters_per_epoch, "iterations_this_run": done_iters,
-        "top1": final["top1"] if final else None, "top5": final["top5"] if final else None,
-        "images_per_s": done_iters * cfg["global_batch"] / train_seconds if train_seconds > 0 else 0.0,
-        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t_start,
-        "phase_mean_s": phases["mean"], "phase_max_s": phases["max"],
-        "skipped_steps": int(getattr(optimizer, "skipped_steps", 0)),
-        "config": cfg, "topology": topology, "versions": versions(), "loadavg": os.getloadavg(),
-        "history": history,
-    }
-    if timeline:
-        tracer.write(timeline, comm=comm.mpi_comm)
-    if rank == 0:
-        write_json(os.path.join(out, "summary.json"), summary)
-        plot_curves(history, os.path.join(out, "curves.png"), title=f"{cfg['model']} on {cfg['dataset']}")
-    log.write("end", **{k: summary[k] for k in ("iterations", "top1", "top5", "images_per_s",
-                                                "wall_seconds")})
-    log.close()
-    loader.close()
-    val_loader.close()
-    return summary
+    def resume(self, resume: str | None) -> None:
+        """Load the newest good checkpoint of ``resume`` (a directory, or ``auto``: our own) if any.
+
+        Replicas stay identical: the optimizer wrapper broadcast rank 0's parameters at setup,
+        and a resume loads the same bytes on every rank.
+        """
+        source = self.ckpt_dir if resume == "auto" else resume
+        if source and os.path.isdir(os.path.join(source, "checkpoints")):
+            source = os.path.join(source, "checkpoints")  # --resume OTHER_OUT_DIR
+        if not source:
+            return
+        state = ckpt.load_for_resume(source, self.comm, log=print if self.rank == 0 else (lambda _m: None))
+        if state is None:
+            if resume != "auto":
+                raise FileNotFoundError(f"--resume {resume}: no good checkpoint in {source}")
+            return
+        ckpt.from_arrays("model", self.model, state.arrays)
+        ckpt.from_arrays("optimizer", self.recipe.optimizer, state.arrays)
+        self.iteration, self.history = state.iteration, state.meta.get("history", [])
+        if len(state.rank_states) == self.size:
+            mine = state.rank_states[self.rank]
+            ckpt.restore_rng(mine["rng"])
+            self.loader.load_state_dict(mine["loader"])
+            ckpt.restore_bn_stats(self.model, mine["bn"])
+            self.skipped.load_state_dict(mine.get("skipped", {}))
+            self.skipped.update("train", self.loader.skipped_files)
+            self.skipped.mark_logged()  # named in the log before the interruption
+        else:
+            self.say(f"checkpoint was written by {len(state.rank_states)} ranks, now {self.size}: data "
+                     f"order restarts within epoch {self.iteration // self.iters_per_epoch}; files "
+                     "skipped before are not carried over")
+        self.say(f"resumed from {state.path} at iteration {self.iteration}")
+
+    # -- the end ---------------------------------------------------------------------------------
+    def finish(self, t_start: float, timeline: str | None = None) -> dict:
+        """Final evaluation (if the run completed), checkpoint, model, summary, curves, timeline."""
+        completed = self.iteration >= self.total_iters
+        final = self.evaluate() if completed else None
+        self.checkpoint()
+        if self.rank == 0:
+            chainer.serializers.save_npz(os.path.join(self.out, "model.npz"), self.model)
+        summary = self.summary(completed, final, t_start)
+        if timeline:
+            self.tracer.write(timeline, comm=self.comm.mpi_comm)
+        if self.rank == 0:
+            write_json(os.path.join(self.out, "summary.json"), summary)
+            plot_curves(self.history, os.path.join(self.out, "curves.png"),
+                        title=f"{self.cfg['model']} on {self.cfg['dataset']}")
+            skipped = summary["skipped_files"]
+            if skipped["count"]:
+                self.say(f"skipped {skipped['count']} bad samples in {len(skipped['files'])} files "
+                         f"(on_bad: skip), e.g. {', '.join(skipped['files'][:3])}; all in summary.json")
+        ended = {k: summary[k] for k in ("iterations", "top1", "top5", "images_per_s", "wall_seconds")}
+        self.log.write("end", **ended, skipped_files=summary["skipped_files"]["count"])
+        return summary
+
+    def summary(self, completed: bool, final: dict | None, t_start: float) -> dict:
+        """summary.json's content (collective: phase means and skipped files come from all ranks)."""
+        cfg, done_iters = self.cfg, self.meter.total_iters
+        phases = self.meter.run_means_across(self.comm)
+        self.log_skipped()
+        return {
+            "completed": completed, "iterations": self.iteration, "total_iterations": self.total_iters,
+            "epochs": self.epoch(), "iterations_this_run": done_iters,
+            "top1": final["top1"] if final else None, "top5": final["top5"] if final else None,
+            "images_per_s": (done_iters * cfg["global_batch"] / self.train_seconds
+                             if self.train_seconds > 0 else 0.0),
+            "train_seconds": self.train_seconds, "wall_seconds": time.perf_counter() - t_start,
+            "phase_mean_s": phases["mean"], "phase_max_s": phases["max"],
+            "skipped_steps": int(getattr(self.optimizer, "skipped_steps", 0)),
+            "skipped_files": gather_skipped(self.comm, self.skipped),
+            "config": cfg, "topology": self.topology, "versions": versions(), "loadavg": os.getloadavg(),
+            "history": self.history,
+        }
+
+    def close(self) -> None:
+        self.log.close()
+        self.loader.close()
+        self.val_loader.close()

@@ -19,6 +19,7 @@ import math
 import yaml
 
 from hpcsgd.errors import ConfigError
+from hpcsgd.schedules.recipes import build_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,8 +90,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from hpcsgd.optim.recipes import build_recipe
-
     ipe = args.iters_per_epoch or int(math.ceil(1281167 / args.global_batch))
     try:
         recipe = build_recipe(args.recipe, None, args.global_batch, args.epochs, ipe, **_overrides(args.set))

@@ -38,12 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hpcsgd import schedules as S
 from hpcsgd.errors import ConfigError
-from hpcsgd.optim.lars import LARS
-from hpcsgd.optim.momentum import CorrectedMomentumSGD
-from hpcsgd.optim.rmsprop_warmup import RMSpropWarmup, alpha_rmsprop
-from hpcsgd.optim.weight_decay import apply_weight_decay, is_bn_or_bias
+from hpcsgd.schedules import lr as S
 
 RECIPES = ("goyal", "akiba", "lars", "sgd")
 REFERENCE_EPOCHS = 90.0
@@ -120,7 +116,15 @@ def _decay(st: dict, epochs: float) -> Callable[[float], float]:
 
 
 def _build(name: str, st: dict, epochs: float):
-    """(optimizer, schedule(epoch) -> dict) for recipe ``name`` with settings ``st``."""
+    """(optimizer, schedule(epoch) -> dict) for recipe ``name`` with settings ``st``.
+
+    The optimizers are imported here, not at module level: hpcsgd.optim re-exports
+    :func:`build_recipe`, so a module-level import would be circular.
+    """
+    from hpcsgd.optim.lars import LARS
+    from hpcsgd.optim.momentum import CorrectedMomentumSGD
+    from hpcsgd.optim.rmsprop_warmup import RMSpropWarmup, alpha_rmsprop
+
     if name == "goyal":
         opt = CorrectedMomentumSGD(st["lr"], st["momentum"], st["nesterov"], st["momentum_correction"])
         decay = _decay(st, epochs)
@@ -171,6 +175,8 @@ def build_recipe(name: str, model, global_batch: int, epochs: float, iters_per_e
     recipe = Recipe(name, opt, global_batch, epochs, iters_per_epoch, st, schedule)
     recipe.on_iteration(0.0)
     if model is not None:
+        from hpcsgd.optim.weight_decay import apply_weight_decay, is_bn_or_bias
+
         opt.setup(model)
         if name != "lars":
             apply_weight_decay(opt, st["weight_decay"], is_bn_or_bias if st["exclude_bn_bias"] else None)

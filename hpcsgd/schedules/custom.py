@@ -10,7 +10,7 @@ schedule drives Adam's ``alpha``), ``lars`` (hpcsgd's LARS). ``weight_decay``
 (default 1e-4) skips BN parameters and biases unless ``exclude_bn_bias: false``
 (LARS applies its own decay inside the trust ratio).
 
-Schedules (``hpcsgd.schedules``, fractional epoch, absolute epochs): ``constant``,
+Schedules (:mod:`hpcsgd.schedules.lr`, fractional epoch, absolute epochs): ``constant``,
 ``step`` (``milestones``, ``gamma``), ``cosine`` and ``poly`` (``power``,
 ``end_lr``), each with an optional linear warm-up (``warmup_epochs`` from
 ``warmup_start``). ``lr`` defaults to Goyal's linear scaling, 0.1 x global batch / 256.
@@ -18,8 +18,9 @@ Schedules (``hpcsgd.schedules``, fractional epoch, absolute epochs): ``constant`
 
 from __future__ import annotations
 
-from hpcsgd import schedules as S
 from hpcsgd.errors import ConfigError
+from hpcsgd.schedules import lr as S
+from hpcsgd.schedules.recipes import Recipe
 
 OPTIMIZERS = ("momentum_sgd", "sgd", "rmsprop", "adam", "lars")
 SCHEDULES = ("constant", "step", "cosine", "poly")
@@ -71,8 +72,7 @@ def _schedule(spec: dict, global_batch: int, epochs: float):
 
 def build_custom_recipe(model, optimizer: dict, schedule: dict, global_batch: int, epochs: float,
                         iters_per_epoch: int):
-    """A :class:`hpcsgd.optim.recipes.Recipe` from the ``optimizer`` and ``schedule`` config keys."""
-    from hpcsgd.optim.recipes import Recipe
+    """A :class:`~hpcsgd.schedules.recipes.Recipe` from the ``optimizer`` and ``schedule`` config keys."""
     from hpcsgd.optim.weight_decay import apply_weight_decay, is_bn_or_bias
 
     name, opt = _optimizer(optimizer)
@@ -87,16 +87,3 @@ def build_custom_recipe(model, optimizer: dict, schedule: dict, global_batch: in
         if name != "lars" and rate:
             apply_weight_decay(opt, rate, is_bn_or_bias if optimizer.get("exclude_bn_bias", True) else None)
     return recipe
-
-
-def make_recipe(cfg: dict, model, iters_per_epoch: int):
-    """The configured recipe: a named one (hpcsgd.optim.build_recipe) or ``custom``."""
-    if cfg["recipe"] == "custom":
-        from hpcsgd.train.custom_recipe import build_custom_recipe
-
-        return build_custom_recipe(model, cfg["optimizer"], cfg["schedule"], cfg["global_batch"],
-                                   cfg["epochs"], iters_per_epoch)
-    from hpcsgd.optim import build_recipe
-
-    return build_recipe(cfg["recipe"], model, cfg["global_batch"], cfg["epochs"], iters_per_epoch,
-                        **cfg["recipe_options"])
