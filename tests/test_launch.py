@@ -178,6 +178,34 @@ def test_config_error_exits_2_without_restart(tmp_path):
     assert ev[-1]["kind"] == "config" and "not restarting: config or data error (exit 2)" in text, text
 
 
+def test_data_error_exits_2_without_restart(tmp_path):
+    """A truncated JPEG met during training: the rank aborts with 2 (DataError), never restarted."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
+    bad = tmp_path / "data" / "train" / "dog" / "2.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"dataset: imagenet_folder\ndata_path: {tmp_path / 'data'}\n"
+                   f"val_path: {tmp_path / 'data'}\ndataset_options: {{size: 16}}\n"
+                   "model: resnet_small\nmodel_options: {depth: 8, width: 4}\nbatch_per_rank: 2\n"
+                   "recipe: sgd\nepochs: 1.0\nloader_workers: 0\neval_interval: 0\nprogress: false\n"
+                   "kernels: false\n")
+    out = tmp_path / "out"
+    rc, text = launch(["-n", 2, "--max-restarts", 3, "--backoff", 0, "--", "train", cfg, "--out", out], 120)
+    assert rc == 2, text[-4000:]
+    assert "DataError" in text and "2.JPEG" in text, text[-4000:]
+    ev = events(out)
+    assert [e["event"] for e in ev] == ["start", "end", "finish"], ev
+    assert ev[-1]["kind"] == "config", ev[-1]
+
+
 def test_restart_budget_exhausted_names_the_cause(tmp_path):
     # Every attempt's ranks kill themselves: 1 + 2 attempts, then the launcher gives up.
     entry = f"{sys.executable} -c 'import os, signal; os.kill(os.getpid(), signal.SIGKILL)'"
