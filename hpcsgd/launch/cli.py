@@ -171,7 +171,10 @@ def supervise(args, train_args: list[str], out: str, launcher: str, log: EventLo
     def on_signal(signum, frame):
         if current:
             current[0].interrupt(signum)
-        else:
+        else:  # between attempts (backoff): nothing to forward
+            name = signal.Signals(signum).name
+            log("finish", f"the launcher received {name} between attempts; not restarting",
+                interrupted=name)
             raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
