@@ -18,7 +18,7 @@ run_job() {
   if [ -n "${IMAGENET:-}" ]; then
     data=(--set "data_path=$IMAGENET/train" --set "val_path=$IMAGENET/val")
   fi
-  local cmd=(hpcsgd launch -n "$ranks" --launcher "$launcher" --launcher-args "${largs[*]}"
+  local cmd=(hpcsgd launch -n "$ranks" --launcher "$launcher" --launcher-args="${largs[*]}"
              --max-restarts "${MAX_RESTARTS:-3}" --finalize-grace "${FINALIZE_GRACE:-60}"
              -- train "$config" "${data[@]}" --out "$out" --resume auto "$@")
   echo "[$name] $nodes nodes x $rpn ranks/node = $ranks ranks"

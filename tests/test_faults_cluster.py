@@ -213,7 +213,7 @@ def test_link_lost_after_last_collective_is_ended_by_the_launcher(two_hosts, tmp
     hosts = mpiexec_args[mpiexec_args.index("-hosts") + 1]
     rest = [a for i, a in enumerate(mpiexec_args) if a != "-hosts" and mpiexec_args[i - 1] != "-hosts"]
     cmd = [sys.executable, "-m", "hpcsgd", "launch", "-n", "4", "--hosts", hosts,
-           "--launcher-args", " ".join(rest), "--max-restarts", "0", "--finalize-grace", str(GRACE),
+           f"--launcher-args={' '.join(rest)}", "--max-restarts", "0", "--finalize-grace", str(GRACE),
            "--entry", f"{sys.executable} tests/cluster/train_then_wait.py",
            "--", "train", str(cfg), "--out", str(out)]
     env = job_env({**two_hosts.env(), "HPCSGD_COLLECTIVE_TIMEOUT": TIMEOUT, "OMP_NUM_THREADS": 1,

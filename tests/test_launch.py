@@ -306,6 +306,8 @@ def test_restart_arguments_and_commands(tmp_path, monkeypatch):
         build_command(ns, ["c.yaml"], "srun")
     ns.hosts = None
     assert build_command(ns, ["c.yaml"], "srun")[:5] == ["srun", "-n", "4", "-ppn", "2"]
+    ns = p.parse_args(["-n", "2", "--launcher-args=--mpi=pmix", "--", "train", "c.yaml"])  # one option
+    assert build_command(ns, ["c.yaml"], "srun")[:4] == ["srun", "-n", "2", "--mpi=pmix"]
 
 
 @pytest.mark.parametrize("job, message", [

@@ -2,7 +2,7 @@
 
     hpcsgd launch -n 4 --max-restarts 3 -- train CONFIG.yaml --out runs/x
     hpcsgd launch -n 16 --hosts node1:8,node2:8 -- train CONFIG.yaml --out /shared/runs/x
-    hpcsgd launch -n 1024 --launcher srun --launcher-args "--mpi=pmix" -- train akiba32k.yaml --out $SCRATCH/a
+    hpcsgd launch -n 1024 --launcher srun --launcher-args=--mpi=pmix -- train akiba32k.yaml --out $SCRATCH/a
 
 An attempt that ends abnormally (a killed rank, a hang caught by the watchdog,
 a lost host; see :mod:`hpcsgd.launch.causes`) is relaunched with ``--resume
@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: srun inside a Slurm job ($SLURM_JOB_ID) when srun exists, else mpiexec")
     p.add_argument("--hosts", default=None, help="mpiexec -hosts list, e.g. node1:8,node2:8")
     p.add_argument("--launcher-args", default="", metavar="'ARGS'",
-                   help="more launcher options, one shell-quoted string (e.g. '-ppn 8', '--mpi=pmix')")
+                   help="more launcher options, one shell-quoted string: --launcher-args='-ppn 8' "
+                        "(write it with '=': a lone option would be read as a launch option)")
     p.add_argument("--entry", default=None, metavar="'CMD'",
                    help="program each rank runs with 'train ARGS' (default: this Python's -m hpcsgd), "
                         "e.g. a container wrapper")
@@ -120,7 +121,7 @@ def build_command(args, train_args: list[str], launcher: str) -> list[str]:
     if launcher == "srun":
         if args.hosts:
             raise ConfigError("--hosts is for mpiexec; under srun the allocation decides "
-                              "(or pass --launcher-args '--nodelist=...')")
+                              "(or pass --launcher-args='--nodelist=...')")
         return ["srun", "-n", str(args.ranks), *extra, *entry, "train", *train_args]
     hosts = ["-hosts", args.hosts] if args.hosts else []
     return [mpiexec_path(), "-n", str(args.ranks), *hosts, *extra, *entry, "train", *train_args]
