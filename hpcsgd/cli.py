@@ -17,6 +17,7 @@ import sys
 
 SUBCOMMANDS = {
     "train": ("hpcsgd.train.cli", "train a model data-parallel under mpiexec"),
+    "launch": ("hpcsgd.launch.cli", "run `train` under mpiexec/srun, restarting it after a fault"),
     "schedule": ("hpcsgd.schedules.cli", "print or plot a learning-rate recipe"),
     "predict": ("hpcsgd.perfmodel.cli", "predict time-to-train on a cluster"),
 }

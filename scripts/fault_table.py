@@ -32,6 +32,8 @@ EXPECTED = {
     "f4_checkpoint_truncated": (4.1, "Checkpoint is truncated"),
     "f5_disk_full": (5, "Disk fills during a checkpoint write"),
     "f6_fp16_overflow": (6, "float16 overflow in the gradients"),
+    "f8_launch_restart": (8, "A rank is SIGKILLed under `hpcsgd launch`"),
+    "f9_finalize_link_lost": (9, "A host's link dies after the last collective (in MPI_Finalize)"),
 }
 
 

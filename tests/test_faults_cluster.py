@@ -1,4 +1,4 @@
-"""Fault 3 of issue 6: the link of one emulated host is cut mid-run (needs root).
+"""Faults on 2 emulated hosts (needs root): a host's link cut mid-run, and after the last collective.
 
 ``hpcsgd train`` runs on 2 emulated hosts x 2 ranks with a checkpoint every 3
 iterations. Once the first checkpoint exists, host 1's link goes down (both ends
@@ -9,10 +9,18 @@ must equal those of an uninterrupted run.
 
 A second, MPI-only test (no training) checks the watchdog's message for a cut
 link: every rank arrived, the collective is stuck in the network.
+
+A third cuts the link after every rank has written its results and marked done,
+before MPI_Finalize: MPICH then hangs in finalize (mpiexec waits for the proxy
+on the unreachable host), and ``hpcsgd launch`` must end the job within its
+``--finalize-grace`` and exit 0.
 """
 
 import glob
+import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -185,3 +193,81 @@ def test_link_cut_watchdog_message(two_hosts, tmp_path):
     assert "stuck in the network" in out, out[-3000:]
     assert res.ended - cut_at[0] < 4 + 8, res.ended - cut_at[0]
     assert os.path.exists(f"/var/run/netns/{two_hosts.hosts[1].name}")
+
+
+LINGER = 3.0  # seconds the ranks wait between marking done and MPI_Finalize (the cut lands in it)
+GRACE = 5.0  # hpcsgd launch --finalize-grace
+
+
+def test_link_lost_after_last_collective_is_ended_by_the_launcher(two_hosts, tmp_path, request):
+    pytest.importorskip("hpcsgd.train.loop")
+    from cluster.launch import ROOT, job_env
+
+    from hpcsgd.launch.attempt import KILL_AFTER
+    from hpcsgd.launch.markers import done_dir
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG.replace("epochs: 4.0", "epochs: 1.0"))
+    out = tmp_path / "run"
+    mpiexec_args = two_hosts.mpiexec_args(ranks_per_host=2)
+    hosts = mpiexec_args[mpiexec_args.index("-hosts") + 1]
+    rest = [a for i, a in enumerate(mpiexec_args) if a != "-hosts" and mpiexec_args[i - 1] != "-hosts"]
+    cmd = [sys.executable, "-m", "hpcsgd", "launch", "-n", "4", "--hosts", hosts,
+           f"--launcher-args={' '.join(rest)}", "--max-restarts", "0", "--finalize-grace", str(GRACE),
+           "--entry", f"{sys.executable} tests/cluster/train_then_wait.py",
+           "--", "train", str(cfg), "--out", str(out)]
+    env = job_env({**two_hosts.env(), "HPCSGD_COLLECTIVE_TIMEOUT": TIMEOUT, "OMP_NUM_THREADS": 1,
+                   "HPCSGD_TEST_LINGER": LINGER})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=str(ROOT), start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    cut_at: list[float] = []
+    try:
+        deadline = time.time() + 150
+        def n_done() -> int:
+            return len(glob.glob(f"{done_dir(out)}/rank*.json"))
+
+        while time.time() < deadline and proc.poll() is None and n_done() < 4:
+            time.sleep(0.02)
+        if proc.poll() is None and n_done() == 4:
+            cut_at.append(time.time())
+            two_hosts.cut_link(1)
+        try:
+            rc = proc.wait(timeout=LINGER + GRACE + KILL_AFTER + 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+        ended = time.time()
+    finally:
+        two_hosts.restore_link(1)
+        from cluster.netns import kill_namespace_processes
+
+        kill_namespace_processes(two_hosts.hosts[1].name)  # ranks stranded behind the cut link
+    reader.join(timeout=5)
+    text = "".join(lines)
+    assert cut_at, f"the ranks never all marked done:\n{text[-4000:]}"
+    assert rc == 0, f"launcher exit {rc}:\n{text[-4000:]}"
+    events = [json.loads(line) for line in (out / "launch" / "events.jsonl").read_text().splitlines()]
+    finish = events[-1]
+    assert finish["event"] == "finish" and finish["kind"] == "finalize-hang", events
+    assert finish["restarts"] == 0, events
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] and summary["iterations"] == summary["total_iterations"] == 12, summary
+    assert _final_params(out).iteration == 12
+    detect = ended - cut_at[0]
+    bound = LINGER + GRACE + KILL_AFTER + 5
+    assert detect < bound, f"launcher ended {detect:.1f} s after the cut (bound {bound} s)"
+    record("f9_finalize_link_lost", order=9, fault="A host's link dies after the last collective "
+           "(in MPI_Finalize)",
+           injected=f"`ip link set down` on host 1 once all 4 ranks (2 emulated hosts x 2) wrote their "
+                    f"results and completion markers, {LINGER:g} s before they call MPI_Finalize "
+                    f"(hpcsgd launch --finalize-grace {GRACE:g})",
+           outcome="MPI_Finalize / mpiexec hang (the proxy on the cut host is unreachable); hpcsgd launch "
+                   "ends the job's process group after the grace period and exits 0 (results complete); "
+                   "summary.json and the final checkpoint intact",
+           detect_s=detect, bound_s=bound, data_lost="none (every rank had finished)",
+           test=request.node.nodeid,
+           evidence="\n".join(e["message"] for e in events[-3:]))

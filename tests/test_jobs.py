@@ -100,8 +100,10 @@ def test_job_scripts_print_plan_and_command():
         ranks = nodes * rpn
         assert f"{ranks} ranks x {per_rank} x 1 = {glob}" in out, out
         assert f"{ranks} ranks on {nodes} node(s)" in out, out
-        launch = "srun --mpi=pmix" if kind == "slurm" else f"mpiexec -n {ranks} -ppn {rpn}"
-        assert re.search(rf"running: {re.escape(launch)}.* hpcsgd train jobs/configs/{name}.yaml", out), out
+        launcher = ("srun --launcher-args=--mpi=pmix" if kind == "slurm"
+                    else f"mpiexec --launcher-args=-ppn {rpn}")
+        assert re.search(rf"running: hpcsgd launch -n {ranks} --launcher {re.escape(launcher)}.* "
+                         rf"--max-restarts 3 .*-- train jobs/configs/{name}.yaml .*--resume auto", out), out
         assert "DRY_RUN=1: not launching" in out
 
 

@@ -21,7 +21,7 @@ import traceback
 # Nothing here may import NumPy: OPENBLAS_CORETYPE is chosen before it loads (hpcsgd.blas).
 # Training and planning modules are imported once the config is known to be good.
 from hpcsgd.blas import launcher_rank, select_coretype
-from hpcsgd.errors import ConfigError
+from hpcsgd.errors import ConfigError, DataError
 from hpcsgd.trace import parse_iter_range
 from hpcsgd.train import config as C
 
@@ -123,14 +123,18 @@ def _run_or_abort(cfg: dict, args, timeline_iters: range, rank: int, size: int) 
         hpcsgd.watchdog.uninstall()
     except Exception as e:
         sys.stdout.flush()
+        code = 2 if isinstance(e, (ConfigError, DataError)) else 1  # 2: hpcsgd launch never restarts it
         if size > 1:  # print this rank's traceback, then MPI_Abort: no rank is left waiting
             from hpcsgd.abort import abort_job
 
             abort_job(f"training failed ({type(e).__name__}: {e}); aborting the MPI job",
-                      (type(e), e, e.__traceback__))
+                      (type(e), e, e.__traceback__), code=code)
         text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         sys.stderr.write(f"hpcsgd train: training failed:\n{text}")
-        return 1
+        return code
+    from hpcsgd.launch.markers import mark_done
+
+    mark_done(args.out, summary["iterations"])  # results written, last collective done: MPI_Finalize next
     if rank == 0:
         if summary["top1"] is not None:
             print(f"final test accuracy: top-1 {100 * summary['top1']:.2f}%  "
