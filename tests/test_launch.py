@@ -141,6 +141,9 @@ def test_killed_rank_is_restarted_and_ends_bitwise_equal(tmp_path, request):
     assert len(starts) == 2 and starts[1]["cmd"][-2:] == ["--resume", "auto"], starts
     assert ev[-1]["event"] == "finish" and ev[-1]["kind"] == "ok" and ev[-1]["restarts"] == 1, ev[-1]
     assert "resumed from" in text, text[-3000:]
+    dead = [e for e in ev if e["event"] == "note" and "ended abnormally" in e["message"]]
+    assert len(dead) == 1 and dead[0]["attempt"] == 1, ev  # the killed job's watchdog board, explained
+    assert not list((out / "watchdog").glob("hpcsgd-watchdog-*")), "the dead job's board was not cleared"
 
     final = final_checkpoint(out)
     assert final.iteration == reference.iteration
@@ -193,7 +196,7 @@ def test_data_error_exits_2_without_restart(tmp_path):
     bad.write_bytes(bad.read_bytes()[:200])
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"dataset: imagenet_folder\ndata_path: {tmp_path / 'data'}\n"
-                   f"val_path: {tmp_path / 'data'}\ndataset_options: {{size: 16}}\n"
+                   f"val_path: {tmp_path / 'data'}\n"
                    "model: resnet_small\nmodel_options: {depth: 8, width: 4}\nbatch_per_rank: 2\n"
                    "recipe: sgd\nepochs: 1.0\nloader_workers: 0\neval_interval: 0\nprogress: false\n"
                    "kernels: false\n")

@@ -204,6 +204,8 @@ def supervise(args, train_args: list[str], out: str, launcher: str, log: EventLo
                     f"job); not restarting", interrupted=name, **fields)
                 return 128 + res.interrupted
             log("end", f"attempt {attempt_no} ended: {outcome.cause}", **fields)
+            if not outcome.success:
+                _log_postmortem(out, log, attempt_no)
             if outcome.success:
                 log("finish", f"done after {attempt_no} attempt(s) ({restarts} restart(s)): {outcome.kind}",
                     attempts=attempt_no, restarts=restarts, kind=outcome.kind, cause=outcome.cause)
@@ -227,3 +229,15 @@ def supervise(args, train_args: list[str], out: str, launcher: str, log: EventLo
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _log_postmortem(out: str, log, attempt_no: int) -> None:
+    """Log the last state of every rank of a job that died (its watchdog board), then clear it.
+
+    A killed job cannot clean its board, so the board says which rank stopped first
+    and which collective the others waited in; the next attempt starts with none.
+    """
+    from hpcsgd.watchdog import postmortem
+
+    for report in postmortem(os.path.join(out, "watchdog"), remove=True):
+        log("note", report, attempt=attempt_no)

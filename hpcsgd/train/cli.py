@@ -107,6 +107,24 @@ def _iter_range(text: str) -> range:
         raise ConfigError(f"--timeline-iters {text!r}: expected A:B ({e})") from e
 
 
+def _report_dead_jobs(board_dir: str, rank: int, size: int) -> None:
+    """Rank 0 prints and removes the boards of earlier jobs on this output that died.
+
+    A job killed from outside (hydra after a SIGKILLed rank) leaves its watchdog board
+    behind; on ``--resume`` its report says which rank stopped first. The barrier keeps
+    this job's ranks from creating their own board before the old ones are gone.
+    """
+    if rank == 0:
+        from hpcsgd.watchdog import postmortem
+
+        for report in postmortem(board_dir, remove=True):
+            sys.stderr.write(report + "\n")
+    if size > 1:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Barrier()
+
+
 def _run_or_abort(cfg: dict, args, timeline_iters: range, rank: int, size: int) -> int:
     """Train; an exception anywhere prints this rank's traceback and aborts the whole job."""
     import hpcsgd.abort
@@ -116,7 +134,9 @@ def _run_or_abort(cfg: dict, args, timeline_iters: range, rank: int, size: int) 
     hpcsgd.abort.install()  # an uncaught exception in any thread aborts the whole job
     # Collective watchdog ($HPCSGD_COLLECTIVE_TIMEOUT, default 600 s; 0: off); its board of
     # per-rank states lives in the output directory, which every node sees when checkpoints do.
-    hpcsgd.watchdog.install(board_dir=os.path.join(args.out, "watchdog"))
+    board_dir = os.path.join(args.out, "watchdog")
+    _report_dead_jobs(board_dir, rank, size)
+    hpcsgd.watchdog.install(board_dir=board_dir)
     try:
         summary = train(cfg, args.out, resume=args.resume, timeline=args.timeline,
                         timeline_iters=timeline_iters)
