@@ -57,7 +57,8 @@ run_step() {  # name limit_seconds command...: run with a time limit, record the
   local log="$OUTDIR/logs/$name.log" t0 rc dt
   say "$name: running (limit ${limit} s): $*"
   t0=$(date +%s.%N)
-  timeout --kill-after=5 "$limit" "$@" >"$log" 2>&1
+  # a step is a function (exported, run in a child bash so that timeout can stop it) or a command
+  timeout --kill-after=5 "$limit" bash -c '"$@"' step "$@" >"$log" 2>&1
   rc=$?
   dt=$("$HOSTPY" -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$t0" "$(date +%s.%N)")
   if ((rc == 0)); then
@@ -86,13 +87,14 @@ if [ -n "$REASON" ]; then
   for s in "${STEP_NAMES[@]}"; do record "$s" skipped 0 "$REASON"; done
 else
   say "GPU: $(nvidia-smi -L | head -n 1)"
-  install() {
+  export ROOT OUTDIR VENV PY DATA
+  step_install() {
     [ -x "$PY" ] || bash scripts/setup.sh || return 1
     local src=()
     [ -n "${HPCSGD_WHEELHOUSE:-}" ] && src=(--no-index --find-links "$HPCSGD_WHEELHOUSE")
     "$PY" -m pip install --disable-pip-version-check --no-build-isolation "${src[@]}" -e ".[gpu]"
   }
-  environment() {
+  step_environment() {
     "$PY" - "$OUTDIR/environment.json" <<'EOF'
 import json, sys
 from hpcsgd import gpu_compat
@@ -102,14 +104,14 @@ print(json.dumps(r, indent=1))
 sys.exit(1 if r["problems"] else 0)
 EOF
   }
-  gpu_tests() {
+  step_tests() {
     local rc=0
     "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_device.py tests/test_gpu_logic.py \
       tests/test_gpu_compat.py tests/test_gpu_topology.py || rc=1
     "$PY" -m pytest -q -p no:cacheprovider -m gpu --deselect tests/test_gpu_device.py tests || rc=1
     return $rc
   }
-  main_job() {
+  step_main_job() {
     if [ ! -e "$DATA/train-images-idx3-ubyte.gz" ] && [ ! -e "$DATA/train-images-idx3-ubyte" ]; then
       echo "Fashion-MNIST not found in $DATA: set HPCSGD_DATA=DIR holding its 4 IDX files"
       return 3
@@ -125,13 +127,14 @@ sys.exit(0 if top1 is not None and top1 >= 0.88 else 1)
 EOF
   }
 
-  if run_step install 180 install; then :; fi
+  export -f step_install step_environment step_tests step_main_job
+  run_step install 180 step_install
   if [ ! -x "$PY" ]; then
     for s in environment tests main_job allreduce resnet50; do record "$s" skipped 0 "no venv at $VENV"; done
   else
-    run_step environment 60 environment
-    run_step tests 100 gpu_tests
-    run_step main_job 150 main_job
+    run_step environment 60 step_environment
+    run_step tests 100 step_tests
+    run_step main_job 150 step_main_job
     run_step allreduce 60 "$PY" -m mpi4py benchmarks/allreduce.py --gpu --repeats 10 \
       --out "$OUTDIR/allreduce_gpu.json"
     run_step resnet50 120 "$PY" benchmarks/gpu_resnet50.py --batches 32 64 --dtypes float32 float16 \
