@@ -109,10 +109,12 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
 
         hpcsgd.kernels.enable(True)
     device = None
-    if cfg["gpu"]:  # one GPU per rank; also right when the launcher shows each rank a single GPU
+    if cfg["gpu"]:  # one GPU per rank, from the physical node-local rank (virtual nodes add no GPUs)
         import cupy
 
-        device = comm.intra_rank % cupy.cuda.runtime.getDeviceCount()
+        from hpcsgd.topology import select_gpu
+
+        device = select_gpu(comm.mpi_comm)  # collective; two ranks on one GPU raise on every rank
         cupy.cuda.Device(device).use()
         topology["device"] = device
     random.seed(cfg["seed"] + rank)
