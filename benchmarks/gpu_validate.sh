@@ -66,7 +66,10 @@ run_step() {  # name limit_seconds command...: run with a time limit, record the
   elif ((rc == 124 || rc == 137)); then
     record "$name" timeout "$dt" "ran past its ${limit} s limit"
   else
-    record "$name" failed "$dt" "exit $rc: $(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-300)"
+    local why
+    why="$(grep -E 'Error|error:|FAILED|failed|not found' "$log" | grep -v MPI_Abort | tail -n 1)"
+    [ -n "$why" ] || why="$(grep -v '^\s*$' "$log" | tail -n 1)"
+    record "$name" failed "$dt" "exit $rc: $(echo "$why" | cut -c1-300)"
   fi
   return $rc
 }
