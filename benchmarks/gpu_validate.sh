@@ -8,7 +8,7 @@
 # earlier one failed, and each outcome is recorded:
 #   install      pip install -e '.[gpu]' into the venv (HPCSGD_WHEELHOUSE=DIR: offline, from wheels there)
 #   environment  versions (CuPy, CUDA, cuDNN, NCCL, GPU) and the problems of the pair (hpcsgd.gpu_compat)
-#   tests        the GPU tests: tests/test_gpu_*.py and every test marked 'gpu'
+#   tests        the GPU tests: tests/test_gpu_*.py, the CuPy kernel tests, every test marked gpu
 #   main_job     the README main job on the GPU: 1 rank x 256 images (the same global batch as 2 x 128),
 #                hierarchical communicator, then checks test top-1 >= 88%
 #   allreduce    benchmarks/allreduce.py --gpu: nccl and hierarchical (GPU), float32 and float16, 1 rank
@@ -110,7 +110,7 @@ EOF
   step_tests() {
     local rc=0
     "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_device.py tests/test_gpu_logic.py \
-      tests/test_gpu_compat.py tests/test_gpu_topology.py || rc=1
+      tests/test_gpu_compat.py tests/test_gpu_topology.py tests/test_kernels_cast.py || rc=1
     "$PY" -m pytest -q -p no:cacheprovider -m gpu --deselect tests/test_gpu_device.py tests || rc=1
     return $rc
   }
