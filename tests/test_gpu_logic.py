@@ -30,15 +30,32 @@ from hpcsgd.comm.packing import GradLayout, Slot, flat_view
 # -- a fake CuPy: records the current device per thread and what was created where -----------------
 
 
+class FakeStream:
+    def __init__(self, name: str):
+        self.name, self.ptr = name, 0
+
+    def __enter__(self):
+        self._prev, _state_of_streams.stream = _state_of_streams.stream, self
+        return self
+
+    def __exit__(self, *exc):
+        _state_of_streams.stream = self._prev
+
+
 class _State(threading.local):
     device = 0
+    stream = FakeStream("null")
+
+
+_state_of_streams = _State()
 
 
 class FakeCupy:
     """Just enough of ``cupy`` / ``cupy.cuda`` / ``cupy.cuda.nccl`` for the code under test."""
 
     def __init__(self, nccl_available: bool = True):
-        state = self.state = _State()
+        state = self.state = _state_of_streams
+        state.device, state.stream = 0, FakeStream("null")
         self.created: list[tuple[int, int, object]] = []  # (device, size, uid) per NcclCommunicator
         self.destroyed: list[int] = []
         fake = self
@@ -74,7 +91,7 @@ class FakeCupy:
         self.cuda = types.ModuleType("cupy.cuda")
         self.cuda.Device = Device
         self.cuda.nccl = self.nccl
-        self.cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0)
+        self.cuda.get_current_stream = lambda: state.stream
         self.module = types.ModuleType("cupy")
         self.module.cuda = self.cuda
         self.module.zeros = lambda shape, dtype: Counter(state.device)
@@ -180,9 +197,12 @@ class _Recorder(gpu._GpuAlgorithm):
         self._init_device(device)
         self.bad_per_bucket = bad_per_bucket
         self.ran_on: list[int] = []
+        self.streams: list[str] = []
 
     def _enqueue(self, i):
-        self.ran_on.append(sys.modules["cupy"].cuda.Device().id)
+        cuda = sys.modules["cupy"].cuda
+        self.ran_on.append(cuda.Device().id)
+        self.streams.append(cuda.get_current_stream().name)
         self._bad.value += self.bad_per_bucket
 
 
@@ -202,6 +222,20 @@ def test_buckets_run_on_the_algorithms_device_from_a_worker_thread(fake_cupy):
     t.start()
     t.join(10)
     assert out == [0, 0] and alg.ran_on == [5, 5]  # a fresh thread starts on device 0
+
+
+def test_a_worker_thread_runs_buckets_on_the_binding_threads_stream(fake_cupy):
+    from hpcsgd.comm.packing import BoundGrads
+
+    alg = _Recorder(2, device=0, bad_per_bucket=0)
+    grads = BoundGrads.__new__(BoundGrads)
+    grads.layout, grads.vectors = alg.layout, []
+    with FakeStream("training"):
+        alg.bind(grads)
+    t = threading.Thread(target=lambda: [alg.run(i) for i in range(2)])
+    t.start()
+    t.join(10)
+    assert alg.streams == ["training", "training"]  # the worker's own current stream is "null"
 
 
 def test_bind_refuses_gradients_on_another_device(fake_cupy):

@@ -27,13 +27,16 @@ reads it, the one blocking host sync per step, inside ``collective(...)`` so tha
 a hung NCCL call (a GPU kernel waiting forever for a peer) is seen and named by
 the watchdog. ``run(i)`` returns 0 for the other buckets, the total for the last.
 
-Every CUDA call runs under ``cupy.cuda.Device(self.device)``, as the current
-device is per thread (worker threads would otherwise use GPU 0), and the NCCL
-communicators are created on that device. ``free()`` destroys them.
+Every CUDA call runs under ``cupy.cuda.Device(self.device)`` and on the stream
+that was current when the gradients were bound, as CuPy's current device and
+stream are per thread (a worker thread would otherwise use GPU 0, and with
+per-thread default streams lose the order with backward and the update). The
+NCCL communicators are created on that device; ``free()`` destroys them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import numpy as np
@@ -269,6 +272,7 @@ class _GpuAlgorithm(BucketAlgorithm):
         import cupy
 
         self.device = int(device)
+        self._stream = None  # the stream of the thread that bound the gradients (see bind)
         self._comms: list = []
         with cupy.cuda.Device(self.device):
             self._bad = cupy.zeros((), np.uint64)
@@ -284,12 +288,16 @@ class _GpuAlgorithm(BucketAlgorithm):
 
         with cupy.cuda.Device(self.device):
             self._bad.fill(0)  # a step that failed half-way may have left counts
+        # buckets run on the binding thread's stream, also from a worker thread (CuPy's current
+        # stream is per thread), so they stay ordered with backward before and the update after
+        self._stream = cupy.cuda.get_current_stream()
         self.grads = GpuBoundGrads(grads, self._tables, self._bad)
 
     def run(self, i: int) -> int:
         import cupy
 
-        with cupy.cuda.Device(self.device):
+        stream = self._stream if self._stream is not None else contextlib.nullcontext()
+        with cupy.cuda.Device(self.device), stream:
             self._enqueue(i)
             if i != len(self.ranges) - 1:
                 return 0
