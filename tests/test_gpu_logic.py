@@ -23,6 +23,7 @@ import pytest
 
 from hpcsgd import watchdog
 from hpcsgd.comm import nccl as gpu
+from hpcsgd.comm import nccl_setup
 from hpcsgd.comm.dummy import DummyCommunicator
 from hpcsgd.comm.hierarchical import HierarchicalCommunicator
 from hpcsgd.comm.packing import GradLayout, Slot, flat_view
@@ -174,8 +175,8 @@ def test_missing_cupy_is_a_clear_error(monkeypatch):
     def no_cupy():
         raise ImportError("No module named 'cupy'")
 
-    monkeypatch.setattr(gpu, "_cupy_nccl", no_cupy)
-    assert "hpcsgd[gpu]" in gpu.nccl_problem()
+    monkeypatch.setattr(nccl_setup, "_cupy_nccl", no_cupy)
+    assert "hpcsgd[gpu]" in nccl_setup.nccl_problem()
 
 
 def test_a_rank_without_nccl_stops_every_rank(fake_cupy):
@@ -375,7 +376,7 @@ def test_sync_bn_sends_device_buffers_to_nccl_and_host_buffers_to_mpi(monkeypatc
     from hpcsgd.models.batchnorm import SyncBatchNormFunction
 
     calls = []
-    monkeypatch.setattr(gpu, "device_allreduce", lambda comm, buf, name: calls.append(name) or "nccl")
+    monkeypatch.setattr(nccl_setup, "device_allreduce", lambda comm, buf, name: calls.append(name) or "nccl")
     comm = types.SimpleNamespace(allreduce=lambda b: calls.append("mpi") or b * 2)
     fn = SyncBatchNormFunction(comm, 1e-5)
     assert fn._allreduce(DeviceArray(np.zeros(2)), "forward") == "nccl"
@@ -386,6 +387,6 @@ def test_sync_bn_sends_device_buffers_to_nccl_and_host_buffers_to_mpi(monkeypatc
 def test_device_allreduce_declines_without_nccl_on_some_rank(fake_cupy):
     comm = types.SimpleNamespace(_mpi_comm=OneRank(others=["no libnccl"]))
     buf = types.SimpleNamespace(dtype=np.float64, device=types.SimpleNamespace(id=0))
-    assert gpu.device_allreduce(comm, buf, "sync_bn_forward") is None  # caller falls back to MPI
+    assert nccl_setup.device_allreduce(comm, buf, "sync_bn_forward") is None  # caller falls back to MPI
     assert comm._nccl_world == (0, None) and fake_cupy.created == []
-    assert gpu.device_allreduce(types.SimpleNamespace(), buf, "x") is None  # not an hpcsgd comm
+    assert nccl_setup.device_allreduce(types.SimpleNamespace(), buf, "x") is None  # not an hpcsgd comm

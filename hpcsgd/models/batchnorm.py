@@ -54,7 +54,7 @@ modes differ in what inference uses and, for 'sync', in which batch:
   BN on the concatenated batch. Inference uses running averages (decay 0.9)
   of the global statistics, identical on every rank. No double backprop.
   On GPU the two sums go through NCCL on the device (no host copy, no host
-  sync per layer; :func:`hpcsgd.comm.nccl.device_allreduce`), over MPI
+  sync per layer; :func:`hpcsgd.comm.nccl_setup.device_allreduce`), over MPI
   otherwise; ``last_count`` is this rank's count, as in the other modes.
 
 ``eps = 1e-5`` (the Caffe2 / fb.resnet.torch value Goyal's code base used).
@@ -95,7 +95,7 @@ class SyncBatchNormFunction(chainer.FunctionNode):
     def _allreduce(self, buf, what: str):
         """Sum ``buf`` over the ranks: NCCL on the device for CuPy arrays, else ``comm.allreduce``."""
         if not isinstance(buf, numpy.ndarray):
-            from hpcsgd.comm.nccl import device_allreduce
+            from hpcsgd.comm.nccl_setup import device_allreduce
 
             out = device_allreduce(self.comm, buf, f"sync_bn_{what}")
             if out is not None:
