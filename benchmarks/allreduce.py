@@ -1,6 +1,7 @@
 """Allreduce benchmark: OSU-style size sweep and the ResNet-50 gradient set (not a test).
 
-Run (2 ranks on one node; never more ranks than cores for timing)::
+Run (2 ranks on one node; never more ranks than cores for timing; ``--gpu``: one rank per GPU,
+CuPy gradients and the NCCL communicators, see ``benchmarks/_gpu_allreduce.py``)::
 
     OPENBLAS_CORETYPE=SkylakeX .venv/bin/mpiexec -n 2 .venv/bin/python -m mpi4py \
         benchmarks/allreduce.py [--quick] [--repeats 15]
@@ -110,8 +111,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few sizes, 3 repeats (< 20 s)")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "allreduce.json"))
+    ap.add_argument("--out", default=None, help="JSON path (default results/allreduce.json, _gpu with --gpu)")
+    ap.add_argument("--gpu", action="store_true", help="CuPy gradients, NCCL communicators")
     args = ap.parse_args()
+    if args.gpu:
+        from benchmarks._gpu_allreduce import run
+
+        args.out = args.out or str(ROOT / "benchmarks" / "results" / "allreduce_gpu.json")
+        return run(args, resnet50_shapes, grad_model)
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / "allreduce.json")
 
     import chainer  # noqa: F401
     from mpi4py import MPI

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from hpcsgd import gpu_compat as _gpu_compat  # noqa: E402  (before anything imports chainer/cupy)
+
+_gpu_compat.apply()  # CuPy 13 + the CUDA wheels' libraries for Chainer 7.8.1; a no-op without CuPy
+
 _LAZY = {
     "create_communicator": "hpcsgd.comm",
     "create_multi_node_optimizer": "hpcsgd.optim",

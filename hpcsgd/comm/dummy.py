@@ -4,6 +4,8 @@ Each bucket is packed to the wire format and unpacked again, with the same
 kernels, buckets, tracing and non-finite check as ``flat``. The gradients stay
 this rank's own (cast through the wire format), so this is *not* a mean: use it
 only to time packing (ChainerMN's ``dummy`` communicator has the same role).
+CuPy gradients take :class:`hpcsgd.comm.nccl.GpuPackOnlyAlgorithm` (the CUDA
+kernels of the ``nccl`` path), as the CPU kernels here are numba's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class DummyAlgorithm(BucketAlgorithm):
 class DummyCommunicator(BucketedCommunicator):
     """Packs and unpacks the gradients without communicating (benchmarks only)."""
 
-    def _new_algorithm(self, layout: GradLayout) -> DummyAlgorithm:
+    def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         intra, inter = self.wire_formats()
+        if self._gpu_grads:  # CuPy gradients: the NCCL path's CUDA pack/unpack kernels (numba takes no CuPy)
+            from hpcsgd.comm import nccl
+
+            return nccl.GpuPackOnlyAlgorithm(layout, intra, self.get_config("bucket_bytes"),
+                                             nccl.current_device())
         return DummyAlgorithm(layout, intra, self.get_config("bucket_bytes"))

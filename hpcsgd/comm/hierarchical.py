@@ -31,7 +31,8 @@ all have the same number of ranks; otherwise this communicator falls back to
 the ``flat`` algorithm (with a warning), as the shards would not line up. With
 one rank per node the node level is empty and the ``flat`` algorithm (in the
 inter-node wire format) computes the same mean with fewer passes.
-GPU gradients use NCCL: see :mod:`hpcsgd.comm.nccl`.
+GPU gradients use NCCL (:mod:`hpcsgd.comm.nccl`) with the same fallback: unequal
+nodes or one rank per node take one NCCL allreduce over all ranks.
 """
 
 from __future__ import annotations
@@ -159,17 +160,22 @@ class HierarchicalCommunicator(BucketedCommunicator):
     def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         intra, inter = self.wire_formats()
         topo = self.topology
-        if self._gpu_grads:
-            from hpcsgd.comm.nccl import GpuHierarchicalAlgorithm
-
-            return GpuHierarchicalAlgorithm(layout, topo, intra, inter, self.get_config("bucket_bytes"))
         wire = inter if topo.inter_size > 1 else intra
         if not topo.uniform:
             if not getattr(self, "_warned_uniform", False):
                 warnings.warn("hierarchical: nodes have different numbers of ranks; falling back to "
                               "the flat algorithm over all ranks", RuntimeWarning, stacklevel=3)
                 self._warned_uniform = True
-            return FlatAlgorithm(layout, self._mpi_comm, wire, self.get_config("bucket_bytes"))
-        if topo.intra_size == 1:  # one rank per node: the node level is empty, flat is the same mean
+        # unequal nodes (shards would not line up) or one rank per node (the node level is
+        # empty): one allreduce over all ranks computes the same mean
+        flat = not topo.uniform or topo.intra_size == 1
+        if self._gpu_grads:
+            from hpcsgd.comm import nccl
+
+            bucket_bytes, device = self.get_config("bucket_bytes"), nccl.current_device()
+            if flat:
+                return nccl.NcclAllreduceAlgorithm(layout, self._mpi_comm, wire, bucket_bytes, device)
+            return nccl.GpuHierarchicalAlgorithm(layout, topo, intra, inter, bucket_bytes, device)
+        if flat:
             return FlatAlgorithm(layout, self._mpi_comm, wire, self.get_config("bucket_bytes"))
         return HierarchicalAlgorithm(layout, topo, intra, inter, self.get_config("bucket_bytes"))

@@ -1,53 +1,86 @@
 """GPU gradient means through NCCL (CuPy's binding): ``nccl`` and the GPU half of ``hierarchical``.
 
-Written against the same bucket interface as the CPU algorithms, but **untested
-on the development machine** (it has no GPU); the tests skip without CUDA.
+Written against the same bucket interface as the CPU algorithms, but **not yet
+run on a GPU** (the development machine has none): the logic around the CUDA
+calls is tested with stand-in objects (``tests/test_gpu_*.py``), the CUDA calls
+themselves by ``benchmarks/gpu_validate.sh`` on a GPU machine. See docs/gpu.md.
 
-* :class:`NcclCommunicator` (``'nccl'``, ChainerMN's ``pure_nccl``): per bucket,
-  one CUDA kernel launch packs ``grad / size`` of every parameter piece into a
-  device buffer in the wire format (ChainerMN's ``batched_copy``: a device table
-  of piece pointers, each thread binary-searches its piece), ``ncclAllReduce(SUM)``
-  over all ranks, and a second launch casts back and counts non-finite values
-  (one atomic counter). Non-float32 parameters take per-piece elementwise kernels.
-  Default wire: float32 (``allreduce_grad_dtype`` float16/bfloat16 halves the
-  bytes; NCCL adds 16-bit values hop by hop).
+* :class:`NcclAllreduceAlgorithm` (``'nccl'``, ChainerMN's ``pure_nccl``; also
+  ``hierarchical`` on GPU when nodes hold different numbers of ranks or one rank
+  each): per bucket, one CUDA kernel launch packs ``grad / size`` of every
+  parameter piece into a device buffer in the wire format (ChainerMN's
+  ``batched_copy``: a device table of piece pointers, each thread binary-searches
+  its piece), ``ncclAllReduce(SUM)`` over all ranks, and a second launch casts back
+  and counts non-finite values into one device counter. Non-float32 parameters
+  take per-piece elementwise kernels. Default wire: float32.
 * :class:`GpuHierarchicalAlgorithm`: ``ncclReduceScatter`` inside the node
   (intra wire), ``ncclAllReduce`` of this rank's shard between nodes among ranks
   with the same ``intra_rank`` (float16 by default), ``ncclAllGather`` inside
-  the node; used by ``hierarchical`` when the gradients are CuPy arrays.
+  the node. Needs the same number of ranks on every node (equal shards).
+* :class:`GpuPackOnlyAlgorithm`: ``dummy`` on GPU (pack + unpack, no communication).
+
+Why only the last bucket synchronises: every bucket is only *enqueued* on the
+current CUDA stream (packing, NCCL, unpacking), so the host never waits per
+bucket and the GPU overlaps buckets with whatever comes next on the host. The
+non-finite counts of all buckets add up in one device counter; the last bucket
+reads it, the one blocking host sync per step, inside ``collective(...)`` so that
+a hung NCCL call (a GPU kernel waiting forever for a peer) is seen and named by
+the watchdog. ``run(i)`` returns 0 for the other buckets, the total for the last.
+
+Every CUDA call runs under ``cupy.cuda.Device(self.device)`` and on the stream
+that was current when the gradients were bound, as CuPy's current device and
+stream are per thread (a worker thread would otherwise use GPU 0, and with
+per-thread default streams lose the order with backward and the update). The
+NCCL communicators are created on that device; ``free()`` destroys them.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
 from hpcsgd.comm import kernels
 from hpcsgd.comm.bucketed import BucketedCommunicator
 from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm.nccl_setup import (  # noqa: F401  (re-exported: the GPU path's set-up)
+    INSTALL_HINT,
+    _cupy_nccl,
+    _nccl_dtype,
+    current_device,
+    device_allreduce,
+    nccl_comm_over,
+    nccl_problem,
+    require_nccl,
+)
 from hpcsgd.comm.packing import BoundGrads, GradLayout
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective
 
 _GPU_STORAGE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 
+class PieceTables:
+    """Device pointer tables of the batched kernels, one per bucket, rebuilt only when a pointer moves.
 
-def _nccl_dtype(wire: str):
-    from cupy.cuda import nccl
+    Chainer makes new gradient arrays every backward, but CuPy's memory pool
+    usually hands back the same addresses, so a table is uploaded (one
+    host-to-device copy, which waits for the stream) only when a gradient
+    actually moved; pack and unpack of a bucket share it, and the prefix sums
+    never change.
+    """
 
-    if wire == "bfloat16":
-        if not hasattr(nccl, "NCCL_BFLOAT16"):
-            raise ValueError("this CuPy/NCCL has no bfloat16; use float16 or float32")
-        return nccl.NCCL_BFLOAT16
-    return {"float32": nccl.NCCL_FLOAT32, "float16": nccl.NCCL_FLOAT16}[wire]
+    def __init__(self) -> None:
+        self._tables: dict[tuple[int, int], tuple] = {}
 
-
-def nccl_comm_over(mpi_comm):
-    """A ``cupy.cuda.nccl.NcclCommunicator`` over the ranks of ``mpi_comm`` (collective)."""
-    from cupy.cuda import nccl
-
-    uid = nccl.get_unique_id() if mpi_comm.Get_rank() == 0 else None
-    uid = mpi_comm.bcast(uid, root=0)
-    return nccl.NcclCommunicator(mpi_comm.Get_size(), uid, mpi_comm.Get_rank())
+    def get(self, key: tuple[int, int], ptrs: tuple[int, ...], csum: list[int], upload):
+        """``(device ptrs, device csum, n)`` of bucket ``key``; ``upload(array)`` copies to the device."""
+        hit = self._tables.get(key)
+        if hit is not None and hit[0] == ptrs:
+            return hit[1]
+        dev_csum = hit[1][1] if hit is not None else upload(np.asarray(csum, np.int64))
+        table = (upload(np.asarray(ptrs, np.int64)), dev_csum, np.int32(len(ptrs)))
+        self._tables[key] = (ptrs, table)
+        return table
 
 
 class GpuBoundGrads(BoundGrads):
@@ -55,27 +88,34 @@ class GpuBoundGrads(BoundGrads):
 
     _kernels = None
 
+    def __init__(self, grads: BoundGrads, tables: PieceTables, bad) -> None:
+        self.layout, self.vectors = grads.layout, grads.vectors
+        self.tables = tables
+        self.bad = bad  # device uint64 counter of non-finite results (added to, never read here)
+
     def _table(self, lo, hi):
         import cupy
 
         pieces = self.layout.pieces(lo, hi)
         views = [self.piece(i, a, b) for i, a, b in pieces]
-        if not all(v.dtype == np.float32 for v in views):
+        if not views or not all(v.dtype == np.float32 for v in views):
             return None, pieces
-        ptrs = np.array([v.data.ptr for v in views], np.int64)
-        csum = np.array([a - lo for _, a, _ in pieces], np.int64)
-        return (cupy.asarray(ptrs), cupy.asarray(csum), np.int32(len(views))), pieces
+        ptrs = tuple(int(v.data.ptr) for v in views)
+        return self.tables.get((lo, hi), ptrs, [a - lo for _, a, _ in pieces], cupy.asarray), pieces
 
     def _launch(self, kern, n, *args):
         threads = 256
         kern(((n + threads - 1) // threads,), (threads,), args)
 
-    def pack(self, lo, hi, dst, scale, wire):
+    def _batched(self):
         if GpuBoundGrads._kernels is None:
             GpuBoundGrads._kernels = kernels.cupy_batched_kernels()
+        return GpuBoundGrads._kernels
+
+    def pack(self, lo, hi, dst, scale, wire):
         table, pieces = self._table(lo, hi)
-        if table is not None and pieces:
-            self._launch(GpuBoundGrads._kernels[0], hi - lo, *table, dst, np.int64(hi - lo),
+        if table is not None:
+            self._launch(self._batched()[0], hi - lo, *table, dst, np.int64(hi - lo),
                          np.float32(scale), np.int32(kernels.wire_code(wire)))
             return
         kern = kernels.cupy_pack_kernel(wire)
@@ -83,46 +123,134 @@ class GpuBoundGrads(BoundGrads):
             kern(self.piece(i, a, b).astype(np.float32, copy=False), np.float32(scale), dst[a - lo:b - lo])
 
     def unpack(self, lo, hi, src, scale, wire) -> int:
-        import cupy
-
-        if GpuBoundGrads._kernels is None:
-            GpuBoundGrads._kernels = kernels.cupy_batched_kernels()
+        """Enqueue the unpack; non-finite results are added to ``self.bad`` on the device. Returns 0."""
         table, pieces = self._table(lo, hi)
-        bad = cupy.zeros((), np.uint64)
-        if table is not None and pieces:
-            self._launch(GpuBoundGrads._kernels[1], hi - lo, *table, src, np.int64(hi - lo),
-                         np.float32(scale), np.int32(kernels.wire_code(wire)), bad)
-            return int(bad)
+        if table is not None:
+            self._launch(self._batched()[1], hi - lo, *table, src, np.int64(hi - lo),
+                         np.float32(scale), np.int32(kernels.wire_code(wire)), self.bad)
+            return 0
         kern = kernels.cupy_unpack_kernel(wire)
         for i, a, b in pieces:
             g = self.piece(i, a, b)
             y, flags = kern(src[a - lo:b - lo], np.float32(scale))
             g[...] = y.astype(g.dtype, copy=False)
-            bad += flags.sum().astype(np.uint64)
-        return int(bad)
+            self.bad += flags.sum(dtype=np.uint64)
+        return 0
+
+
+def read_count(counter, name: str, **info) -> int:
+    """``int(counter)`` (a device scalar: blocks until the stream got there) inside ``collective(name)``.
+
+    This is where a hung NCCL call blocks the host, so it must be inside the
+    watchdog's view.
+    """
+    with collective(name, **info):
+        return int(counter)
 
 
 class _GpuAlgorithm(BucketAlgorithm):
+    """Device bookkeeping shared by the GPU algorithms: device context, counter, tables, free()."""
+
+    #: watchdog name of the end-of-step synchronisation
+    sync_name = "allreduce_nccl_sync"
+
+    def _init_device(self, device: int) -> None:
+        import cupy
+
+        self.device = int(device)
+        self._stream = None  # the stream of the thread that bound the gradients (see bind)
+        self._comms: list = []
+        with cupy.cuda.Device(self.device):
+            self._bad = cupy.zeros((), np.uint64)
+        self._tables = PieceTables()
+
     def bind(self, grads: BoundGrads) -> None:
-        gpu = GpuBoundGrads.__new__(GpuBoundGrads)
-        gpu.layout, gpu.vectors = grads.layout, grads.vectors
-        self.grads = gpu
+        on = {int(v.device.id) for v in grads.vectors}
+        if on - {self.device}:
+            raise ValueError(f"gradients are on GPU {sorted(on)}, but this communicator's NCCL set-up "
+                             f"is on GPU {self.device}: select the device (cupy.cuda.Device(d).use()) "
+                             f"before the first gradient mean and keep it")
+        import cupy
+
+        with cupy.cuda.Device(self.device):
+            self._bad.fill(0)  # a step that failed half-way may have left counts
+        # buckets run on the binding thread's stream, also from a worker thread (CuPy's current
+        # stream is per thread), so they stay ordered with backward before and the update after
+        self._stream = cupy.cuda.get_current_stream()
+        self.grads = GpuBoundGrads(grads, self._tables, self._bad)
+
+    def run(self, i: int) -> int:
+        import cupy
+
+        stream = self._stream if self._stream is not None else contextlib.nullcontext()
+        with cupy.cuda.Device(self.device), stream:
+            self._enqueue(i)
+            if i != len(self.ranges) - 1:
+                return 0
+            n = read_count(self._bad, self.sync_name, buckets=len(self.ranges))
+            self._bad.fill(0)
+            return n
+
+    def _enqueue(self, i: int) -> None:
+        raise NotImplementedError
+
+    def free(self) -> None:
+        """Destroy the NCCL communicators (``ncclCommDestroy``; local, waits for their pending work)."""
+        comms, self._comms = getattr(self, "_comms", []), []
+        if not comms:
+            return
+        import cupy
+
+        with cupy.cuda.Device(self.device):
+            for c in comms:
+                c.destroy()
+
+
+class GpuPackOnlyAlgorithm(_GpuAlgorithm):
+    """``dummy`` on GPU: pack and unpack each bucket with the NCCL path's kernels, no communication."""
+
+    sync_name = "pack_only_sync"
+
+    def __init__(self, layout: GradLayout, wire: str, bucket_bytes: int, device: int):
+        import cupy
+
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
+        self.wire = wire
+        self.low_precision = wire != "float32"
+        self._init_device(device)
+        width = max((hi - lo for lo, hi in self.ranges), default=0)
+        with cupy.cuda.Device(self.device):
+            self.buf = cupy.empty(width, _GPU_STORAGE[wire])
+
+    def _enqueue(self, i: int) -> None:
+        lo, hi = self.ranges[i]
+        buf = self.buf[: hi - lo]
+        info = {"bytes": int(buf.nbytes), "dtype": self.wire, "bucket": i}
+        with get_tracer().span("pack", **info):
+            self.grads.pack(lo, hi, buf, 1.0, self.wire)
+        with get_tracer().span("unpack", **info):
+            self.grads.unpack(lo, hi, buf, 1.0, self.wire)
 
 
 class NcclAllreduceAlgorithm(_GpuAlgorithm):
     """Pack -> ncclAllReduce over all ranks -> unpack, per bucket."""
 
-    def __init__(self, layout: GradLayout, mpi_comm, wire: str, bucket_bytes: int):
+    sync_name = "allreduce_nccl_sync"
+
+    def __init__(self, layout: GradLayout, mpi_comm, wire: str, bucket_bytes: int, device: int):
         import cupy
 
         super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
         self.wire, self.size = wire, mpi_comm.Get_size()
         self.low_precision = wire != "float32"
-        self.nccl = nccl_comm_over(mpi_comm)
+        self._init_device(device)
+        self.nccl = nccl_comm_over(mpi_comm, self.device)
+        self._comms.append(self.nccl)
         width = max((hi - lo for lo, hi in self.ranges), default=0)
-        self.buf = cupy.empty(width, _GPU_STORAGE[wire])
+        with cupy.cuda.Device(self.device):
+            self.buf = cupy.empty(width, _GPU_STORAGE[wire])
 
-    def run(self, i: int) -> int:
+    def _enqueue(self, i: int) -> None:
         import cupy
         from cupy.cuda import nccl
 
@@ -136,28 +264,37 @@ class NcclAllreduceAlgorithm(_GpuAlgorithm):
             self.nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size, _nccl_dtype(self.wire),
                                 nccl.NCCL_SUM, stream.ptr)
         with get_tracer().span("unpack", **info):
-            return self.grads.unpack(lo, hi, buf, 1.0, self.wire)
+            self.grads.unpack(lo, hi, buf, 1.0, self.wire)
 
 
 class GpuHierarchicalAlgorithm(_GpuAlgorithm):
     """ncclReduceScatter (node) -> ncclAllReduce of the shard (between nodes) -> ncclAllGather (node)."""
 
-    def __init__(self, layout: GradLayout, topology, intra_wire: str, inter_wire: str, bucket_bytes: int):
+    sync_name = "allreduce_nccl_hier_sync"
+
+    def __init__(self, layout: GradLayout, topology, intra_wire: str, inter_wire: str, bucket_bytes: int,
+                 device: int):
         import cupy
 
+        if not topology.uniform:
+            raise ValueError("GpuHierarchicalAlgorithm needs the same number of ranks on every node "
+                             "(equal NCCL shards); use NcclAllreduceAlgorithm")
         super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(intra_wire)))
+        self._init_device(device)
         self.size, self.k, self.r = topology.size, topology.intra_size, topology.intra_rank
         self.intra_wire, self.inter_wire = intra_wire, inter_wire
         self.low_precision = intra_wire != "float32" or (topology.inter_size > 1 and inter_wire != "float32")
-        self.intra = nccl_comm_over(topology.intra_comm)
-        self.inter = nccl_comm_over(topology.inter_comm) if topology.inter_size > 1 else None
+        self.intra = nccl_comm_over(topology.intra_comm, self.device)
+        self.inter = nccl_comm_over(topology.inter_comm, self.device) if topology.inter_size > 1 else None
+        self._comms += [c for c in (self.intra, self.inter) if c is not None]
         width = max((hi - lo for lo, hi in self.ranges), default=0)
         self.chunk_max = -(-width // self.k)
-        self.buf = cupy.zeros(self.chunk_max * self.k, _GPU_STORAGE[intra_wire])
-        self.shard32 = cupy.empty(self.chunk_max, np.float32)
-        self.shard_inter = cupy.empty(self.chunk_max, _GPU_STORAGE[inter_wire])
+        with cupy.cuda.Device(self.device):
+            self.buf = cupy.zeros(self.chunk_max * self.k, _GPU_STORAGE[intra_wire])
+            self.shard32 = cupy.empty(self.chunk_max, np.float32)
+            self.shard_inter = cupy.empty(self.chunk_max, _GPU_STORAGE[inter_wire])
 
-    def run(self, i: int) -> int:
+    def _enqueue(self, i: int) -> None:
         import cupy
         from cupy.cuda import nccl
 
@@ -186,7 +323,7 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
                 kernels.cupy_pack_kernel(self.intra_wire)(s32, np.float32(1.0), mine)
             self.intra.allGather(mine.data.ptr, buf.data.ptr, chunk, dt, stream)
         with get_tracer().span("unpack", **info):
-            return self.grads.unpack(lo, hi, buf, 1.0, self.intra_wire)
+            self.grads.unpack(lo, hi, buf, 1.0, self.intra_wire)
 
 
 class NcclCommunicator(BucketedCommunicator):
@@ -202,11 +339,8 @@ class NcclCommunicator(BucketedCommunicator):
         return inter if self.inter_size > 1 else intra
 
     def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
-        import cupy
-
         if not self._gpu_grads and len(layout):
             raise ValueError("the 'nccl' communicator reduces CuPy gradients (call model.to_device(...) "
                              "first); for NumPy use 'hierarchical' or 'flat'")
-        cupy.cuda.Device(self.topology.device).use()
         return NcclAllreduceAlgorithm(layout, self._mpi_comm, self._wire_label(),
-                                      self.get_config("bucket_bytes"))
+                                      self.get_config("bucket_bytes"), current_device())

@@ -104,8 +104,8 @@ def select_params(model, zero_fill: bool) -> list:
 def flat_view(param) -> np.ndarray:
     """``param.grad`` as a 1-D view; a non-contiguous grad is first replaced by a contiguous copy."""
     g = param.grad
-    if not g.flags.c_contiguous:
-        param.grad = g = np.ascontiguousarray(g)
+    if not g.flags.c_contiguous:  # ``copy(order="C")``: the same call for NumPy and CuPy arrays
+        param.grad = g = g.copy(order="C")
     return g.reshape(-1)
 
 

@@ -53,6 +53,9 @@ modes differ in what inference uses and, for 'sync', in which batch:
   multi-node optimizer averages gradients the update equals single-process
   BN on the concatenated batch. Inference uses running averages (decay 0.9)
   of the global statistics, identical on every rank. No double backprop.
+  On GPU the two sums go through NCCL on the device (no host copy, no host
+  sync per layer; :func:`hpcsgd.comm.nccl_setup.device_allreduce`), over MPI
+  otherwise; ``last_count`` is this rank's count, as in the other modes.
 
 ``eps = 1e-5`` (the Caffe2 / fb.resnet.torch value Goyal's code base used).
 """
@@ -90,6 +93,13 @@ class SyncBatchNormFunction(chainer.FunctionNode):
         self.count = 0    # images per channel over all ranks
 
     def _allreduce(self, buf, what: str):
+        """Sum ``buf`` over the ranks: NCCL on the device for CuPy arrays, else ``comm.allreduce``."""
+        if not isinstance(buf, numpy.ndarray):
+            from hpcsgd.comm.nccl_setup import device_allreduce
+
+            out = device_allreduce(self.comm, buf, f"sync_bn_{what}")
+            if out is not None:
+                return out
         with collective(f"sync_bn_{what}", nbytes=buf.nbytes):
             return self.comm.allreduce(buf)
 
@@ -103,7 +113,7 @@ class SyncBatchNormFunction(chainer.FunctionNode):
                               (x.astype(numpy.float64) ** 2).sum(axis=axes),
                               xp.asarray([n_local], dtype=numpy.float64)])
         buf = self._allreduce(buf, "forward")
-        count = float(buf[2 * c])
+        count = buf[2 * c]  # stays on the device for CuPy: no host sync per layer
         mean = buf[:c] / count
         var = xp.maximum(buf[c:2 * c] / count - mean * mean, 0.0)
         inv_std = 1.0 / xp.sqrt(var + self.eps)
@@ -185,13 +195,18 @@ class BatchNorm(chainer.Link):
         if self.mode == "sync":
             fn = SyncBatchNormFunction(self.comm, self.eps)
             y, = fn.apply((x, self.gamma, self.beta))
-            self._observe(fn.mean, fn.var, fn.count)
+            self._observe(fn.mean, fn.var, fn.count, xd.size // xd.shape[1])
             return ops.relu(y) if relu else y
         y, mean, var = ops.batch_norm(x, self.gamma, self.beta, self.eps, relu)
         self._observe(mean, var, xd.size // xd.shape[1])
         return y
 
-    def _observe(self, mean, var, count) -> None:
+    def _observe(self, mean, var, count, local_count=None) -> None:
+        """Record this forward's statistics; ``count`` may be a device scalar ('sync' on GPU).
+
+        ``local_count`` (this rank's images per channel; default ``count``) goes to
+        ``last_count`` as a host int without reading a device value.
+        """
         xp = backend.get_array_module(mean)
         dt = self.avg_mean.dtype
         if self.mode == "batch":
@@ -199,7 +214,7 @@ class BatchNorm(chainer.Link):
         else:
             self.last_mean = xp.asarray(mean, dtype=dt)
             self.last_var = xp.asarray(var, dtype=dt)
-            self.last_count = int(count)
+            self.last_count = int(count if local_count is None else local_count)
         if self._accum is not None:
             m = xp.asarray(mean, dtype=numpy.float64)
             v = xp.asarray(var, dtype=numpy.float64)
@@ -207,7 +222,7 @@ class BatchNorm(chainer.Link):
             self._accum[1] += (v + m * m) * count
             self._accum[2] += count
         if self.mode in ("running", "sync"):
-            unbiased = var * (count / max(count - 1.0, 1.0))
+            unbiased = var * (count / xp.maximum(count - 1.0, 1.0))
             d = self.decay
             self.avg_mean = xp.asarray(d * self.avg_mean + (1 - d) * xp.asarray(mean, dtype=dt), dtype=dt)
             self.avg_var = xp.asarray(d * self.avg_var + (1 - d) * xp.asarray(unbiased, dtype=dt), dtype=dt)

@@ -102,9 +102,11 @@ def setup_compute(cfg: dict, comm, topology: dict) -> int | None:
         hpcsgd.kernels.enable(True)
     if not cfg["gpu"]:
         return None
-    import cupy  # one GPU per rank; also right when the launcher shows each rank a single GPU
+    import cupy  # one GPU per rank, from the physical node-local rank (virtual nodes add no GPUs)
 
-    device = comm.intra_rank % cupy.cuda.runtime.getDeviceCount()
+    from hpcsgd.topology import select_gpu
+
+    device = select_gpu(comm.mpi_comm)  # collective; two ranks on one GPU raise on every rank
     cupy.cuda.Device(device).use()
     topology["device"] = device
     return device
