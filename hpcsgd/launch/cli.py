@@ -204,7 +204,7 @@ def supervise(args, train_args: list[str], out: str, launcher: str, log: EventLo
                     f"job); not restarting", interrupted=name, **fields)
                 return 128 + res.interrupted
             log("end", f"attempt {attempt_no} ended: {outcome.cause}", **fields)
-            if not outcome.success:
+            if outcome.restart:  # a fault, not a config/data error: say where each rank stopped
                 _log_postmortem(out, log, attempt_no)
             if outcome.success:
                 log("finish", f"done after {attempt_no} attempt(s) ({restarts} restart(s)): {outcome.kind}",
