@@ -230,7 +230,7 @@ def deserialize(path: str, data: bytes) -> Checkpoint:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-    except (ValueError, KeyError, OSError, EOFError) as e:  # ValueError: also "Object arrays cannot be loaded"
+    except (ValueError, KeyError, OSError, EOFError) as e:  # ValueError too: "Object arrays cannot..."
         raise CheckpointError(f"checkpoint {path} cannot be read safely: {type(e).__name__}: {e}") from e
     if state_codec.JSON_KEY in arrays:
         rank_states = state_codec.decode(path, arrays)

@@ -102,7 +102,8 @@ def decode(path: str, members: dict[str, np.ndarray]) -> list:
     try:
         tree = json.loads(members[JSON_KEY].tobytes().decode())
     except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: its per-rank state ({JSON_KEY}) is not valid JSON: {e}") from e
+        raise CheckpointError(f"checkpoint {path}: its per-rank state ({JSON_KEY}) is not valid JSON: "
+                              f"{e}") from e
     if not isinstance(tree, dict) or tree.get("format") != FORMAT:
         got = tree.get("format") if isinstance(tree, dict) else type(tree).__name__
         raise CheckpointError(f"checkpoint {path}: per-rank state format {got!r} is not {FORMAT} "
