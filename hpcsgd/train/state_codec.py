@@ -70,9 +70,9 @@ def _array_ref(kind: str, value: np.ndarray, arrays: dict, where: str) -> dict:
 
 
 def _enc(obj: Any, arrays: dict, where: str) -> Any:
-    if obj is None or isinstance(obj, (bool, str)):
+    if obj is None or type(obj) in (bool, str):
         return obj
-    if isinstance(obj, int) and type(obj) is int:
+    if type(obj) is int:
         return obj
     if type(obj) is float:
         return obj if math.isfinite(obj) else {_TAG: "float", "hex": obj.hex()}
