@@ -56,7 +56,7 @@ def test_corrupt_file_raises_dataerror_naming_it(broken_tree):
     rest = FileListDataset(ds.paths[3:], ds.labels[3:])
     with pytest.raises(DataError, match=r"dog/img2.JPEG: not a readable image"):
         list(Loader(rest, 3, workers=0, shuffle=False, transform="train"))
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 120  # not waiting out the 300 s worker timeout (load-proof bound)
 
 
 def test_skip_counts_bad_files_and_keeps_batches_full(broken_tree, caplog):
@@ -128,7 +128,7 @@ def test_sigkilled_worker_is_reported_within_seconds():
         with pytest.raises(DataWorkerError, match=want):
             for _ in it:
                 pass
-        assert time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < 60  # not waiting out the 300 s worker timeout (load-proof bound)
 
 
 def test_worker_exit_code_and_hang_are_reported():
@@ -141,7 +141,7 @@ def test_worker_exit_code_and_hang_are_reported():
     with Loader(ds, 4, workers=1, shuffle=False, timeout=2, transform=hang) as loader:
         with pytest.raises(DataWorkerError, match="no answer from data workers"):
             list(loader)
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 60  # the 2 s timeout fired, not the hang (load-proof bound)
 
 
 def test_every_planted_defect_is_named_and_odd_files_are_decoded(tmp_path):

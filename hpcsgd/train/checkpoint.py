@@ -2,8 +2,16 @@
 
 Layout of a checkpoint directory (``OUT/checkpoints``)::
 
-    ckpt-00000120.npz    model/<param>, optimizer/<state>, __meta__ (JSON), __ranks__ (pickle)
+    ckpt-00000120.npz    model/<param>, optimizer/<state>, __meta__ (JSON),
+                         __ranks__.json + __ranks__/<k> (per-rank state: JSON tree + arrays)
     ckpt-00000120.json   manifest: file, bytes, sha256, iteration, written_at
+
+Nothing on the load path unpickles: the ``.npz`` is read with
+``allow_pickle=False`` and the per-rank state is JSON plus plain arrays
+(:mod:`hpcsgd.train.state_codec`), so a checkpoint from an untrusted place
+cannot run code. Checkpoints of older versions (per-rank state pickled in
+``__ranks__``) are read with an allowlisting unpickler that refuses every
+global but NumPy's array reconstructors.
 
 Writing (:func:`save_checkpoint`, collective):
 
@@ -32,7 +40,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import re
 import time
 import zlib
@@ -42,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hpcsgd.errors import CheckpointError, ParameterMismatchError
+from hpcsgd.train import state_codec
 from hpcsgd.watchdog import collective
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.json$")
@@ -132,10 +140,14 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
 
 
 def serialize(arrays: dict[str, np.ndarray], meta: dict, rank_states: list) -> bytes:
+    """The ``.npz`` bytes; raises CheckpointError if a rank state holds a type JSON + arrays cannot."""
+    reserved = [k for k in arrays if k.startswith("__")]
+    if reserved:
+        raise CheckpointError(f"checkpoint array names may not start with '__' (reserved): {reserved[:3]}")
     buf = io.BytesIO()
     payload = dict(arrays)
     payload["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    payload["__ranks__"] = np.frombuffer(pickle.dumps(rank_states, protocol=4), dtype=np.uint8)
+    payload.update(state_codec.encode(rank_states))
     np.savez(buf, **payload)
     return buf.getvalue()
 
@@ -174,8 +186,9 @@ def save_checkpoint(directory: str, state: dict, comm, keep: int = 3) -> str:
 
     ``state`` keys: ``iteration`` (int), ``arrays`` (name -> array, identical on all
     ranks, taken from rank 0), ``meta`` (JSON-able, from rank 0), ``rank_state``
-    (any picklable object, gathered from every rank), ``model`` (optional: the
-    replica check runs on it).
+    (gathered from every rank: None, bool, int, float, str, lists, tuples, dicts,
+    NumPy arrays and scalars; see :mod:`hpcsgd.train.state_codec`), ``model``
+    (optional: the replica check runs on it).
     """
     mpi = _mpi(comm)
     if state.get("model") is not None:
@@ -212,10 +225,20 @@ class Checkpoint:
 
 
 def deserialize(path: str, data: bytes) -> Checkpoint:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-    rank_states = pickle.loads(arrays.pop("__ranks__").tobytes())
+    """Parse checkpoint bytes without unpickling anything (old format: see state_codec)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    except (ValueError, KeyError, OSError, EOFError) as e:  # ValueError too: "Object arrays cannot..."
+        raise CheckpointError(f"checkpoint {path} cannot be read safely: {type(e).__name__}: {e}") from e
+    if state_codec.JSON_KEY in arrays:
+        rank_states = state_codec.decode(path, arrays)
+    elif state_codec.LEGACY_KEY in arrays:
+        rank_states = state_codec.load_legacy_ranks(path, arrays[state_codec.LEGACY_KEY].tobytes())
+    else:
+        rank_states = []
+    arrays = {k: v for k, v in arrays.items() if not k.startswith("__")}
     return Checkpoint(path, int(meta.get("iteration", -1)), meta, arrays, rank_states)
 
 

@@ -14,6 +14,7 @@ import os
 import runpy
 import sys
 import threading
+import zlib
 
 from mpi4py import MPI
 
@@ -43,12 +44,28 @@ def _arm(rank: int) -> None:
     faulthandler.dump_traceback_later(after, exit=True, file=f)
 
 
+def _seed(argv: list, rank: int) -> None:
+    """Seed ``random`` and NumPy's global RNG (Chainer's initializers draw from it).
+
+    The seed depends on the script, its arguments and the rank: ranks differ as in a real
+    job (an unseeded replica still has to be broadcast), and every run repeats exactly.
+    """
+    import random
+
+    import numpy as np
+
+    seed = zlib.crc32(" ".join([os.path.basename(argv[0]), *argv[1:], f"rank{rank}"]).encode())
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         raise SystemExit("usage: _launch.py SCRIPT [ARGS...]")
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     _arm(MPI.COMM_WORLD.Get_rank())
+    _seed(sys.argv, MPI.COMM_WORLD.Get_rank())
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
 
