@@ -1,7 +1,11 @@
 """Fault tests record what happened as JSON; scripts/fault_table.py turns it into the README table.
 
 Each fault test calls :func:`record` once its assertions passed, writing
-``benchmarks/results/faults/<key>.json`` (or ``$HPCSGD_FAULT_RESULTS/<key>.json``).
+``$HPCSGD_FAULT_RESULTS/<key>.json``. Unset, results go to a temporary folder, so
+running the tests never changes the repository; to refresh the committed table:
+
+    HPCSGD_FAULT_RESULTS=benchmarks/results/faults bash scripts/test.sh -k fault
+    python scripts/fault_table.py && python scripts/sync_docs.py
 """
 
 from __future__ import annotations
@@ -9,15 +13,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 RESULTS_ENV = "HPCSGD_FAULT_RESULTS"
 
 
 def results_dir() -> Path:
-    return Path(os.environ.get(RESULTS_ENV) or ROOT / "benchmarks" / "results" / "faults")
+    """Where results go: ``$HPCSGD_FAULT_RESULTS``, else a temporary folder (not the repository)."""
+    return Path(os.environ.get(RESULTS_ENV) or Path(tempfile.gettempdir()) / "hpcsgd-fault-results")
 
 
 def record(key: str, *, order: float, fault: str, injected: str, outcome: str,
