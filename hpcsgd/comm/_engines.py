@@ -15,7 +15,7 @@ reduces bucket ``i`` when the reducer launches it. Two kinds:
   - ``'thread'``: a worker thread runs blocking ``MPI_Allreduce`` per bucket.
 
 * :class:`AlgorithmBackend` (``'comm'``): the communicator's own bucket algorithm
-  (:mod:`hpcsgd.comm.buckets`: hierarchical shared memory + float16 between nodes,
+  (:mod:`hpcsgd.comm.bucket_algorithm`: hierarchical shared memory + float16 between nodes,
   or flat) on a worker thread, in place: in the gradient array itself when it owns
   its memory (always after backward; during backward when the hook proves it), else
   in a copy inside one persistent flat buffer, of which ``param.grad`` becomes a view.
@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 from mpi4py import MPI
 
-from hpcsgd.comm import kernels
+from hpcsgd.comm import wire_kernels
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective
 
@@ -159,7 +159,7 @@ class BufferBackend:
         elif type(grad).__module__.startswith("cupy"):
             dst[...] = grad.get().reshape(-1) * np.float32(self._scale)
         else:
-            kernels.pack_into(np.ascontiguousarray(grad).reshape(-1), dst, self._scale, "float32")
+            wire_kernels.pack_into(np.ascontiguousarray(grad).reshape(-1), dst, self._scale, "float32")
 
     def launch(self, i: int) -> None:
         self.launch_times.append(time.perf_counter())
@@ -200,10 +200,10 @@ class BufferBackend:
                 p.grad[...] = cupy.asarray(src.reshape(p.shape)).astype(p.grad.dtype)
                 bad += int((~np.isfinite(src)).sum())
             elif p.grad.flags.c_contiguous and p.grad.flags.writeable:
-                bad += kernels.unpack_from(src, p.grad.reshape(-1), 1.0, "float32")
+                bad += wire_kernels.unpack_from(src, p.grad.reshape(-1), 1.0, "float32")
             else:  # e.g. a read-only broadcast view that backward handed over: replace it
                 tmp = np.empty(p.size, p.array.dtype)
-                bad += kernels.unpack_from(src, tmp, 1.0, "float32")
+                bad += wire_kernels.unpack_from(src, tmp, 1.0, "float32")
                 p.grad = tmp.reshape(p.shape)
         return bad
 
@@ -215,7 +215,7 @@ class BufferBackend:
 
 
 class AlgorithmBackend:
-    """The communicator's own :class:`~hpcsgd.comm.buckets.BucketAlgorithm` on a worker thread ('comm').
+    """The communicator's own :class:`~hpcsgd.comm.bucket_algorithm.BucketAlgorithm` on a worker thread ('comm').
 
     ``comm`` must be a private communicator (the reducer's clone) of a class with
     ``_new_algorithm(layout)`` (``flat``, ``hierarchical``). Buckets are that
@@ -283,7 +283,7 @@ class AlgorithmBackend:
         elif type(grad).__module__.startswith("cupy"):
             dst[...] = grad.get().reshape(-1)
         else:
-            kernels.pack_into(np.ascontiguousarray(grad).reshape(-1), dst, 1.0, "float32")
+            wire_kernels.pack_into(np.ascontiguousarray(grad).reshape(-1), dst, 1.0, "float32")
         self.grads.vectors[self._slot[name]] = dst
 
     def launch(self, i: int) -> None:

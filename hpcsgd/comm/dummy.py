@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcsgd.comm import kernels
-from hpcsgd.comm.bucketed import BucketedCommunicator
-from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm import wire_kernels
+from hpcsgd.comm.reducing import BucketedCommunicator
+from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.packing import GradLayout
 from hpcsgd.trace import get_tracer
 
 
 class DummyAlgorithm(BucketAlgorithm):
     def __init__(self, layout: GradLayout, wire: str, bucket_bytes: int):
-        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
         self.wire = wire
         self.low_precision = wire != "float32"
         width = max((hi - lo for lo, hi in self.ranges), default=0)
-        self.buf = np.empty(width, kernels.wire_storage_dtype(wire))
+        self.buf = np.empty(width, wire_kernels.wire_storage_dtype(wire))
 
     def run(self, i: int) -> int:
         lo, hi = self.ranges[i]

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from hpcsgd.comm import kernels
-from hpcsgd.comm.bucketed import BucketedCommunicator
-from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm import wire_kernels
+from hpcsgd.comm.reducing import BucketedCommunicator
+from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.fp16_reduce import LowPrecisionAllreduce
 from hpcsgd.comm.packing import GradLayout
 from hpcsgd.trace import get_tracer
@@ -31,13 +31,13 @@ class FlatAlgorithm(BucketAlgorithm):
     """Pack, reduce over ``comm``, unpack, one bucket at a time."""
 
     def __init__(self, layout: GradLayout, comm, wire: str, bucket_bytes: int):
-        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
         self.comm = comm.Dup()  # private: buckets may run on a worker thread
         self.size = comm.Get_size()
         self.wire = wire
         self.low_precision = wire != "float32"
         width = max((hi - lo for lo, hi in self.ranges), default=0)
-        self.buf = np.empty(width, kernels.wire_storage_dtype(wire))
+        self.buf = np.empty(width, wire_kernels.wire_storage_dtype(wire))
         self._lowp = LowPrecisionAllreduce(self.comm, wire) if self.low_precision else None
 
     def run(self, i: int) -> int:

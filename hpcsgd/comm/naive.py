@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from hpcsgd.comm import kernels
-from hpcsgd.comm.bucketed import BucketedCommunicator
-from hpcsgd.comm.buckets import raise_if_nonfinite
+from hpcsgd.comm import wire_kernels
+from hpcsgd.comm.reducing import BucketedCommunicator
+from hpcsgd.comm.bucket_algorithm import raise_if_nonfinite
 from hpcsgd.comm.fp16_reduce import LowPrecisionAllreduce
 from hpcsgd.comm.packing import flat_view, select_params
 from hpcsgd.trace import get_tracer
@@ -46,23 +46,23 @@ class NaiveCommunicator(BucketedCommunicator):
         bad = 0
         for name, p in params:
             g = flat_view(p)
-            info = {"bytes": int(g.size * kernels.wire_itemsize(wire)), "dtype": wire, "param": name}
+            info = {"bytes": int(g.size * wire_kernels.wire_itemsize(wire)), "dtype": wire, "param": name}
             if wire == "float32" and g.dtype == np.float32:
                 with tracer.span("allreduce", **info), collective("allreduce", param=name):
                     if size > 1:
                         self._mpi_comm.Allreduce(MPI.IN_PLACE, [g, MPI.FLOAT], op=MPI.SUM)
                 with tracer.span("unpack", **info):
-                    bad += kernels.scale_and_count(g, 1.0 / size)
+                    bad += wire_kernels.scale_and_count(g, 1.0 / size)
                 continue
-            buf = np.empty(g.size, kernels.wire_storage_dtype(wire))
+            buf = np.empty(g.size, wire_kernels.wire_storage_dtype(wire))
             with tracer.span("pack", **info):
-                kernels.pack_into(g, buf, 1.0 / size, wire)
+                wire_kernels.pack_into(g, buf, 1.0 / size, wire)
             with tracer.span("allreduce", **info), collective("allreduce", param=name):
                 if lowp is not None:
                     lowp(buf)
                 elif size > 1:
                     self._mpi_comm.Allreduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM)
             with tracer.span("unpack", **info):
-                bad += kernels.unpack_from(buf, g, 1.0, wire)
+                bad += wire_kernels.unpack_from(buf, g, 1.0, wire)
         if self.get_config("check_finite"):
             raise_if_nonfinite(bad, wire != "float32", wire)

@@ -8,7 +8,7 @@ on the development machine** (it has no GPU); the tests skip without CUDA.
   device buffer in the wire format (ChainerMN's ``batched_copy``: a device table
   of piece pointers, each thread binary-searches its piece), ``ncclAllReduce(SUM)``
   over all ranks, and a second launch casts back and counts non-finite values
-  (one atomic counter). Non-float32 parameters take per-piece elementwise kernels.
+  (one atomic counter). Non-float32 parameters take per-piece elementwise wire_kernels.
   Default wire: float32 (``allreduce_grad_dtype`` float16/bfloat16 halves the
   bytes; NCCL adds 16-bit values hop by hop).
 * :class:`GpuHierarchicalAlgorithm`: ``ncclReduceScatter`` inside the node
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcsgd.comm import kernels
-from hpcsgd.comm.bucketed import BucketedCommunicator
-from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm import wire_kernels
+from hpcsgd.comm.reducing import BucketedCommunicator
+from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.packing import BoundGrads, GradLayout
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective
@@ -72,13 +72,13 @@ class GpuBoundGrads(BoundGrads):
 
     def pack(self, lo, hi, dst, scale, wire):
         if GpuBoundGrads._kernels is None:
-            GpuBoundGrads._kernels = kernels.cupy_batched_kernels()
+            GpuBoundGrads._kernels = wire_kernels.cupy_batched_kernels()
         table, pieces = self._table(lo, hi)
         if table is not None and pieces:
             self._launch(GpuBoundGrads._kernels[0], hi - lo, *table, dst, np.int64(hi - lo),
-                         np.float32(scale), np.int32(kernels.wire_code(wire)))
+                         np.float32(scale), np.int32(wire_kernels.wire_code(wire)))
             return
-        kern = kernels.cupy_pack_kernel(wire)
+        kern = wire_kernels.cupy_pack_kernel(wire)
         for i, a, b in pieces:
             kern(self.piece(i, a, b).astype(np.float32, copy=False), np.float32(scale), dst[a - lo:b - lo])
 
@@ -86,14 +86,14 @@ class GpuBoundGrads(BoundGrads):
         import cupy
 
         if GpuBoundGrads._kernels is None:
-            GpuBoundGrads._kernels = kernels.cupy_batched_kernels()
+            GpuBoundGrads._kernels = wire_kernels.cupy_batched_kernels()
         table, pieces = self._table(lo, hi)
         bad = cupy.zeros((), np.uint64)
         if table is not None and pieces:
             self._launch(GpuBoundGrads._kernels[1], hi - lo, *table, src, np.int64(hi - lo),
-                         np.float32(scale), np.int32(kernels.wire_code(wire)), bad)
+                         np.float32(scale), np.int32(wire_kernels.wire_code(wire)), bad)
             return int(bad)
-        kern = kernels.cupy_unpack_kernel(wire)
+        kern = wire_kernels.cupy_unpack_kernel(wire)
         for i, a, b in pieces:
             g = self.piece(i, a, b)
             y, flags = kern(src[a - lo:b - lo], np.float32(scale))
@@ -115,7 +115,7 @@ class NcclAllreduceAlgorithm(_GpuAlgorithm):
     def __init__(self, layout: GradLayout, mpi_comm, wire: str, bucket_bytes: int):
         import cupy
 
-        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
         self.wire, self.size = wire, mpi_comm.Get_size()
         self.low_precision = wire != "float32"
         self.nccl = nccl_comm_over(mpi_comm)
@@ -145,7 +145,7 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
     def __init__(self, layout: GradLayout, topology, intra_wire: str, inter_wire: str, bucket_bytes: int):
         import cupy
 
-        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(intra_wire)))
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(intra_wire)))
         self.size, self.k, self.r = topology.size, topology.intra_size, topology.intra_rank
         self.intra_wire, self.inter_wire = intra_wire, inter_wire
         self.low_precision = intra_wire != "float32" or (topology.inter_size > 1 and inter_wire != "float32")
@@ -177,13 +177,13 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
             self.intra.reduceScatter(buf.data.ptr, mine.data.ptr, chunk, dt, nccl.NCCL_SUM, stream)
             if self.inter is not None:
                 s32 = self.shard32[:chunk]
-                s32[...] = kernels.cupy_unpack_kernel(self.intra_wire)(mine, np.float32(1.0))[0]
+                s32[...] = wire_kernels.cupy_unpack_kernel(self.intra_wire)(mine, np.float32(1.0))[0]
                 sw = self.shard_inter[:chunk]
-                kernels.cupy_pack_kernel(self.inter_wire)(s32, np.float32(1.0), sw)
+                wire_kernels.cupy_pack_kernel(self.inter_wire)(s32, np.float32(1.0), sw)
                 self.inter.allReduce(sw.data.ptr, sw.data.ptr, chunk, _nccl_dtype(self.inter_wire),
                                      nccl.NCCL_SUM, stream)
-                s32[...] = kernels.cupy_unpack_kernel(self.inter_wire)(sw, np.float32(1.0))[0]
-                kernels.cupy_pack_kernel(self.intra_wire)(s32, np.float32(1.0), mine)
+                s32[...] = wire_kernels.cupy_unpack_kernel(self.inter_wire)(sw, np.float32(1.0))[0]
+                wire_kernels.cupy_pack_kernel(self.intra_wire)(s32, np.float32(1.0), mine)
             self.intra.allGather(mine.data.ptr, buf.data.ptr, chunk, dt, stream)
         with get_tracer().span("unpack", **info):
             return self.grads.unpack(lo, hi, buf, 1.0, self.intra_wire)

@@ -56,7 +56,7 @@ from typing import Any
 
 from hpcsgd.comm._engines import PROGRESS, AlgorithmBackend, BufferBackend, Layout
 from hpcsgd.comm._grad_ready import GradReadyHook
-from hpcsgd.comm.buckets import raise_if_nonfinite
+from hpcsgd.comm.bucket_algorithm import raise_if_nonfinite
 from hpcsgd.errors import ConfigError
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective

@@ -8,7 +8,7 @@ large parameter; :meth:`GradLayout.pieces` maps a flat range back to
 
 :class:`BoundGrads` holds this call's gradients as 1-D views (one per layout
 slot) and packs/unpacks any flat range with the fused kernels of
-:mod:`hpcsgd.comm.kernels`: ``pack`` scales by ``1/size`` and casts in one pass,
+:mod:`hpcsgd.comm.wire_kernels`: ``pack`` scales by ``1/size`` and casts in one pass,
 ``unpack`` casts back and counts non-finite values in the same pass.
 
 Why pack at all instead of keeping gradients as views of the flat buffer?
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpcsgd.comm import kernels
+from hpcsgd.comm import wire_kernels
 
 
 @dataclass(frozen=True)
@@ -124,13 +124,13 @@ class BoundGrads:
     def pack(self, lo: int, hi: int, dst: np.ndarray, scale: float, wire: str) -> None:
         """``dst[k] = wire(flat[lo + k] * scale)`` for ``k < hi - lo``."""
         for i, a, b in self.layout.pieces(lo, hi):
-            kernels.pack_into(self.piece(i, a, b), dst[a - lo:b - lo], scale, wire)
+            wire_kernels.pack_into(self.piece(i, a, b), dst[a - lo:b - lo], scale, wire)
 
     def unpack(self, lo: int, hi: int, src: np.ndarray, scale: float, wire: str) -> int:
         """``flat[lo + k] = float(src[k]) * scale``; returns the number of non-finite results."""
         bad = 0
         for i, a, b in self.layout.pieces(lo, hi):
-            bad += kernels.unpack_from(src[a - lo:b - lo], self.piece(i, a, b), scale, wire)
+            bad += wire_kernels.unpack_from(src[a - lo:b - lo], self.piece(i, a, b), scale, wire)
         return bad
 
 

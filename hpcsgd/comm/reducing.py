@@ -15,8 +15,8 @@ from typing import Any
 
 from mpi4py import MPI
 
-from hpcsgd.comm.buckets import BucketAlgorithm, BucketReducer, raise_if_nonfinite
-from hpcsgd.comm.kernels import WIRE_FORMATS
+from hpcsgd.comm.bucket_algorithm import BucketAlgorithm, BucketReducer, raise_if_nonfinite
+from hpcsgd.comm.wire_kernels import WIRE_FORMATS
 from hpcsgd.comm.mpi_base import MpiCommunicatorBase
 from hpcsgd.comm.packing import GradLayout, select_params
 from hpcsgd.errors import ConfigError
