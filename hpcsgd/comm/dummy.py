@@ -11,16 +11,16 @@ from __future__ import annotations
 import numpy as np
 
 from hpcsgd.comm import wire_kernels
-from hpcsgd.comm.reducing import BucketedCommunicator
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.packing import GradLayout
+from hpcsgd.comm.reducing import ReducingCommunicator
 from hpcsgd.trace import get_tracer
 
 
 class DummyAlgorithm(BucketAlgorithm):
     def __init__(self, layout: GradLayout, wire: str, bucket_bytes: int):
         super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
-        self.wire = wire
+        self.wire = self.wire_label = wire
         self.low_precision = wire != "float32"
         width = max((hi - lo for lo, hi in self.ranges), default=0)
         self.buf = np.empty(width, wire_kernels.wire_storage_dtype(wire))
@@ -35,9 +35,11 @@ class DummyAlgorithm(BucketAlgorithm):
             return self.grads.unpack(lo, hi, buf, 1.0, self.wire)
 
 
-class DummyCommunicator(BucketedCommunicator):
+class DummyCommunicator(ReducingCommunicator):
     """Packs and unpacks the gradients without communicating (benchmarks only)."""
 
-    def _new_algorithm(self, layout: GradLayout) -> DummyAlgorithm:
+    def bucket_algorithm(self, layout: GradLayout) -> DummyAlgorithm:
+        if layout.gpu:
+            raise ValueError("the 'dummy' communicator packs NumPy gradients; it has no GPU path")
         intra, inter = self.wire_formats()
         return DummyAlgorithm(layout, intra, self.get_config("bucket_bytes"))

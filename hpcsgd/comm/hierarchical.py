@@ -42,11 +42,11 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcsgd.comm import wire_kernels
-from hpcsgd.comm.reducing import BucketedCommunicator
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.flat import FlatAlgorithm
 from hpcsgd.comm.fp16_reduce import LowPrecisionAllreduce
 from hpcsgd.comm.packing import GradLayout
+from hpcsgd.comm.reducing import ReducingCommunicator
 from hpcsgd.comm.shm import SharedSegments
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective
@@ -63,6 +63,8 @@ class HierarchicalAlgorithm(BucketAlgorithm):
         self.intra_wire, self.inter_wire = intra_wire, inter_wire
         self.n_nodes = topology.inter_size
         self.low_precision = intra_wire != "float32" or (self.n_nodes > 1 and inter_wire != "float32")
+        self.wire_label = intra_wire if intra_wire == inter_wire or self.n_nodes == 1 else \
+            f"{intra_wire}/{inter_wire}"
         self.intra = topology.intra_comm.Dup()
         self.inter = topology.inter_comm.Dup() if self.n_nodes > 1 else None
         self.shm = SharedSegments(self.intra, layout.total, wire_kernels.wire_storage_dtype(intra_wire))
@@ -148,18 +150,18 @@ class HierarchicalAlgorithm(BucketAlgorithm):
                 self.inter.Free()
 
 
-class HierarchicalCommunicator(BucketedCommunicator):
+class HierarchicalCommunicator(ReducingCommunicator):
     """Two-level allreduce: shared memory inside a node, MPI (float16 by default) between nodes."""
 
     DEFAULT_WIRE = ("float32", "float16")
     #: shared-memory buckets are fenced twice each: fewer, larger buckets (MPI messages
     #: between nodes are bucket / ranks-per-node, still in MPI's fast range)
-    CONFIG_DEFAULTS = {**BucketedCommunicator.CONFIG_DEFAULTS, "bucket_bytes": 16 << 20}
+    CONFIG_DEFAULTS = {**ReducingCommunicator.CONFIG_DEFAULTS, "bucket_bytes": 16 << 20}
 
-    def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
+    def bucket_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         intra, inter = self.wire_formats()
         topo = self.topology
-        if self._gpu_grads:
+        if layout.gpu:
             from hpcsgd.comm.nccl import GpuHierarchicalAlgorithm
 
             return GpuHierarchicalAlgorithm(layout, topo, intra, inter, self.get_config("bucket_bytes"))

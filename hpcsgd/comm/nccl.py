@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from hpcsgd.comm import wire_kernels
-from hpcsgd.comm.reducing import BucketedCommunicator
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.packing import BoundGrads, GradLayout
+from hpcsgd.comm.reducing import ReducingCommunicator
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective
 
@@ -117,6 +117,7 @@ class NcclAllreduceAlgorithm(_GpuAlgorithm):
 
         super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
         self.wire, self.size = wire, mpi_comm.Get_size()
+        self.wire_label = wire
         self.low_precision = wire != "float32"
         self.nccl = nccl_comm_over(mpi_comm)
         width = max((hi - lo for lo, hi in self.ranges), default=0)
@@ -149,6 +150,7 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
         self.size, self.k, self.r = topology.size, topology.intra_size, topology.intra_rank
         self.intra_wire, self.inter_wire = intra_wire, inter_wire
         self.low_precision = intra_wire != "float32" or (topology.inter_size > 1 and inter_wire != "float32")
+        self.wire_label = intra_wire if topology.inter_size == 1 else f"{intra_wire}/{inter_wire}"
         self.intra = nccl_comm_over(topology.intra_comm)
         self.inter = nccl_comm_over(topology.inter_comm) if topology.inter_size > 1 else None
         width = max((hi - lo for lo, hi in self.ranges), default=0)
@@ -189,7 +191,7 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
             return self.grads.unpack(lo, hi, buf, 1.0, self.intra_wire)
 
 
-class NcclCommunicator(BucketedCommunicator):
+class NcclCommunicator(ReducingCommunicator):
     """One NCCL allreduce per bucket of the packed CuPy gradients (ChainerMN ``pure_nccl``)."""
 
     DEFAULT_WIRE = ("float32", "float32")
@@ -197,16 +199,16 @@ class NcclCommunicator(BucketedCommunicator):
     def _topology_kwargs(self) -> dict:
         return {"use_gpu": True}
 
-    def _wire_label(self) -> str:
+    def _wire(self) -> str:
         intra, inter = self.wire_formats()
         return inter if self.inter_size > 1 else intra
 
-    def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
+    def bucket_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         import cupy
 
-        if not self._gpu_grads and len(layout):
+        if not layout.gpu and len(layout):
             raise ValueError("the 'nccl' communicator reduces CuPy gradients (call model.to_device(...) "
                              "first); for NumPy use 'hierarchical' or 'flat'")
         cupy.cuda.Device(self.topology.device).use()
-        return NcclAllreduceAlgorithm(layout, self._mpi_comm, self._wire_label(),
+        return NcclAllreduceAlgorithm(layout, self._mpi_comm, self._wire(),
                                       self.get_config("bucket_bytes"))
