@@ -114,8 +114,11 @@ def check_combination(communicator, *, overlap: bool = False, double_buffering: 
     else:
         found = registration_of(communicator)
         if found is None:  # a ChainerMN or user communicator: judge by its public methods
+            from hpcsgd.comm.base import CommunicatorBase  # no MPI import
+
             name = type(communicator).__name__
-            if overlap and not callable(getattr(communicator, "bucket_algorithm", None)):
+            method = getattr(type(communicator), "bucket_algorithm", None)
+            if overlap and (not callable(method) or method is CommunicatorBase.bucket_algorithm):
                 raise ConfigError(f"overlap: true is not supported by communicator: {name} (it has no "
                                   f"bucket_algorithm; use an hpcsgd communicator)")
             if double_buffering and not callable(getattr(communicator, "multi_node_mean_grad_async", None)):
