@@ -208,3 +208,22 @@ def test_signature_and_mismatch_message():
     with fresh.init_scope():
         fresh.a = L.Linear(None, 3)
     assert param_signature(fresh)[0] == ("/a/W", None, None, False)
+
+
+def test_train_config_check_rejects_unsupported_combinations():
+    """hpcsgd train's config check calls check_combination: the message names the keys."""
+    from hpcsgd.train import config as C
+
+    def resolve(**cfg):
+        return C.resolve(C.merge(cfg, []), 2, check_paths=False)
+
+    resolve(communicator="naive", overlap=True)  # CPU: every registered communicator overlaps
+    resolve(communicator="flat", double_buffering=True)
+    cases = [({"communicator": "naive", "gpu": True}, "communicator: naive does not run with gpu: true"),
+             ({"communicator": "flat", "gpu": True}, "communicator: flat does not run with gpu: true"),
+             ({"gpu": True, "overlap": True}, "overlap: true is not supported by communicator: hierarchical"),
+             ({"communicator": "nccl", "gpu": True, "double_buffering": True},
+              "double_buffering: true is not supported by communicator: nccl")]
+    for cfg, words in cases:
+        with pytest.raises(ConfigError, match=words):
+            resolve(**cfg)

@@ -230,6 +230,10 @@ def resolve(cfg: dict, world_size: int, check_paths: bool = True,
                           "(use the optimizer and schedule keys)")
     if cfg["communicator"] == "nccl" and not cfg["gpu"]:
         raise ConfigError(f"config key 'communicator'={cfg['communicator']!r} needs gpu: true")
+    from hpcsgd.comm import check_combination  # the communicators' declared capabilities
+
+    check_combination(cfg["communicator"], overlap=cfg["overlap"], double_buffering=cfg["double_buffering"],
+                      gpu=cfg["gpu"])
     if cfg["kernels"] is None:
         cfg["kernels"] = not cfg["gpu"]
     if cfg["dataset"] in ("imagenet_folder", "imagenet_list") and cfg["data_path"] is None:
