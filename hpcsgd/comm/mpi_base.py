@@ -1,8 +1,8 @@
 """``MpiCommunicatorBase``: every communicator primitive on top of mpi4py.
 
-Algorithm classes (naive, flat, hierarchical, nccl, dummy) derive from it and
-implement only :meth:`multi_node_mean_grad` (and, if they can overlap, the async
-variant). What this class adds to ChainerMN's ``MpiCommunicatorBase``:
+Algorithm classes (naive, flat, hierarchical, nccl, dummy) derive from it through
+:class:`~hpcsgd.comm.reducing.ReducingCommunicator` and implement only
+``bucket_algorithm``. What this class adds to ChainerMN's ``MpiCommunicatorBase``:
 
 * the topology comes from :func:`hpcsgd.topology.create_topology`, so
   ``HPCSGD_RANKS_PER_NODE`` virtual nodes drive the hierarchical paths;
@@ -10,7 +10,8 @@ variant). What this class adds to ChainerMN's ``MpiCommunicatorBase``:
   traffic never matches a user's messages on the same communicator;
 * bad input raises on every rank (errors travel in the message headers);
 * arrays of any dtype move as raw bytes (float16 is not widened to float32);
-* :meth:`check_params_consistent` names the first parameter the ranks disagree on;
+* :meth:`check_params_consistent` names the first parameter the ranks disagree on, and
+  :meth:`select_grads` agrees on the gradients a mean averages (unused parameters);
 * every blocking operation runs inside ``hpcsgd.watchdog.collective(name)``.
 """
 
