@@ -30,6 +30,7 @@ from hpcsgd.comm.packing import GradLayout
 from hpcsgd.comm.reducer import GradReducer
 from hpcsgd.comm.wire_kernels import WIRE_FORMATS
 from hpcsgd.errors import ConfigError
+from hpcsgd.watchdog import collective
 
 #: options that do not change what an engine computes: changing them keeps the engines
 _ENGINE_NEUTRAL = ("check_finite", "batched_copy")
@@ -184,4 +185,6 @@ class _PendingMean:
         comm = self._comm
         if comm._pending is self:
             comm._pending = None
-        comm._finish(reducer.wait(), reducer)
+        with collective("mean_grad_async_wait", buckets=reducer.n_buckets):
+            bad = reducer.wait()
+        comm._finish(bad, reducer)
