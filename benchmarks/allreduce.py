@@ -125,7 +125,7 @@ def main() -> int:
     from mpi4py import MPI
 
     import hpcsgd
-    from hpcsgd.comm import kernels
+    from hpcsgd.comm import wire_kernels
 
     comm = MPI.COMM_WORLD
     rank, n = comm.Get_rank(), comm.Get_size()
@@ -211,7 +211,7 @@ def main() -> int:
         "loadavg_before": load_before, "loadavg_after": load_after,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(), "cpus": os.cpu_count(), "mpi": MPI.Get_library_version().splitlines()[0],
-        "numba_hardware_half": kernels.HARDWARE_HALF, "bucket_bytes": default.get_config("bucket_bytes"),
+        "numba_hardware_half": wire_kernels.HARDWARE_HALF, "bucket_bytes": default.get_config("bucket_bytes"),
         "osu_allreduce_f32": osu, "resnet50": results, "bucket_sweep": bucket_sweep,
         "command": ("mpiexec -n 2 python -m mpi4py benchmarks/allreduce.py"
                     + (" --quick" if args.quick else "")),

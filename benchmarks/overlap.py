@@ -1,22 +1,23 @@
-"""Allreduce overlapped with backward vs. not, in the same run (issue 7, "Overlap").
+"""Allreduce overlapped with backward vs. not, in the same run.
 
     OPENBLAS_CORETYPE=SkylakeX python benchmarks/overlap.py            # 2 ranks, ResNet-50 @ 32x32
     python benchmarks/overlap.py --model resnet_small --hw 32 --batch 32
 
-The driver launches ``mpiexec -n RANKS`` twice: once plain and once with MPICH's
-asynchronous progress thread (``MPIR_CVAR_ASYNC_PROGRESS=1``). Each launch runs,
-interleaved round-robin so that load changes hit all of them alike, steps of:
+The driver launches ``mpiexec -n RANKS`` once. It runs, interleaved round-robin so
+that load changes hit all of them alike, steps of (every reduction is the one
+gradient-reduction engine, ``hpcsgd.comm.reducer.GradReducer``, driven three ways):
 
 * ``compute``: forward + backward only (no communication): the compute time;
-* ``no_overlap``: backward, then all buckets reduced (``OverlappedReducer(overlap=False)``);
 * ``sync_<name>``: backward, then the communicator's own ``multi_node_mean_grad``
   (ChainerMN-style, after backward; ``per_param`` when the algorithm modules are missing);
 * ``double_buffer_<name>``: ChainerMN's double buffering: step t waits for step t-1's
   mean and starts its own with ``multi_node_mean_grad_async`` (one step stale);
-* ``poll_<MB>``, ``thread_<MB>``, ``comm_<MB>``: overlapped, with progress by
-  ``MPI_Testall`` from the backward hook, by a worker thread running ``MPI_Allreduce``,
-  or by a worker thread running the communicator's own bucket algorithm;
-* ``none_<MB>`` (async-progress launch only): overlapped, no polling.
+* ``no_overlap_comm``: the overlapped driver with overlap off (backward order, all buckets
+  after backward: the in-run baseline of the next);
+* ``comm_<MB>``: overlapped, the communicator's bucket algorithm on the engine's thread.
+
+(``--engines`` and ``--no-async`` are accepted for command-line compatibility with older
+versions that also measured the removed 'poll'/'thread'/'none' modes; only 'comm' remains.)
 
 Step time is the slowest rank's time from a barrier to the averaged grads (median of
 repeats). Exposed communication = median step time - median compute time of the
@@ -53,8 +54,8 @@ def _args(argv=None):
     p.add_argument("--async-bucket-mb", default="4",
                    help="bucket sizes for the (slow) launch with MPICH's async progress thread")
     p.add_argument("--communicator", default="hierarchical", help="sync_<name> baseline if it exists")
-    p.add_argument("--engines", default="poll,thread,comm", help="progress engines of the plain launch")
-    p.add_argument("--no-async", action="store_true", help="skip the launch with MPICH's progress thread")
+    p.add_argument("--engines", default="comm", help="overlap engines (only 'comm' exists now)")
+    p.add_argument("--no-async", action="store_true", help="accepted for compatibility (no async launch)")
     p.add_argument("--replot", action="store_true", help="only redraw OUT.png from OUT.json")
     p.add_argument("--out", default=str(RESULTS / "overlap"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON path: run as an MPI rank
@@ -72,9 +73,10 @@ def _worker(a) -> None:
     from mpi4py import MPI
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from hpcsgd.comm import create_communicator
+    from hpcsgd.comm import check_combination, create_communicator
     from hpcsgd.comm.mpi_base import MpiCommunicatorBase
     from hpcsgd.comm.overlap import OverlappedReducer
+    from hpcsgd.errors import ConfigError
     from hpcsgd.models import build_model
 
     threadpool_limits(1)  # one thread per rank: the machine has 2 cores
@@ -115,9 +117,6 @@ def _worker(a) -> None:
 
     configs = {"compute": lambda: fwd_bwd()}
     reducers = {}
-    base = OverlappedReducer(algo, model, bucket_bytes=4 << 20, overlap=False)
-    reducers["no_overlap"] = base
-    configs["no_overlap"] = lambda: (fwd_bwd(base), base.wait())
     configs[f"sync_{algo_name}"] = lambda: (fwd_bwd(), algo.multi_node_mean_grad(model, True))
     shadow, pending = copy.deepcopy(model), []
 
@@ -131,17 +130,22 @@ def _worker(a) -> None:
         pending.append(algo.multi_node_mean_grad_async(shadow, True))
 
     configs[f"double_buffer_{algo_name}"] = double_buffered
-    engines = ["poll", "none"] if a.tag == "async" else a.engines.split(",")
-    if not hasattr(algo, "_new_algorithm"):
-        engines = [e for e in engines if e != "comm"]  # needs a bucketed communicator
-    if "comm" in engines:  # the same algorithm and copies as comm_<MB>, all buckets after backward
-        nocomm = OverlappedReducer(algo, model, bucket_bytes=4 << 20, progress="comm", overlap=False)
+    unknown = set(a.engines.split(",")) - {"comm", "poll", "thread", "none"}
+    if unknown:
+        raise SystemExit(f"unknown --engines {sorted(unknown)}")
+    try:
+        check_combination(algo, overlap=True)
+        overlap_ok = True
+    except ConfigError as e:  # e.g. the per-parameter fallback: no bucket algorithm
+        print(f"rank {world.rank}: no overlap configs: {e}", file=sys.stderr)
+        overlap_ok = False
+    if overlap_ok:  # the same algorithm and copies as comm_<MB>, all buckets after backward
+        nocomm = OverlappedReducer(algo, model, bucket_bytes=4 << 20, overlap=False)
         reducers["no_overlap_comm"] = nocomm
         configs["no_overlap_comm"] = lambda: (fwd_bwd(nocomm), nocomm.wait())
-    for mb in [float(v) for v in a.bucket_mb.split(",")]:
-        for engine in engines:
-            name = f"{engine}_{mb:g}MB"
-            r = OverlappedReducer(algo, model, bucket_bytes=int(mb * (1 << 20)), progress=engine)
+        for mb in [float(v) for v in a.bucket_mb.split(",")]:
+            name = f"comm_{mb:g}MB"
+            r = OverlappedReducer(algo, model, bucket_bytes=int(mb * (1 << 20)))
             reducers[name] = r
             configs[name] = (lambda r=r: (fwd_bwd(r), r.wait()))
 
@@ -242,7 +246,8 @@ def _summary(runs: list[dict]) -> dict:
     engine = "comm" if any(k.startswith("comm_") and k.endswith("MB") for k in plain) else "poll"
     default = f"{engine}_{DEFAULT_BUCKET_BYTES / 2**20:g}MB"
     baseline = "no_overlap_comm" if engine == "comm" and "no_overlap_comm" in plain else "no_overlap"
-    fraction, base = None, plain[baseline]["exposed_comm_s"]
+    fraction = None
+    base = plain[baseline]["exposed_comm_s"] if baseline in plain else 0.0
     if default in plain and base > 0:
         fraction = max(0.0, min(1.0, 1 - plain[default]["exposed_comm_s"] / base))
     return {"overlap_fraction": fraction, "overlap_fraction_config": default,
@@ -259,14 +264,13 @@ def main(argv=None) -> int:
         Path(f"{a.out}.json").write_text(json.dumps(_summary(runs), indent=1))
         _plot(runs, Path(f"{a.out}.png"))
         return 0
-    plain = _launch(a, "plain", {})
-    a_async = argparse.Namespace(**{**vars(a), "bucket_mb": a.async_bucket_mb})
-    runs = [plain] if a.no_async else [plain, _launch(a_async, "async", {"MPIR_CVAR_ASYNC_PROGRESS": "1"})]
+    runs = [_launch(a, "plain", {})]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for run in runs:
-        base = run["configs"]["no_overlap"]["median_s"]
-        for entry in run["configs"].values():
+        cfg = run["configs"]
+        base = cfg.get("no_overlap_comm", cfg.get("no_overlap", cfg["compute"]))["median_s"]
+        for entry in cfg.values():
             entry["speedup_vs_no_overlap"] = base / entry["median_s"]
     summary = _summary(runs)
     Path(f"{out}.json").write_text(json.dumps(summary, indent=1))

@@ -76,7 +76,7 @@ def test_config_defaults_validation_and_scope():
     c = _Stub(allreduce_grad_dtype="float16", bucket_bytes=1 << 20)
     cfg = c.get_config()
     assert cfg["allreduce_grad_dtype"] == "float16" and cfg["bucket_bytes"] == 1 << 20
-    assert cfg["batched_copy"] is True and cfg["check_finite"] is True and cfg["extra"] == 3
+    assert cfg["batched_copy"] is True and cfg["check_finite"] is False and cfg["extra"] == 3
     with pytest.raises(ValueError) as ei:
         c.set_config("bucket_size", 5)
     for name in ("bucket_bytes", "batched_copy", "extra", "inter_dtype"):
@@ -90,13 +90,81 @@ def test_config_defaults_validation_and_scope():
     c.set_config("inter_dtype", "bf16")
     assert c.get_config("inter_dtype") == "bfloat16"
     c.changes.clear()
-    with c.config_scope("check_finite", False):
-        assert c.get_config("check_finite") is False
-    assert c.get_config("check_finite") is True
-    assert c.changes == [("check_finite", False), ("check_finite", True)]
+    with c.config_scope("check_finite", True):
+        assert c.get_config("check_finite") is True
+    assert c.get_config("check_finite") is False
+    assert c.changes == [("check_finite", True), ("check_finite", False)]
     with pytest.raises(ValueError):
         with c.config_scope("nope", 1):
             pass
+
+
+def test_chainermn_config_conventions():
+    """Options are attributes; ``config_scope()`` without arguments (ChainerMN) sets them for good."""
+    c = _Stub()
+    assert c.batched_copy is True and c.check_finite is False and c.bucket_bytes == 4 << 20
+    with c.config_scope():
+        c.batched_copy = False
+        c.allreduce_grad_dtype = np.float16
+    assert c.batched_copy is False and c.get_config("batched_copy") is False
+    assert c.get_config("allreduce_grad_dtype") == np.float16  # numpy dtype, as ChainerMN returns
+    assert isinstance(c.get_config("allreduce_grad_dtype"), np.dtype)
+    c.batched_copy = True  # outside a scope too (ChainerMN's get_config reads the attribute)
+    assert c.get_config("batched_copy") is True
+    with pytest.raises(ConfigError, match="batched_copy"):
+        c.batched_copy = "no"
+    with pytest.raises(AttributeError):
+        _ = c.no_such_option
+    c.set_config("allreduce_grad_dtype", None)  # base class: no algorithm decides a wire dtype
+    assert c.get_config("allreduce_grad_dtype") is None
+
+
+def test_check_combination_names_both_keys():
+    from hpcsgd.comm import check_combination
+
+    for name in COMMUNICATORS:
+        reg = COMMUNICATORS[name]
+        for gpu in (False, True):
+            device = "gpu" if gpu else "cpu"
+            if device not in reg.devices:
+                with pytest.raises(ConfigError, match=f"communicator: {name}.*gpu: {str(gpu).lower()}"):
+                    check_combination(name, gpu=gpu)
+                continue
+            check_combination(name, gpu=gpu)
+            for key in ("overlap", "double_buffering"):
+                if device in reg.overlap_devices:
+                    check_combination(name, gpu=gpu, **{key: True})
+                else:
+                    text = f"{key}: true is not supported by communicator: {name}"
+                    with pytest.raises(ConfigError, match=text):
+                        check_combination(name, gpu=gpu, **{key: True})
+    # GPU overlap and double buffering wait for a validation run on a GPU
+    with pytest.raises(ConfigError, match="overlap: true .*hierarchical with gpu: true"):
+        check_combination("hierarchical", overlap=True, gpu=True)
+    with pytest.raises(ConfigError, match="alternatives"):
+        check_combination("flat", overlap=True, double_buffering=True)
+    with pytest.raises(ConfigError, match="unknown"):
+        check_combination("ring")
+    with pytest.raises(ConfigError, match="overlap: true is not supported by communicator: object"):
+        check_combination(object(), overlap=True)
+    with pytest.raises(ConfigError, match="double_buffering: true is not supported by communicator: nccl"):
+        check_combination("nccl", double_buffering=True, gpu=None)
+
+
+def test_capability_table_in_docs_is_generated():
+    """docs/comm_algorithms.md carries the registry's table (python -m hpcsgd.comm --write ...)."""
+    from pathlib import Path
+
+    from hpcsgd.comm import capability_table
+    from hpcsgd.comm.__main__ import replace_block
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "comm_algorithms.md").read_text()
+    assert replace_block(text, capability_table()) == text, \
+        "run: python -m hpcsgd.comm --write docs/comm_algorithms.md"
+    table = capability_table()
+    assert "| `naive` |" in table and "| `nccl` |" in table
+    naive_row = next(r for r in table.splitlines() if r.startswith("| `naive`"))
+    assert naive_row.split("|")[4].strip() == "no", "naive has no GPU path"
 
 
 def test_default_async_defers_the_error_to_wait():
@@ -136,3 +204,26 @@ def test_signature_and_mismatch_message():
     lazy.cleargrads()
     sig = param_signature(lazy)
     assert sig[0] == ("/a/W", None, None, False)
+    fresh = chainer.Chain()  # never cleared: Chainer raises on .grad of the lazy parameter
+    with fresh.init_scope():
+        fresh.a = L.Linear(None, 3)
+    assert param_signature(fresh)[0] == ("/a/W", None, None, False)
+
+
+def test_train_config_check_rejects_unsupported_combinations():
+    """hpcsgd train's config check calls check_combination: the message names the keys."""
+    from hpcsgd.train import config as C
+
+    def resolve(**cfg):
+        return C.resolve(C.merge(cfg, []), 2, check_paths=False)
+
+    resolve(communicator="naive", overlap=True)  # CPU: every registered communicator overlaps
+    resolve(communicator="flat", double_buffering=True)
+    cases = [({"communicator": "naive", "gpu": True}, "communicator: naive does not run with gpu: true"),
+             ({"communicator": "flat", "gpu": True}, "communicator: flat does not run with gpu: true"),
+             ({"gpu": True, "overlap": True}, "overlap: true is not supported by communicator: hierarchical"),
+             ({"communicator": "nccl", "gpu": True, "double_buffering": True},
+              "double_buffering: true is not supported by communicator: nccl")]
+    for cfg, words in cases:
+        with pytest.raises(ConfigError, match=words):
+            resolve(**cfg)

@@ -291,9 +291,9 @@ def test_pointer_tables_upload_only_when_a_gradient_moved():
 # -- which algorithm: the uniform fallback -----------------------------------------------------------
 
 
-def _comm_standin(uniform: bool, intra_size: int, inter_size: int, gpu_grads: bool = True):
+def _comm_standin(uniform: bool, intra_size: int, inter_size: int):
     topo = types.SimpleNamespace(uniform=uniform, intra_size=intra_size, inter_size=inter_size)
-    s = types.SimpleNamespace(topology=topo, _gpu_grads=gpu_grads, _mpi_comm="world",
+    s = types.SimpleNamespace(topology=topo, _mpi_comm="world",
                               get_config=lambda k: {"bucket_bytes": 1 << 20}[k],
                               wire_formats=lambda: ("float32", "float16"))
     return s
@@ -309,20 +309,20 @@ def algorithms(monkeypatch):
 
 
 def test_gpu_hierarchical_falls_back_to_one_nccl_allreduce_on_unequal_nodes(algorithms):
-    layout = GradLayout([])
+    layout = GradLayout([], gpu=True)
     with pytest.warns(RuntimeWarning, match="different numbers of ranks"):
-        assert HierarchicalCommunicator._new_algorithm(_comm_standin(False, 2, 2), layout) == "flat"
+        assert HierarchicalCommunicator.bucket_algorithm(_comm_standin(False, 2, 2), layout) == "flat"
     # all ranks in one NCCL communicator, inter-node wire (the job spans nodes), this rank's device
     assert algorithms[-1] == ("flat", (layout, "world", "float16", 1 << 20, 6))
 
 
 def test_gpu_hierarchical_one_rank_per_node_is_flat_equal_nodes_are_hierarchical(algorithms):
-    layout = GradLayout([])
+    layout = GradLayout([], gpu=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert HierarchicalCommunicator._new_algorithm(_comm_standin(True, 1, 4), layout) == "flat"
-        assert HierarchicalCommunicator._new_algorithm(_comm_standin(True, 2, 2), layout) == "hier"
-        assert HierarchicalCommunicator._new_algorithm(_comm_standin(True, 4, 1), layout) == "hier"
+        assert HierarchicalCommunicator.bucket_algorithm(_comm_standin(True, 1, 4), layout) == "flat"
+        assert HierarchicalCommunicator.bucket_algorithm(_comm_standin(True, 2, 2), layout) == "hier"
+        assert HierarchicalCommunicator.bucket_algorithm(_comm_standin(True, 4, 1), layout) == "hier"
     assert algorithms[1][1][-1] == 6 and algorithms[1][1][2:4] == ("float32", "float16")
 
 
@@ -336,11 +336,10 @@ def test_gpu_hierarchical_algorithm_itself_refuses_unequal_nodes(fake_cupy):
 def test_dummy_takes_the_cuda_kernels_for_cupy_gradients(monkeypatch):
     monkeypatch.setattr(gpu, "GpuPackOnlyAlgorithm", lambda *a: ("gpu", a))
     monkeypatch.setattr(gpu, "current_device", lambda: 1)
-    layout = GradLayout([])
+    layout = GradLayout([], gpu=True)
     s = _comm_standin(True, 1, 1)
-    assert DummyCommunicator._new_algorithm(s, layout) == ("gpu", (layout, "float32", 1 << 20, 1))
-    s._gpu_grads = False
-    assert type(DummyCommunicator._new_algorithm(s, layout)).__name__ == "DummyAlgorithm"
+    assert DummyCommunicator.bucket_algorithm(s, layout) == ("gpu", (layout, "float32", 1 << 20, 1))
+    assert type(DummyCommunicator.bucket_algorithm(s, GradLayout([]))).__name__ == "DummyAlgorithm"
 
 
 # -- NumPy-only calls never see a CuPy array ---------------------------------------------------------

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from hpcsgd.comm import kernels as K
+from hpcsgd.comm import wire_kernels as K
 
 
 def tricky_f32() -> np.ndarray:

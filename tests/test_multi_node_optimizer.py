@@ -102,8 +102,51 @@ def test_accumulation_applies_every_k_calls():
 
 
 def test_double_buffering_needs_async_communicator():
-    with pytest.raises(ValueError, match="multi_node_mean_grad_async"):
+    with pytest.raises(ValueError, match="double_buffering: true is not supported by communicator: FakeComm"):
         create_multi_node_optimizer(CorrectedMomentumSGD(), FakeComm(), double_buffering=True)
+
+
+class ConfigurableComm(FakeComm):
+    """Has hpcsgd's check_finite option (off, as on a bare communicator)."""
+
+    def __init__(self):
+        super().__init__()
+        self.configs = {"check_finite": False}
+
+    def set_config(self, name, value=True):
+        self.configs[name] = value
+
+    def get_config(self, name=None):
+        return self.configs[name]
+
+
+def test_optimizer_turns_on_check_finite():
+    comm = ConfigurableComm()
+    opt = create_multi_node_optimizer(CorrectedMomentumSGD(lr=0.1), comm)
+    assert comm.configs["check_finite"] is True and opt._check_self is False
+    opt = create_multi_node_optimizer(CorrectedMomentumSGD(lr=0.1), FakeComm())  # no such option
+    assert opt._check_self is True
+
+
+def _registered_as(module, cls):
+    """A FakeComm whose class the registry takes for ``module.cls`` (no MPI, no CUDA needed)."""
+    return type(cls, (ConfigurableComm,), {"__module__": module})()
+
+
+def test_unsupported_combinations_raise_the_config_check_error():
+    from hpcsgd.errors import ConfigError
+
+    nccl = _registered_as("hpcsgd.comm.nccl", "NcclCommunicator")
+    with pytest.raises(ConfigError, match="overlap: true is not supported by communicator: nccl"):
+        create_multi_node_optimizer(CorrectedMomentumSGD(), nccl, overlap=True)
+    with pytest.raises(ConfigError, match="communicator: nccl does not run with gpu: false"):
+        create_multi_node_optimizer(CorrectedMomentumSGD(), nccl).setup(toy())  # NumPy model
+    flat = _registered_as("hpcsgd.comm.flat", "FlatCommunicator")
+    with pytest.raises(ConfigError, match="alternatives"):
+        create_multi_node_optimizer(CorrectedMomentumSGD(), flat, overlap=True, double_buffering=True)
+    create_multi_node_optimizer(CorrectedMomentumSGD(), flat, double_buffering=True).setup(toy())  # CPU: fine
+    with pytest.raises(ConfigError, match="overlap: true is not supported by communicator: FakeComm"):
+        create_multi_node_optimizer(CorrectedMomentumSGD(), FakeComm(), overlap=True)
 
 
 @pytest.mark.mpi

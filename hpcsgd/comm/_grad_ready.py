@@ -48,16 +48,13 @@ class GradReadyHook(chainer.FunctionHook):
         param_nodes: ``{param.node: index}`` for the parameters to watch.
         on_ready: called with the parameter index, its final gradient array (the array
             that becomes ``param.grad``) and whether it owns its memory (see above).
-        on_step: called after every function node's backward (for polling MPI).
     """
 
     name = "hpcsgd_grad_ready"
 
-    def __init__(self, param_nodes: dict, on_ready: Callable[[int, object, bool], None],
-                 on_step: Callable[[], None] | None = None) -> None:
+    def __init__(self, param_nodes: dict, on_ready: Callable[[int, object, bool], None]) -> None:
         self._param_nodes = param_nodes
         self._on_ready = on_ready
-        self._on_step = on_step
         self._remaining: dict | None = None
         self._table = None
         self.available = GradTable is not None
@@ -120,8 +117,6 @@ class GradReadyHook(chainer.FunctionHook):
                         arr = g.raw_array
                         owned = self._owns_memory(arr, function, x, out_grad)
                         self._on_ready(self._param_nodes[x], arr, owned)
-        if self._on_step is not None:
-            self._on_step()
 
     def _owns_memory(self, arr, function, x, out_grad) -> bool:
         """False when ``arr`` may share memory with a gradient backward still uses."""

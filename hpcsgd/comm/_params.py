@@ -35,12 +35,24 @@ def param_signature(model, include_grad: bool = True) -> tuple[Entry, ...]:
     out = []
     for name, p in sorted(model.namedparams()):
         data = p.array
+        has_grad = _has_grad(p) if include_grad else None
         if data is None:
-            out.append((name, None, None, None if not include_grad else p.grad is not None))
+            out.append((name, None, None, has_grad))
         else:
-            has_grad = (p.grad is not None) if include_grad else None
             out.append((name, tuple(int(d) for d in data.shape), np.dtype(data.dtype).name, has_grad))
     return tuple(out)
+
+
+def _has_grad(p) -> bool:
+    """``p.grad is not None``; False for a lazy parameter that has never had a gradient.
+
+    Chainer raises "Cannot retrieve Variable.grad" for an uninitialised parameter until
+    ``cleargrads()`` ran; such a parameter has no data and takes no part in a mean.
+    """
+    try:
+        return p.grad is not None
+    except RuntimeError:
+        return False
 
 
 def signature_hash(signature: tuple[Entry, ...]) -> int:

@@ -15,7 +15,11 @@ Rules that hold for every method:
 
 Configuration (``set_config``/``get_config``/``config_scope``) is held here: the
 class attribute :attr:`CommunicatorBase.CONFIG_DEFAULTS` names every allowed
-option with its default; algorithm classes extend it with their own names.
+option with its default; algorithm classes extend it with their own names. As in
+ChainerMN, every option is also an attribute (``comm.batched_copy``), assigning
+it sets the option, and ``with comm.config_scope(): comm.batched_copy = False``
+works; ``get_config(name)`` reports the value in effect (for the wire dtypes: the
+format the algorithm actually sends, not ``None``).
 """
 
 from __future__ import annotations
@@ -79,15 +83,32 @@ class CommunicatorBase(ABC):
         "intra_dtype": None,            # wire dtype inside a node; None: allreduce_grad_dtype
         "inter_dtype": None,            # wire dtype between nodes; None: allreduce_grad_dtype
         "bucket_bytes": 4 << 20,        # bytes of packed gradients reduced per bucket
-        "check_finite": True,           # raise NonFiniteGradientError on inf/nan mean grads
+        "check_finite": False,          # raise NonFiniteGradientError on inf/nan mean grads
     }
 
     def __init__(self, **config: Any) -> None:
-        self._configs: dict[str, Any] = {}
+        object.__setattr__(self, "_configs", {})
+        #: non-finite values in the averaged gradients of the last gradient mean (same on every
+        #: rank; ChainerMN averages them silently, ``check_finite`` turns them into an error)
+        self.nonfinite_count = 0
         for name, value in type(self).CONFIG_DEFAULTS.items():
             self._configs[name] = self._validate_config(name, value)
         for name, value in config.items():
             self.set_config(name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached when normal lookup fails: config options read as attributes (ChainerMN)
+        configs = self.__dict__.get("_configs")
+        if configs is not None and name in configs:
+            return self.get_config(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ChainerMN sets options as attributes (``with comm.config_scope(): comm.batched_copy = x``)
+        if name in type(self).CONFIG_DEFAULTS:
+            self.set_config(name, value)
+        else:
+            object.__setattr__(self, name, value)
 
     # -- ranks ---------------------------------------------------------------
     @property
@@ -150,20 +171,44 @@ class CommunicatorBase(ABC):
             self._configs[name] = value
             self._on_config_change(name, value)
 
+    def _effective_config(self, name: str, value: Any) -> Any:
+        """The value of option ``name`` in effect when its setting is ``value``.
+
+        Algorithm classes resolve ``None`` (their default) here, e.g. the wire dtype.
+        """
+        return value
+
     def get_config(self, name: str | None = None) -> Any:
-        """Value of config ``name``; with ``name=None`` a dict of all options."""
+        """Value in effect of config ``name``; with ``name=None`` a dict of all options.
+
+        Wire dtypes come back as ``numpy.dtype`` (as in ChainerMN; it compares equal to
+        its name) or ``'bfloat16'``; ``None`` only where no algorithm decides one.
+        """
         if name is None:
-            return dict(self._configs)
+            return {n: self.get_config(n) for n in self._configs}
         if name not in self._configs:
             raise ConfigError(
                 f"unknown config {name!r} for {type(self).__name__}; "
                 f"allowed: {', '.join(sorted(self._configs))}")
-        return self._configs[name]
+        value = self._effective_config(name, self._configs[name])
+        if name in _DTYPE_CONFIGS and value is not None and value != "bfloat16":
+            return np.dtype(value)
+        return value
 
     @contextlib.contextmanager
-    def config_scope(self, name: str, value: Any = True) -> Iterator[None]:
-        """Set config ``name`` to ``value`` inside the block, restore it afterwards."""
-        old = self.get_config(name)
+    def config_scope(self, name: str | None = None, value: Any = True) -> Iterator[None]:
+        """Scope for configuration, in either convention.
+
+        * ChainerMN's: ``with comm.config_scope(): comm.batched_copy = False`` (option
+          attributes assigned inside the block are set; nothing is restored);
+        * hpcsgd's: ``with comm.config_scope(name, value):`` sets the option inside the
+          block and restores the previous setting afterwards.
+        """
+        if name is None:
+            yield
+            return
+        self.get_config(name)  # unknown names raise before anything changes
+        old = self._configs[name]
         self.set_config(name, value)
         try:
             yield
@@ -290,10 +335,14 @@ class CommunicatorBase(ABC):
     def multi_node_mean_grad(self, model, zero_fill: bool = False) -> None:
         """Replace every parameter's ``.grad`` with its mean over all ranks.
 
-        ``zero_fill=True``: a parameter with data but ``grad is None`` joins with
-        zeros (and gets the mean written back); ``False``: it is skipped, so all
-        ranks must agree on which grads exist. With ``check_finite`` on, a non-finite
-        mean raises :class:`~hpcsgd.errors.NonFiniteGradientError`
+        Unused parameters (data but ``grad is None``): with ``zero_fill=True`` they join
+        with zeros and get the mean (ChainerMN). With ``False`` a parameter without a
+        gradient on every rank is skipped (its grad stays None); one that has a gradient
+        on some ranks only is treated as zeros on the others, with a warning naming it,
+        and every rank gets the mean (as PyTorch DDP). Non-finite values are averaged
+        like any other (ChainerMN) and counted in :attr:`nonfinite_count`; with the
+        ``check_finite`` option on, a non-zero count raises
+        :class:`~hpcsgd.errors.NonFiniteGradientError`
         (:class:`~hpcsgd.errors.GradientOverflowError` for 16-bit wire formats) on
         every rank, after the grads were written back.
         """
@@ -314,6 +363,16 @@ class CommunicatorBase(ABC):
         except Exception as e:  # re-raised in lock-step by wait()
             return CompletedHandle(e)
         return CompletedHandle(None)
+
+    def bucket_algorithm(self, layout):
+        """The per-bucket algorithm for ``layout`` (:mod:`hpcsgd.comm.bucket_algorithm`), or None.
+
+        Collective. The gradient-reduction engine (:class:`~hpcsgd.comm.reducer.GradReducer`)
+        drives it for the blocking, double-buffered and overlapped means. None (this
+        default) means the communicator has no bucketed path: overlap is then rejected
+        and ``multi_node_mean_grad_async`` reduces at once.
+        """
+        return None
 
     @abstractmethod
     def _multi_node_mean(self, sendbuf, recvbuf) -> None:

@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcsgd.comm import kernels
-from hpcsgd.comm.bucketed import BucketedCommunicator
-from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm import wire_kernels
+from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.packing import GradLayout
+from hpcsgd.comm.reducing import ReducingCommunicator
 from hpcsgd.trace import get_tracer
 
 
 class DummyAlgorithm(BucketAlgorithm):
     def __init__(self, layout: GradLayout, wire: str, bucket_bytes: int):
-        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
-        self.wire = wire
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
+        self.wire = self.wire_label = wire
         self.low_precision = wire != "float32"
         width = max((hi - lo for lo, hi in self.ranges), default=0)
-        self.buf = np.empty(width, kernels.wire_storage_dtype(wire))
+        self.buf = np.empty(width, wire_kernels.wire_storage_dtype(wire))
 
     def run(self, i: int) -> int:
         lo, hi = self.ranges[i]
@@ -37,12 +37,12 @@ class DummyAlgorithm(BucketAlgorithm):
             return self.grads.unpack(lo, hi, buf, 1.0, self.wire)
 
 
-class DummyCommunicator(BucketedCommunicator):
+class DummyCommunicator(ReducingCommunicator):
     """Packs and unpacks the gradients without communicating (benchmarks only)."""
 
-    def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
+    def bucket_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         intra, inter = self.wire_formats()
-        if self._gpu_grads:  # CuPy gradients: the NCCL path's CUDA pack/unpack kernels (numba takes no CuPy)
+        if layout.gpu:  # CuPy gradients: the NCCL path's CUDA pack/unpack kernels (numba takes no CuPy)
             from hpcsgd.comm import nccl
 
             return nccl.GpuPackOnlyAlgorithm(layout, intra, self.get_config("bucket_bytes"),

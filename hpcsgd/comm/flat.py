@@ -18,11 +18,11 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from hpcsgd.comm import kernels
-from hpcsgd.comm.bucketed import BucketedCommunicator
-from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm import wire_kernels
+from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.fp16_reduce import LowPrecisionAllreduce
 from hpcsgd.comm.packing import GradLayout
+from hpcsgd.comm.reducing import ReducingCommunicator
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective
 
@@ -31,13 +31,13 @@ class FlatAlgorithm(BucketAlgorithm):
     """Pack, reduce over ``comm``, unpack, one bucket at a time."""
 
     def __init__(self, layout: GradLayout, comm, wire: str, bucket_bytes: int):
-        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
         self.comm = comm.Dup()  # private: buckets may run on a worker thread
         self.size = comm.Get_size()
-        self.wire = wire
+        self.wire = self.wire_label = wire
         self.low_precision = wire != "float32"
         width = max((hi - lo for lo, hi in self.ranges), default=0)
-        self.buf = np.empty(width, kernels.wire_storage_dtype(wire))
+        self.buf = np.empty(width, wire_kernels.wire_storage_dtype(wire))
         self._lowp = LowPrecisionAllreduce(self.comm, wire) if self.low_precision else None
 
     def run(self, i: int) -> int:
@@ -63,7 +63,7 @@ class FlatAlgorithm(BucketAlgorithm):
             self.comm = None
 
 
-class FlatCommunicator(BucketedCommunicator):
+class FlatCommunicator(ReducingCommunicator):
     """Bucketed MPI allreduce of the packed gradients over all ranks (CPU)."""
 
     DEFAULT_WIRE = ("float32", "float32")
@@ -73,11 +73,8 @@ class FlatCommunicator(BucketedCommunicator):
         intra, inter = self.wire_formats()
         return inter if self.inter_size > 1 else intra
 
-    def _wire_label(self) -> str:
-        return self.wire()
-
-    def _new_algorithm(self, layout: GradLayout) -> FlatAlgorithm:
-        if self._gpu_grads:
+    def bucket_algorithm(self, layout: GradLayout) -> FlatAlgorithm:
+        if layout.gpu:
             raise ValueError("the 'flat' communicator reduces NumPy gradients; for CuPy use 'nccl' "
                              "or 'hierarchical'")
         return FlatAlgorithm(layout, self._mpi_comm, self.wire(), self.get_config("bucket_bytes"))

@@ -8,7 +8,7 @@ partial sum to 16 bits. So the sum is done as ChainerMN's ``inter_allreduce``:
    ``s`` sends to ``r + s`` and receives from ``r - s``): rank ``j`` receives chunk
    ``j`` of every rank's buffer, still 16-bit on the wire;
 2. a numba kernel adds the ``n`` rows in float32 and rounds once to 16 bits
-   (:func:`hpcsgd.comm.kernels.sum_rows_to_wire`);
+   (:func:`hpcsgd.comm.wire_kernels.sum_rows_to_wire`);
 3. allgather of the summed chunks by the same pairwise exchange, in place.
 
 Pairwise ``Sendrecv`` rather than ``MPI_Alltoallv``/``MPI_Allgatherv``: MPICH's
@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from hpcsgd.comm import kernels
+from hpcsgd.comm import wire_kernels
 from hpcsgd.watchdog import collective
 
 
@@ -68,7 +68,7 @@ class LowPrecisionAllreduce:
                 dst, src = (r + step) % k, (r - step) % k
                 a, n = int(displs[dst]), int(counts[dst])
                 self.comm.Sendrecv([buf[a:a + n], t], dst, 16, [rows[src], t], src, 16)
-        kernels.sum_rows_to_wire(rows, buf[lo:lo + mine], self.wire)
+        wire_kernels.sum_rows_to_wire(rows, buf[lo:lo + mine], self.wire)
         with collective("allreduce16", nbytes=int(buf.nbytes), stage="allgather"):
             for step in range(1, k):
                 dst, src = (r + step) % k, (r - step) % k

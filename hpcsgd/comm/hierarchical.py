@@ -42,12 +42,12 @@ import warnings
 import numpy as np
 from mpi4py import MPI
 
-from hpcsgd.comm import kernels
-from hpcsgd.comm.bucketed import BucketedCommunicator
-from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm import wire_kernels
+from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.flat import FlatAlgorithm
 from hpcsgd.comm.fp16_reduce import LowPrecisionAllreduce
 from hpcsgd.comm.packing import GradLayout
+from hpcsgd.comm.reducing import ReducingCommunicator
 from hpcsgd.comm.shm import SharedSegments
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective
@@ -64,9 +64,11 @@ class HierarchicalAlgorithm(BucketAlgorithm):
         self.intra_wire, self.inter_wire = intra_wire, inter_wire
         self.n_nodes = topology.inter_size
         self.low_precision = intra_wire != "float32" or (self.n_nodes > 1 and inter_wire != "float32")
+        self.wire_label = intra_wire if intra_wire == inter_wire or self.n_nodes == 1 else \
+            f"{intra_wire}/{inter_wire}"
         self.intra = topology.intra_comm.Dup()
         self.inter = topology.inter_comm.Dup() if self.n_nodes > 1 else None
-        self.shm = SharedSegments(self.intra, layout.total, kernels.wire_storage_dtype(intra_wire))
+        self.shm = SharedSegments(self.intra, layout.total, wire_kernels.wire_storage_dtype(intra_wire))
         width = max((hi - lo for lo, hi in self.ranges), default=0) // self.k + 1
         self._acc = np.empty(width, np.float32)
         self._lowp = None
@@ -97,26 +99,26 @@ class HierarchicalAlgorithm(BucketAlgorithm):
             g = self.grads.piece(i, pa, pb)
             out = acc[pa - a:pb - a]
             if self._direct and g.dtype == np.float32:
-                bad += kernels.scaled_plus_into_both(g, scale, [segs[s][pa:pb] for s in peers], out)
+                bad += wire_kernels.scaled_plus_into_both(g, scale, [segs[s][pa:pb] for s in peers], out)
             elif f32:
-                kernels.scaled_plus(g, scale, [segs[s][pa:pb] for s in peers], out)
+                wire_kernels.scaled_plus(g, scale, [segs[s][pa:pb] for s in peers], out)
                 if self._direct:
-                    bad += kernels.unpack_from(out, g, 1.0, "float32")
+                    bad += wire_kernels.unpack_from(out, g, 1.0, "float32")
             else:
-                kernels.scaled_plus(g, scale, [], out)
+                wire_kernels.scaled_plus(g, scale, [], out)
                 for s in peers:
-                    kernels.accumulate(out, segs[s][pa:pb], self.intra_wire)
+                    wire_kernels.accumulate(out, segs[s][pa:pb], self.intra_wire)
         if self.inter is not None and b > a:
             with collective("allreduce_inter", nbytes=int(acc.nbytes)):
                 if self._lowp is not None:
                     w16 = self._wire16[: b - a]
-                    kernels.pack_into(acc, w16, 1.0, self.inter_wire)
+                    wire_kernels.pack_into(acc, w16, 1.0, self.inter_wire)
                     self._lowp(w16)
-                    kernels.unpack_from(w16, acc, 1.0, self.inter_wire)
+                    wire_kernels.unpack_from(w16, acc, 1.0, self.inter_wire)
                 else:
                     self.inter.Allreduce(MPI.IN_PLACE, [acc, MPI.FLOAT], op=MPI.SUM)
         if not f32:
-            kernels.pack_into(acc, segs[r][a:b], 1.0, self.intra_wire)
+            wire_kernels.pack_into(acc, segs[r][a:b], 1.0, self.intra_wire)
         return bad
 
     def run(self, i: int) -> int:
@@ -149,15 +151,15 @@ class HierarchicalAlgorithm(BucketAlgorithm):
                 self.inter.Free()
 
 
-class HierarchicalCommunicator(BucketedCommunicator):
+class HierarchicalCommunicator(ReducingCommunicator):
     """Two-level allreduce: shared memory inside a node, MPI (float16 by default) between nodes."""
 
     DEFAULT_WIRE = ("float32", "float16")
     #: shared-memory buckets are fenced twice each: fewer, larger buckets (MPI messages
     #: between nodes are bucket / ranks-per-node, still in MPI's fast range)
-    CONFIG_DEFAULTS = {**BucketedCommunicator.CONFIG_DEFAULTS, "bucket_bytes": 16 << 20}
+    CONFIG_DEFAULTS = {**ReducingCommunicator.CONFIG_DEFAULTS, "bucket_bytes": 16 << 20}
 
-    def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
+    def bucket_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         intra, inter = self.wire_formats()
         topo = self.topology
         wire = inter if topo.inter_size > 1 else intra
@@ -169,7 +171,7 @@ class HierarchicalCommunicator(BucketedCommunicator):
         # unequal nodes (shards would not line up) or one rank per node (the node level is
         # empty): one allreduce over all ranks computes the same mean
         flat = not topo.uniform or topo.intra_size == 1
-        if self._gpu_grads:
+        if layout.gpu:
             from hpcsgd.comm import nccl
 
             bucket_bytes, device = self.get_config("bucket_bytes"), nccl.current_device()

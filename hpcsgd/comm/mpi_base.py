@@ -1,8 +1,8 @@
 """``MpiCommunicatorBase``: every communicator primitive on top of mpi4py.
 
-Algorithm classes (naive, flat, hierarchical, nccl, dummy) derive from it and
-implement only :meth:`multi_node_mean_grad` (and, if they can overlap, the async
-variant). What this class adds to ChainerMN's ``MpiCommunicatorBase``:
+Algorithm classes (naive, flat, hierarchical, nccl, dummy) derive from it through
+:class:`~hpcsgd.comm.reducing.ReducingCommunicator` and implement only
+``bucket_algorithm``. What this class adds to ChainerMN's ``MpiCommunicatorBase``:
 
 * the topology comes from :func:`hpcsgd.topology.create_topology`, so
   ``HPCSGD_RANKS_PER_NODE`` virtual nodes drive the hierarchical paths;
@@ -10,13 +10,15 @@ variant). What this class adds to ChainerMN's ``MpiCommunicatorBase``:
   traffic never matches a user's messages on the same communicator;
 * bad input raises on every rank (errors travel in the message headers);
 * arrays of any dtype move as raw bytes (float16 is not widened to float32);
-* :meth:`check_params_consistent` names the first parameter the ranks disagree on;
+* :meth:`check_params_consistent` names the first parameter the ranks disagree on, and
+  :meth:`select_grads` agrees on the gradients a mean averages (unused parameters);
 * every blocking operation runs inside ``hpcsgd.watchdog.collective(name)``.
 """
 
 from __future__ import annotations
 
 import pickle
+import warnings
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,7 @@ from mpi4py import MPI
 from hpcsgd.comm import _messages as msg
 from hpcsgd.comm._params import ConsistencyChecker, explain_mismatch, param_signature, signature_hash
 from hpcsgd.comm.base import CommunicatorBase
+from hpcsgd.comm.packing import select_params
 from hpcsgd.errors import ParameterMismatchError
 from hpcsgd.topology import Topology, create_topology
 from hpcsgd.watchdog import collective
@@ -51,7 +54,7 @@ class MpiCommunicatorBase(CommunicatorBase):
         self._finalized = False
         self._topology: Topology = create_topology(self._mpi_comm, **self._topology_kwargs())
         self._param_checker = ConsistencyChecker()
-        self._background = None  # BackgroundMeanGrad, created by the first async call
+        self._warned_unused: set = set()
         super().__init__(**config)
 
     def _topology_kwargs(self) -> dict:
@@ -104,7 +107,7 @@ class MpiCommunicatorBase(CommunicatorBase):
         if new == MPI.COMM_NULL:
             return None
         try:
-            return type(self)(mpi_comm=new, **self.get_config())
+            return type(self)(mpi_comm=new, **self._configs)
         finally:
             new.Free()
 
@@ -112,24 +115,8 @@ class MpiCommunicatorBase(CommunicatorBase):
         if self._finalized:
             return
         self._finalized = True
-        if self._background is not None:
-            self._background.close()
         self._topology.free()
         self._mpi_comm.Free()
-
-    def multi_node_mean_grad_async(self, model, zero_fill: bool = False):
-        """Start :meth:`multi_node_mean_grad` on a worker thread; ``handle.wait()`` finishes it.
-
-        Runs this class's own algorithm on a private clone of the communicator
-        (:class:`hpcsgd.comm.overlap.BackgroundMeanGrad`), so the result is bitwise that
-        of the blocking call and the caller may run other collectives meanwhile. Do
-        not touch ``model``'s grads before ``wait()``; one reduction is in flight at a time.
-        """
-        if self._background is None:
-            from hpcsgd.comm.overlap import BackgroundMeanGrad
-
-            self._background = BackgroundMeanGrad(self)
-        return self._background.start(model, zero_fill)
 
     # -- point-to-point ----------------------------------------------------------
     def send(self, data, dest: int, tag: int) -> None:
@@ -350,23 +337,65 @@ class MpiCommunicatorBase(CommunicatorBase):
             return self._mpi_comm.allreduce(obj, op=MPI.SUM)
 
     # -- model-level -----------------------------------------------------------------
-    def check_params_consistent(self, model, include_grad: bool = True) -> None:
-        """Raise :class:`ParameterMismatchError` on every rank unless all ranks agree on
-        the parameter names, shapes, dtypes (and, with ``include_grad``, which have a grad).
+    def _signatures_if_different(self, sig) -> list | None:
+        """None when every rank has ``sig``; else every rank's signature. Collective.
 
-        Collective. Costs one 16-byte allreduce; the message names the first
-        differing parameter and the ranks on each side. Algorithm classes call it
-        before packing; with ``zero_fill=True`` pass ``include_grad=False``.
+        Costs one 16-byte allreduce; the signatures are gathered only on a mismatch.
         """
-        sig = param_signature(model, include_grad)
         h = self._param_checker.local_hash(sig)
         pair = np.array([h, -h], dtype=np.int64)
         with collective("check_params", n=len(sig)):
             self._mpi_comm.Allreduce(MPI.IN_PLACE, [pair, MPI.INT64_T], op=MPI.MAX)
             if pair[0] == -pair[1]:
-                return
-            signatures = self._mpi_comm.allgather(sig)
-        raise ParameterMismatchError(explain_mismatch(signatures))
+                return None
+            return self._mpi_comm.allgather(sig)
+
+    def check_params_consistent(self, model, include_grad: bool = True) -> None:
+        """Raise :class:`ParameterMismatchError` on every rank unless all ranks agree on
+        the parameter names, shapes, dtypes (and, with ``include_grad``, which have a grad).
+
+        Collective. Costs one 16-byte allreduce; the message names the first
+        differing parameter and the ranks on each side.
+        """
+        signatures = self._signatures_if_different(param_signature(model, include_grad))
+        if signatures is not None:
+            raise ParameterMismatchError(explain_mismatch(signatures))
+
+    def select_grads(self, model, zero_fill: bool) -> list:
+        """``[(name, param)]`` (sorted) whose gradients a mean averages, agreed by all ranks. Collective.
+
+        ``zero_fill=True``: every parameter with data; a missing gradient becomes zeros
+        (ChainerMN). ``False``: the parameters that have a gradient on some rank; on a
+        rank where one has none it becomes zeros (the mean then counts that rank as
+        zero, as PyTorch DDP does for unused parameters) and a RuntimeWarning names it,
+        on every rank. Names, shapes and dtypes must agree, else every rank raises
+        :class:`ParameterMismatchError` naming the parameter.
+        """
+        if zero_fill:
+            self.check_params_consistent(model, include_grad=False)
+            return select_params(model, True)
+        signatures = self._signatures_if_different(param_signature(model, include_grad=True))
+        if signatures is None:
+            return select_params(model, False)
+        shapes = [tuple(e[:3] for e in sig) for sig in signatures]
+        if len(set(shapes)) > 1:
+            raise ParameterMismatchError(explain_mismatch([tuple((*e[:3], None) for e in sig)
+                                                           for sig in signatures]))
+        with_grad = [{e[0] for e in sig if e[3]} for sig in signatures]
+        partial = sorted(set().union(*with_grad) - set.intersection(*with_grad))
+        params = dict(model.namedparams())
+        for name in partial:
+            p = params[name]
+            if p.grad is None:
+                p.grad = p.xp.zeros_like(p.array)
+        key = tuple(partial)
+        if key not in self._warned_unused:
+            self._warned_unused.add(key)
+            ranks = {n: [r for r, names in enumerate(with_grad) if n not in names] for n in partial}
+            warnings.warn(f"multi_node_mean_grad: parameters without a gradient on some ranks only "
+                          f"(name: ranks without) {ranks}; those ranks count as zeros in the mean "
+                          f"(pass zero_fill=True to make this explicit)", RuntimeWarning, stacklevel=3)
+        return select_params(model, False)
 
     def bcast_data(self, model) -> None:
         self.check_params_consistent(model, include_grad=False)

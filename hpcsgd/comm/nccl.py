@@ -12,7 +12,7 @@ themselves by ``benchmarks/gpu_validate.sh`` on a GPU machine. See docs/gpu.md.
   ``batched_copy``: a device table of piece pointers, each thread binary-searches
   its piece), ``ncclAllReduce(SUM)`` over all ranks, and a second launch casts back
   and counts non-finite values into one device counter. Non-float32 parameters
-  take per-piece elementwise kernels. Default wire: float32.
+  take per-piece elementwise wire_kernels. Default wire: float32.
 * :class:`GpuHierarchicalAlgorithm`: ``ncclReduceScatter`` inside the node
   (intra wire), ``ncclAllReduce`` of this rank's shard between nodes among ranks
   with the same ``intra_rank`` (float16 by default), ``ncclAllGather`` inside
@@ -40,9 +40,8 @@ import contextlib
 
 import numpy as np
 
-from hpcsgd.comm import kernels
-from hpcsgd.comm.bucketed import BucketedCommunicator
-from hpcsgd.comm.buckets import BucketAlgorithm
+from hpcsgd.comm import wire_kernels
+from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.nccl_setup import (  # noqa: F401  (re-exported: the GPU path's set-up)
     INSTALL_HINT,
     _cupy_nccl,
@@ -54,6 +53,7 @@ from hpcsgd.comm.nccl_setup import (  # noqa: F401  (re-exported: the GPU path's
     require_nccl,
 )
 from hpcsgd.comm.packing import BoundGrads, GradLayout
+from hpcsgd.comm.reducing import ReducingCommunicator
 from hpcsgd.trace import get_tracer
 from hpcsgd.watchdog import collective
 
@@ -109,16 +109,16 @@ class GpuBoundGrads(BoundGrads):
 
     def _batched(self):
         if GpuBoundGrads._kernels is None:
-            GpuBoundGrads._kernels = kernels.cupy_batched_kernels()
+            GpuBoundGrads._kernels = wire_kernels.cupy_batched_kernels()
         return GpuBoundGrads._kernels
 
     def pack(self, lo, hi, dst, scale, wire):
         table, pieces = self._table(lo, hi)
         if table is not None:
             self._launch(self._batched()[0], hi - lo, *table, dst, np.int64(hi - lo),
-                         np.float32(scale), np.int32(kernels.wire_code(wire)))
+                         np.float32(scale), np.int32(wire_kernels.wire_code(wire)))
             return
-        kern = kernels.cupy_pack_kernel(wire)
+        kern = wire_kernels.cupy_pack_kernel(wire)
         for i, a, b in pieces:
             kern(self.piece(i, a, b).astype(np.float32, copy=False), np.float32(scale), dst[a - lo:b - lo])
 
@@ -127,9 +127,9 @@ class GpuBoundGrads(BoundGrads):
         table, pieces = self._table(lo, hi)
         if table is not None:
             self._launch(self._batched()[1], hi - lo, *table, src, np.int64(hi - lo),
-                         np.float32(scale), np.int32(kernels.wire_code(wire)), self.bad)
+                         np.float32(scale), np.int32(wire_kernels.wire_code(wire)), self.bad)
             return 0
-        kern = kernels.cupy_unpack_kernel(wire)
+        kern = wire_kernels.cupy_unpack_kernel(wire)
         for i, a, b in pieces:
             g = self.piece(i, a, b)
             y, flags = kern(src[a - lo:b - lo], np.float32(scale))
@@ -214,8 +214,8 @@ class GpuPackOnlyAlgorithm(_GpuAlgorithm):
     def __init__(self, layout: GradLayout, wire: str, bucket_bytes: int, device: int):
         import cupy
 
-        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
-        self.wire = wire
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
+        self.wire = self.wire_label = wire
         self.low_precision = wire != "float32"
         self._init_device(device)
         width = max((hi - lo for lo, hi in self.ranges), default=0)
@@ -240,8 +240,9 @@ class NcclAllreduceAlgorithm(_GpuAlgorithm):
     def __init__(self, layout: GradLayout, mpi_comm, wire: str, bucket_bytes: int, device: int):
         import cupy
 
-        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(wire)))
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
         self.wire, self.size = wire, mpi_comm.Get_size()
+        self.wire_label = wire
         self.low_precision = wire != "float32"
         self._init_device(device)
         self.nccl = nccl_comm_over(mpi_comm, self.device)
@@ -279,7 +280,8 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
         if not topology.uniform:
             raise ValueError("GpuHierarchicalAlgorithm needs the same number of ranks on every node "
                              "(equal NCCL shards); use NcclAllreduceAlgorithm")
-        super().__init__(layout, layout.bucket_ranges(bucket_bytes, kernels.wire_itemsize(intra_wire)))
+        super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(intra_wire)))
+        self.wire_label = intra_wire if topology.inter_size == 1 else f"{intra_wire}/{inter_wire}"
         self._init_device(device)
         self.size, self.k, self.r = topology.size, topology.intra_size, topology.intra_rank
         self.intra_wire, self.inter_wire = intra_wire, inter_wire
@@ -314,19 +316,19 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
             self.intra.reduceScatter(buf.data.ptr, mine.data.ptr, chunk, dt, nccl.NCCL_SUM, stream)
             if self.inter is not None:
                 s32 = self.shard32[:chunk]
-                s32[...] = kernels.cupy_unpack_kernel(self.intra_wire)(mine, np.float32(1.0))[0]
+                s32[...] = wire_kernels.cupy_unpack_kernel(self.intra_wire)(mine, np.float32(1.0))[0]
                 sw = self.shard_inter[:chunk]
-                kernels.cupy_pack_kernel(self.inter_wire)(s32, np.float32(1.0), sw)
+                wire_kernels.cupy_pack_kernel(self.inter_wire)(s32, np.float32(1.0), sw)
                 self.inter.allReduce(sw.data.ptr, sw.data.ptr, chunk, _nccl_dtype(self.inter_wire),
                                      nccl.NCCL_SUM, stream)
-                s32[...] = kernels.cupy_unpack_kernel(self.inter_wire)(sw, np.float32(1.0))[0]
-                kernels.cupy_pack_kernel(self.intra_wire)(s32, np.float32(1.0), mine)
+                s32[...] = wire_kernels.cupy_unpack_kernel(self.inter_wire)(sw, np.float32(1.0))[0]
+                wire_kernels.cupy_pack_kernel(self.intra_wire)(s32, np.float32(1.0), mine)
             self.intra.allGather(mine.data.ptr, buf.data.ptr, chunk, dt, stream)
         with get_tracer().span("unpack", **info):
             self.grads.unpack(lo, hi, buf, 1.0, self.intra_wire)
 
 
-class NcclCommunicator(BucketedCommunicator):
+class NcclCommunicator(ReducingCommunicator):
     """One NCCL allreduce per bucket of the packed CuPy gradients (ChainerMN ``pure_nccl``)."""
 
     DEFAULT_WIRE = ("float32", "float32")
@@ -334,13 +336,13 @@ class NcclCommunicator(BucketedCommunicator):
     def _topology_kwargs(self) -> dict:
         return {"use_gpu": True}
 
-    def _wire_label(self) -> str:
+    def _wire(self) -> str:
         intra, inter = self.wire_formats()
         return inter if self.inter_size > 1 else intra
 
-    def _new_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
-        if not self._gpu_grads and len(layout):
+    def bucket_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
+        if not layout.gpu and len(layout):
             raise ValueError("the 'nccl' communicator reduces CuPy gradients (call model.to_device(...) "
                              "first); for NumPy use 'hierarchical' or 'flat'")
-        return NcclAllreduceAlgorithm(layout, self._mpi_comm, self._wire_label(),
+        return NcclAllreduceAlgorithm(layout, self._mpi_comm, self._wire(),
                                       self.get_config("bucket_bytes"), current_device())

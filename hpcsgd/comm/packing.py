@@ -1,14 +1,15 @@
-"""Batched gradient packing: every gradient of a link in one flat layout, sorted by name.
+"""Batched gradient packing: every gradient of a link in one flat layout.
 
-:class:`GradLayout` fixes where each parameter's gradient lives in the flat
-buffer (element offsets, sorted parameter-name order, as ChainerMN) and cuts the
+:class:`GradLayout` (the only flat layout in hpcsgd) fixes where each parameter's
+gradient lives in the flat buffer (element offsets, in an order the caller gives:
+sorted parameter names as ChainerMN, or backward order for overlap) and cuts the
 flat range into buckets of ``bucket_bytes`` of wire data. A bucket may split a
 large parameter; :meth:`GradLayout.pieces` maps a flat range back to
 ``(param index, flat lo, flat hi)`` pieces.
 
 :class:`BoundGrads` holds this call's gradients as 1-D views (one per layout
 slot) and packs/unpacks any flat range with the fused kernels of
-:mod:`hpcsgd.comm.kernels`: ``pack`` scales by ``1/size`` and casts in one pass,
+:mod:`hpcsgd.comm.wire_kernels`: ``pack`` scales by ``1/size`` and casts in one pass,
 ``unpack`` casts back and counts non-finite values in the same pass.
 
 Why pack at all instead of keeping gradients as views of the flat buffer?
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpcsgd.comm import kernels
+from hpcsgd.comm import wire_kernels
 
 
 @dataclass(frozen=True)
@@ -44,23 +45,31 @@ class Slot:
 
 
 class GradLayout:
-    """Flat layout of the gradients of a parameter list, in sorted-name order."""
+    """The one flat layout of a parameter list's gradients, in the order given.
 
-    def __init__(self, slots: list[Slot]):
+    The blocking and double-buffered reductions use sorted-name order (ChainerMN's);
+    the overlapped one uses the order in which backward finalises the gradients.
+    ``gpu``: the gradients are CuPy arrays (the algorithm then works on the device).
+    """
+
+    def __init__(self, slots: list[Slot], gpu: bool = False):
         self.slots = tuple(slots)
+        self.gpu = bool(gpu)
         self.total = slots[-1].offset + slots[-1].size if slots else 0
         self._starts = [s.offset for s in self.slots]
-        self.key = tuple((s.name, s.shape, s.dtype) for s in self.slots)
+        self.key = (tuple((s.name, s.shape, s.dtype) for s in self.slots), self.gpu)
+        self.index = {s.name: k for k, s in enumerate(self.slots)}
 
     @classmethod
     def from_named(cls, named_params) -> GradLayout:
-        """Layout of ``[(name, param), ...]`` (already selected and sorted)."""
-        slots, off = [], 0
+        """Layout of ``[(name, param), ...]`` in that order (parameters with data)."""
+        slots, off, gpu = [], 0, False
         for name, p in named_params:
             n = int(p.array.size)
             slots.append(Slot(name, tuple(p.array.shape), np.dtype(p.array.dtype).name, off, n))
+            gpu = gpu or type(p.array).__module__.startswith("cupy")
             off += n
-        return cls(slots)
+        return cls(slots, gpu)
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -91,7 +100,7 @@ def select_params(model, zero_fill: bool) -> list:
     """
     out = []
     for name, p in sorted(model.namedparams()):
-        if p.array is None:
+        if p.array is None:  # uninitialised (lazy) parameter: no data, no gradient
             continue
         if p.grad is None:
             if not zero_fill:
@@ -110,11 +119,15 @@ def flat_view(param) -> np.ndarray:
 
 
 class BoundGrads:
-    """This call's gradients (1-D views, aligned with a layout) with fused pack/unpack of flat ranges."""
+    """This call's gradients (1-D views, aligned with a layout) with fused pack/unpack of flat ranges.
 
-    def __init__(self, layout: GradLayout, params: list):
+    ``params=None`` leaves every slot empty (``vectors[k] = None``) for the caller to fill
+    slot by slot (the overlapped reduction fills them as backward finalises them).
+    """
+
+    def __init__(self, layout: GradLayout, params: list | None = None):
         self.layout = layout
-        self.vectors = [flat_view(p) for _, p in params]
+        self.vectors = [None] * len(layout) if params is None else [flat_view(p) for _, p in params]
 
     def piece(self, i: int, a: int, b: int) -> np.ndarray:
         """Elements ``[a, b)`` (flat coordinates) of slot ``i``'s gradient."""
@@ -124,13 +137,13 @@ class BoundGrads:
     def pack(self, lo: int, hi: int, dst: np.ndarray, scale: float, wire: str) -> None:
         """``dst[k] = wire(flat[lo + k] * scale)`` for ``k < hi - lo``."""
         for i, a, b in self.layout.pieces(lo, hi):
-            kernels.pack_into(self.piece(i, a, b), dst[a - lo:b - lo], scale, wire)
+            wire_kernels.pack_into(self.piece(i, a, b), dst[a - lo:b - lo], scale, wire)
 
     def unpack(self, lo: int, hi: int, src: np.ndarray, scale: float, wire: str) -> int:
         """``flat[lo + k] = float(src[k]) * scale``; returns the number of non-finite results."""
         bad = 0
         for i, a, b in self.layout.pieces(lo, hi):
-            bad += kernels.unpack_from(src[a - lo:b - lo], self.piece(i, a, b), scale, wire)
+            bad += wire_kernels.unpack_from(src[a - lo:b - lo], self.piece(i, a, b), scale, wire)
         return bad
 
 

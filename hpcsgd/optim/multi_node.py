@@ -9,12 +9,17 @@
   does (the ranks' gradients were taken at different weights).
 * ``update()`` averages the gradients with ``comm.multi_node_mean_grad`` and
   runs the wrapped update inside ``get_tracer().span('update')``.
-* Non-finite averaged gradients (``NonFiniteGradientError`` from the
-  communicator, raised identically on every rank) skip the update on every
-  rank: ``skipped_steps`` counts them, the parameters and optimizer state are
-  untouched, a warning is logged. With a communicator that does not check
-  finiteness itself (e.g. ChainerMN's), the wrapper checks the averaged
+* Non-finite averaged gradients skip the update on every rank: ``skipped_steps``
+  counts them, the parameters and optimizer state are untouched, a warning is
+  logged. The wrapper turns on the hpcsgd communicator's ``check_finite`` option
+  (a bare communicator averages non-finite values as ChainerMN does), which then
+  raises ``NonFiniteGradientError`` identically on every rank. With a communicator
+  without that option (e.g. ChainerMN's), the wrapper checks the averaged
   gradients (identical on every rank) itself.
+* Unsupported combinations (``overlap`` or ``double_buffering`` with a
+  communicator or device that does not support them) raise the same
+  :class:`~hpcsgd.errors.ConfigError` as the ``hpcsgd train`` config check
+  (:func:`hpcsgd.comm.check_combination`), when the model is known.
 * Gradient accumulation (``accumulation_steps=k``): ``update(lossfun, ...)``
   runs forward/backward with the loss scaled by 1/k and applies one allreduce
   + update every k-th call (returns True then). The manual form, which the
@@ -61,11 +66,17 @@ def grads_finite(target) -> bool:
     return True
 
 
-def _comm_checks_finite(comm) -> bool:
+def _enable_check_finite(comm) -> bool:
+    """Turn on ``comm``'s non-finite check; False when it has no such option (ChainerMN's)."""
     try:
+        comm.set_config("check_finite", True)
         return bool(comm.get_config("check_finite"))
-    except Exception:  # ChainerMN communicators have no such config
+    except Exception:  # ChainerMN communicators raise ValueError for unknown options
         return False
+
+
+def _on_gpu(target) -> bool:
+    return any(type(p.array).__module__.startswith("cupy") for p in target.params() if p.array is not None)
 
 
 class _Proxy:
@@ -105,7 +116,7 @@ class MultiNodeOptimizer(_Proxy):
         self.accumulation_steps = int(accumulation_steps)
         self._signature = None
         self._micro = 0
-        self._check_self = not _comm_checks_finite(communicator)
+        self._check_self = not _enable_check_finite(communicator)
         self.overlap = overlap
         self.bucket_bytes = bucket_bytes
         self._reducer = None
@@ -143,7 +154,14 @@ class MultiNodeOptimizer(_Proxy):
         self._broadcast(link)
         return self
 
+    def _check_combination(self, target) -> None:
+        from hpcsgd.comm import check_combination
+
+        check_combination(self.communicator, overlap=self.overlap,
+                          double_buffering=isinstance(self, DoubleBufferingOptimizer), gpu=_on_gpu(target))
+
     def _broadcast(self, target) -> None:
+        self._check_combination(target)
         self._signature = _param_signature(target)
         if all(initialized for _, initialized in self._signature):
             self.communicator.bcast_data(target)
@@ -226,10 +244,9 @@ class DoubleBufferingOptimizer(MultiNodeOptimizer):
     _own = MultiNodeOptimizer._own + ("_shadow", "_pending", "_has_stale")
 
     def __init__(self, actual_optimizer, communicator, zero_fill: bool = True, accumulation_steps: int = 1):
-        if not hasattr(communicator, "multi_node_mean_grad_async"):
-            raise ValueError(
-                f"double_buffering needs a communicator with multi_node_mean_grad_async; "
-                f"{type(communicator).__name__} has none (use an hpcsgd communicator)")
+        from hpcsgd.comm import check_combination
+
+        check_combination(communicator, double_buffering=True, gpu=None)  # the device: at setup
         self._shadow = None
         self._pending = None
         self._has_stale = False
@@ -304,9 +321,10 @@ def create_multi_node_optimizer(actual_optimizer, communicator, double_buffering
             ``backward()`` in ``optimizer.backward_scope()``; ``update(lossfun)`` does it itself).
         bucket_bytes: bucket size for ``overlap`` (None: hpcsgd.comm.overlap's measured default).
     """
+    from hpcsgd.comm import check_combination
+
+    check_combination(communicator, overlap=overlap, double_buffering=double_buffering, gpu=None)
     if double_buffering:
-        if overlap:
-            raise ValueError("overlap and double_buffering are alternatives; choose one")
         return DoubleBufferingOptimizer(actual_optimizer, communicator, zero_fill=zero_fill,
                                         accumulation_steps=accumulation_steps)
     return MultiNodeOptimizer(actual_optimizer, communicator, zero_fill=zero_fill,

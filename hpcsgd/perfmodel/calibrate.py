@@ -69,13 +69,13 @@ def fit_alpha_beta(points: list[tuple[float, float]], p: int = 2) -> dict[str, f
 def measure_pack_bandwidth(wire: str = "float16", n: int = 4_000_000, repeats: int = 7) -> float:
     """Bytes/s of packing float32 gradients into a ``wire`` buffer (bytes read + written).
 
-    Uses hpcsgd's packing kernel (``hpcsgd.comm.kernels.pack_into``) when it is
+    Uses hpcsgd's packing kernel (``hpcsgd.comm.wire_kernels.pack_into``) when it is
     importable, else the NumPy cast.
     """
     src = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     itemsize = 2 if wire in ("float16", "bfloat16") else 4
     try:
-        from hpcsgd.comm import kernels
+        from hpcsgd.comm import wire_kernels as kernels
 
         dst = np.empty(n, kernels.wire_storage_dtype(wire))
         run = lambda: kernels.pack_into(src, dst, 0.5, wire)  # noqa: E731
@@ -211,7 +211,7 @@ def local_cluster(calibration: dict, per_image_s: float = 0.01, fixed_s: float =
                  mem_bandwidth=cal.get("mem_bandwidth", DEFAULT_MEM_BW), backward_fraction=backward_fraction,
                  cast_bandwidth=cal.get("cast_bandwidth"),
                  sources={"per_image_s": compute_source,
-                          "mem_bandwidth": "timed float32 packing (hpcsgd.comm.kernels.pack_into)",
+                          "mem_bandwidth": "timed float32 packing (hpcsgd.comm.wire_kernels.pack_into)",
                           "cast_bandwidth": "timed float32 -> float16 packing"})
     return Cluster("local", "this machine: 2 cores, MPICH shared memory", device=dev, devices_per_node=2,
                    intra=intra, inter=inter_level, max_devices=4, communicator="hierarchical",

@@ -260,6 +260,10 @@ def check_combinations(cfg: dict) -> None:
                           "(use the optimizer and schedule keys)")
     if cfg["communicator"] == "nccl" and not cfg["gpu"]:
         raise ConfigError(f"config key 'communicator'={cfg['communicator']!r} needs gpu: true")
+    from hpcsgd.comm import check_combination  # the communicators' declared capabilities
+
+    check_combination(cfg["communicator"], overlap=cfg["overlap"], double_buffering=cfg["double_buffering"],
+                      gpu=cfg["gpu"])
     if cfg["communicator"] == "dummy" and cfg["world_size"] > 1:
         raise ConfigError("config key 'communicator'='dummy' does not average gradients (it measures "
                           f"packing only): with world size {cfg['world_size']} the replicas would diverge")

@@ -3,6 +3,12 @@
 One launch runs all checks (a launch costs 1-2 s). Each check raises
 AssertionError naming the communicator, wire format and what differed.
 
+Unused parameters: ``zero_fill`` (missing = zeros, every param gets the mean), a
+parameter without a gradient on every rank (skipped, stays None), one missing on
+some ranks only (zeros there, a warning, the mean everywhere), lazily initialised
+parameters that never ran. Non-finite values: a bare communicator averages them
+(ChainerMN) and reports ``nonfinite_count``; ``check_finite`` raises on every rank.
+
 Tolerance (per element, ``n`` ranks, ``m = mean_i |g_i|``, ``u`` = unit roundoff
 of the 16-bit format: 2^-11 float16, 2^-8 bfloat16):
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import warnings
 
 import chainer
 import numpy as np
@@ -93,14 +100,22 @@ def digest(model) -> str:
     return h.hexdigest()
 
 
-def check_mean(comm, label, wire, zero_fill=False, skip=(), seed=0, async_=False):
+def check_mean(comm, label, wire, zero_fill=False, skip=(), seed=0, async_=False, warn=()):
     model = make_model()
     local = fill(model, seed=1000 * seed + rank, skip=skip)
     ref, mabs = reference(local, zero_fill, model)
-    if async_:
-        comm.multi_node_mean_grad_async(model, zero_fill=zero_fill).wait()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if async_:
+            comm.multi_node_mean_grad_async(model, zero_fill=zero_fill).wait()
+        else:
+            comm.multi_node_mean_grad(model, zero_fill=zero_fill)
+    texts = [str(w.message) for w in caught if "without a gradient" in str(w.message)]
+    if warn:  # on every rank: every rank sees the disagreement
+        assert any(n in t for t in texts for n in warn), f"{label}: no warning naming {warn}: {texts}"
     else:
-        comm.multi_node_mean_grad(model, zero_fill=zero_fill)
+        assert not texts, f"{label}: unexpected warnings {texts}"
+    assert comm.nonfinite_count == 0, f"{label}: nonfinite_count {comm.nonfinite_count} for finite grads"
     for name, p in sorted(model.namedparams()):
         if name not in ref:
             assert p.grad is None, f"{label}: {name} had no grad anywhere but got one"
@@ -119,7 +134,8 @@ def check_mean(comm, label, wire, zero_fill=False, skip=(), seed=0, async_=False
 def expect_error(comm, label, exc, words, make):
     model, zero_fill = make()
     try:
-        comm.multi_node_mean_grad(model, zero_fill=zero_fill)
+        with comm.config_scope("check_finite", True):
+            comm.multi_node_mean_grad(model, zero_fill=zero_fill)
     except exc as e:
         msg = str(e)
         for w in words:
@@ -142,14 +158,8 @@ def check_errors(comm, label, wire):
         fill(m, rank)
         return m, False
 
-    def missing_grad():
-        m = make_model()
-        fill(m, rank, skip=("/d_W",) if rank == last else ())
-        return m, False
-
     if size > 1:
         expect_error(comm, f"{label} shape", ParameterMismatchError, ["/c_b", "(4,)"], mismatch_shape)
-        expect_error(comm, f"{label} grad", ParameterMismatchError, ["/d_W", "grad None"], missing_grad)
 
     def nonfinite():
         m = make_model()
@@ -162,6 +172,17 @@ def check_errors(comm, label, wire):
     m = expect_error(comm, f"{label} nonfinite", exc, ["diverged"], nonfinite)
     assert not np.isfinite(m.b_W.grad[1, 2, 0, 0]), f"{label}: non-finite grads were not written back"
     assert np.isfinite(m.a_W.grad).all(), f"{label}: finite grads were not written back"
+    # a bare communicator (check_finite off, ChainerMN) averages them and counts them
+    m, _ = nonfinite()
+    finite = {n: p.grad.astype(np.float64) for n, p in m.namedparams()}
+    ref, mabs = reference(finite, False)
+    comm.multi_node_mean_grad(m)
+    assert comm.nonfinite_count == 1, f"{label}: nonfinite_count {comm.nonfinite_count}, expected 1"
+    got = m.b_W.grad.astype(np.float64)
+    bad = ~np.isfinite(ref["/b_W"])
+    assert (~np.isfinite(got) == bad).all(), f"{label}: the non-finite value did not stay in its place"
+    tol = tolerance(wire, ref["/b_W"][~bad], mabs["/b_W"][~bad])
+    assert (np.abs(got[~bad] - ref["/b_W"][~bad]) <= tol).all(), f"{label}: finite values next to a nan"
 
     if wire == "float16":
         def overflow():  # 1e6 does not fit float16 even after dividing by the world size
@@ -175,23 +196,24 @@ def check_errors(comm, label, wire):
         m = make_model()
         fill(m, rank)
         m.d_W.grad[:] = 60000.0
-        comm.multi_node_mean_grad(m)
+        with comm.config_scope("check_finite", True):
+            comm.multi_node_mean_grad(m)
         assert np.allclose(m.d_W.grad, 60000.0, rtol=2 ** -10), f"{label}: 60000 mean came back wrong"
 
 
 def check_bucket_api(comm, label):
+    """The engine driven by hand: buckets launched one by one on its worker thread."""
     model = make_model()
     local = fill(model, rank + 77)
     ref, _ = reference(local, False)
-    reducer = comm.bucket_reducer(model, zero_fill=False, threaded=True)
+    reducer = comm.grad_reducer(model, zero_fill=False, threaded=True)
     assert reducer.n_buckets >= 2, f"{label}: expected several buckets, got {reducer.n_buckets}"
     names = set()
     for i in range(reducer.n_buckets):
         names.update(reducer.bucket_params(i))
-        reducer.start(i)
-        reducer.wait(i)
+        reducer.launch(i)
     assert names == set(ref), f"{label}: buckets cover {sorted(names)}"
-    assert reducer.wait_all() == 0
+    assert reducer.wait() == 0
     for name, p in sorted(model.namedparams()):
         assert np.allclose(p.grad, ref[name], rtol=1e-5, atol=1e-6), f"{label}: bucket API result for {name}"
 
@@ -213,6 +235,82 @@ def check_mixed_dtypes(comm, label):
     assert np.allclose(link.d.grad, ref["d"], rtol=2 ** -21, atol=1e-7), f"{label}: float64 param mean"
 
 
+def check_effective_config(comm, label):
+    """get_config reports the wire dtypes in effect (ChainerMN returns numpy dtypes)."""
+    inter_wire = np.float16 if comm.inter_size > 1 else np.float32
+    assert comm.get_config("allreduce_grad_dtype") == inter_wire, f"{label}: allreduce_grad_dtype"
+    assert comm.get_config("intra_dtype") == np.float32, label
+    assert comm.get_config("inter_dtype") == np.float16, label
+    assert comm.get_config()["allreduce_grad_dtype"] == inter_wire, label
+    flat = hpcsgd.create_communicator("flat")
+    assert flat.get_config("allreduce_grad_dtype") == np.float32, "flat's default wire is float32"
+    flat.allreduce_grad_dtype = "float16"  # ChainerMN's attribute form
+    assert flat.get_config("allreduce_grad_dtype") == np.float16, "attribute form"
+    assert flat.get_config("intra_dtype") == np.float16, "attribute form"
+    flat.finalize()
+    assert comm.batched_copy is True, f"{label}: batched_copy attribute"
+    sub = comm.split(0, comm.rank)  # the clone keeps the settings, not the effective values
+    assert sub.get_config("intra_dtype") == np.float32, f"{label}: split made effective values settings"
+    sub.finalize()
+
+
+class _Lazy(chainer.Chain):
+    """A used Linear and an auxiliary head: lazily initialised (never run), or run on some ranks."""
+
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.body = chainer.links.Linear(4, 3, initialW=np.full((3, 4), 0.5, np.float32))
+            self.aux = chainer.links.Linear(None, 2)   # lazily initialised
+            self.head = chainer.links.Linear(3, 2, initialW=np.full((2, 3), 0.25, np.float32))
+
+
+def check_lazy_and_unused(comm, label, wire):
+    tol = 2e-3 if wire == "float16" else 1e-6
+    x = np.random.default_rng(rank).standard_normal((2, 4)).astype(np.float32)
+    for cleared, zero_fill in [(c, z) for c in (False, True) for z in (False, True)]:
+        model = _Lazy()  # without cleargrads Chainer raises on .grad of the uninitialised aux.W,
+        if cleared:      # and every other grad is NaN (Chainer's fresh-parameter fill)
+            model.cleargrads()
+        h = model.body(x)
+        chainer.functions.sum(model.head(h)).backward()
+        mine = {n: p.grad.astype(np.float64) for n, p in model.namedparams()
+                if p.array is not None and p.grad is not None}
+        every = world.allgather(mine)
+        comm.multi_node_mean_grad(model, zero_fill=zero_fill)
+        what = f"{label} cleared={cleared} zero_fill={zero_fill}"
+        # not cleared: every grad started as NaN and backward added to it: all NaN, averaged as such
+        expect = 0 if cleared else sum(p.size for p in model.params() if p.array is not None)
+        assert comm.nonfinite_count == expect, f"{what}: nonfinite_count {comm.nonfinite_count} != {expect}"
+        for n, p in model.namedparams():
+            if p.array is None:
+                continue  # aux/W: uninitialised everywhere, takes no part
+            if n == "/aux/b" and cleared and not zero_fill:
+                assert p.grad is None, f"{what}: /aux/b unused everywhere must stay None"
+                continue
+            ref = np.mean([e.get(n, np.zeros(p.shape)) for e in every], axis=0)
+            assert np.allclose(p.grad, ref, rtol=tol, atol=tol, equal_nan=True), f"{what}: {n}"
+    # the auxiliary head runs on rank 0 only: NaN-initialised grads never leak, ranks agree
+    model = _Lazy()
+    model.aux(x)  # initialise everywhere (its grad becomes NaN, as Chainer does)
+    model.cleargrads()
+    loss = chainer.functions.sum(model.head(model.body(x)))
+    if rank == 0:
+        loss = loss + chainer.functions.sum(model.aux(x))
+    loss.backward()
+    mine = {n: p.grad.astype(np.float64) for n, p in model.namedparams() if p.grad is not None}
+    every = world.allgather(mine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        comm.multi_node_mean_grad(model)
+    for n, p in model.namedparams():
+        ref = np.mean([e.get(n, np.zeros(p.shape)) for e in every], axis=0)
+        assert np.allclose(p.grad, ref, rtol=tol, atol=tol), f"{label} aux on rank 0 only: {n}"
+    assert comm.nonfinite_count == 0
+    digests = world.allgather(digest(model))
+    assert len(set(digests)) == 1, f"{label}: aux on rank 0 only: results differ across ranks"
+
+
 def main():
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["naive", "flat", "hierarchical"]
     for name in names:
@@ -226,6 +324,9 @@ def main():
                 comm.finalize()
                 continue
             check_mean(comm, label + " no grads anywhere", wire, zero_fill=False, skip=("/e_W",), seed=3)
+            if size > 1:  # unused on the last rank only: zeros there, the mean everywhere, a warning
+                check_mean(comm, label + " grad on some ranks only", wire, zero_fill=False,
+                           skip=("/d_W",) if rank == size - 1 else (), seed=8, warn=("/d_W",))
             check_errors(comm, label, wire)
             if name != "naive" and wire == "float32":
                 check_mixed_dtypes(comm, label + " mixed dtypes")
@@ -241,6 +342,8 @@ def main():
     comm.set_config("bucket_bytes", 4096)
     check_mean(comm, label + " after set_config", wire, seed=7)
     check_errors(comm, label, "float16" if comm.inter_size > 1 else "float32")
+    check_effective_config(comm, label)
+    check_lazy_and_unused(comm, label, wire)
     comm.finalize()
     print(f"rank {rank}: allreduce checks passed")
 

@@ -140,6 +140,38 @@ def run_accumulate_lossfun():
     assert_close(model, reference("momentum"), "accumulation_steps=2")
 
 
+def run_chainermn_optimizer_over_hpcsgd():
+    """ChainerMN's own multi-node optimizer around a bare hpcsgd communicator (check_finite off):
+    the same parameters as hpcsgd's optimizer; a NaN gradient is averaged, counted, never raised."""
+    import chainermn
+
+    fresh = make_comm(sys.argv[1])
+    assert fresh.get_config("check_finite") is False, "a bare communicator must not raise on NaN"
+    models = []
+    for make in (chainermn.create_multi_node_optimizer, create_multi_node_optimizer):
+        model = MLP(seed=r)
+        opt = make(chainer.optimizers.SGD(lr=0.1), fresh if make is chainermn.create_multi_node_optimizer
+                   else comm)
+        opt.setup(model)
+        # ChainerMN's first update only broadcasts the weights (its parameter set "changed")
+        for step in range(0 if make is chainermn.create_multi_node_optimizer else 1, 3):
+            x, t = data(step)
+            opt.update(F.softmax_cross_entropy, model(local(x)), local(t))
+        models.append(model)
+    for (n, p), (_, q) in zip(sorted(models[0].namedparams()), sorted(models[1].namedparams())):
+        np.testing.assert_allclose(p.array, q.array, rtol=1e-5, atol=1e-6, err_msg=f"chainermn opt: {n}")
+    assert_same_everywhere(models[0], "chainermn optimizer over hpcsgd")
+    model = models[0]
+    model.cleargrads()
+    x, t = data(3)
+    F.softmax_cross_entropy(model(local(x)), local(t)).backward()
+    if r == R - 1:
+        model.l1.W.grad[0, 0] = np.nan
+    fresh.multi_node_mean_grad(model)  # what ChainerMN's optimizer calls: no exception
+    assert fresh.nonfinite_count == 1 and np.isnan(model.l1.W.grad[0, 0]), fresh.nonfinite_count
+    fresh.finalize()
+
+
 def run_nonfinite_skip():
     model = MLP(seed=r)
     opt = create_multi_node_optimizer(make_opt("momentum"), comm)
@@ -232,6 +264,7 @@ run_nonfinite_skip()
 run_double_buffering()
 if not sys.argv[1].startswith("chainermn"):
     run_overlap()
+    run_chainermn_optimizer_over_hpcsgd()
 print(f"rank {r}/{R} optimizer ok")
 if "--bn" in sys.argv[2:]:
     import check_bn_sync

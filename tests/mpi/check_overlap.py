@@ -1,14 +1,16 @@
-"""Rank-side checks of hpcsgd.comm.overlap (run by tests/test_overlap.py).
+"""Rank-side checks of hpcsgd.comm.overlap and the async mean (run by tests/test_overlap.py).
 
 Every rank computes its own gradients of a small ResNet on its own data; the
 reference is the float64 mean of all ranks' gradients (gathered as objects).
-For every progress engine the overlapped result must match the reference, be
-bitwise equal to the same engine without overlap, and be bitwise equal on every rank.
+The overlapped result must match the reference, be bitwise equal to the same
+engine without overlap, and be bitwise equal on every rank. The double-buffering
+driver (``multi_node_mean_grad_async``) must be bitwise the blocking result.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import chainer
 import chainer.functions as F
@@ -18,8 +20,8 @@ from mpi4py import MPI
 
 from hpcsgd.comm import create_communicator
 from hpcsgd.comm.mpi_base import MpiCommunicatorBase
-from hpcsgd.comm.overlap import OverlappedReducer, mean_grad_async
-from hpcsgd.errors import NonFiniteGradientError
+from hpcsgd.comm.overlap import OverlappedReducer
+from hpcsgd.errors import ConfigError, NonFiniteGradientError
 from hpcsgd.models import build_model
 
 
@@ -65,36 +67,34 @@ def assert_same_everywhere(comm, grads, what):
     assert len(set(comm.allgather_obj(blob))) == 1, f"{what}: grads differ across ranks"
 
 
-def check_engines(comm, model):
-    engines = ("poll", "none", "thread") + (("comm",) if hasattr(comm, "_new_algorithm") else ())
-    for progress in engines:
-        results = {}
-        lowp = progress == "comm" and comm.inter_size > 1  # float16 between (virtual) nodes
-        tol = 2e-3 if lowp else 1e-5
-        for overlap in (True, False):
-            reducer = OverlappedReducer(comm, model, bucket_bytes=2048, progress=progress, overlap=overlap)
-            for step in range(2):  # step 0 builds, step 1 runs on the rebuilt (observed) order
-                ref = reference_mean(comm, model, step)
-                backward(model, comm.rank, step, reducer)
-                reducer.wait()
-                got = grads_of(model)
-                assert set(got) == set(ref), f"{progress}: grads missing {set(ref) - set(got)}"
-                for n in ref:
-                    assert np.allclose(got[n], ref[n], rtol=tol, atol=tol), \
-                        f"{progress} overlap={overlap} step {step}: mean of {n} wrong"
-                assert_same_everywhere(comm, got, f"{progress} overlap={overlap}")
-                st = reducer.stats
-                if overlap:
-                    assert st["early_params"] == st["params"], f"hook reported only {st}"
-                    assert st["buckets"] > 3, st
-                else:
-                    assert st["early_params"] == 0 and st["overlapped_buckets"] == 0, st
-                results[(overlap, step)] = got
-            reducer.finalize()
-        # same layout (step 0, before the overlapped reducer adopts the observed order): same bits
-        a, b = results[(True, 0)], results[(False, 0)]
-        for n in a:
-            assert np.array_equal(a[n], b[n]), f"{progress}: overlap differs bitwise from no overlap at {n}"
+def check_overlap(comm, model):
+    results = {}
+    lowp = comm.inter_size > 1  # float16 between (virtual) nodes
+    tol = 2e-3 if lowp else 1e-5
+    for overlap in (True, False):
+        reducer = OverlappedReducer(comm, model, bucket_bytes=2048, overlap=overlap)
+        for step in range(2):  # step 0 builds, step 1 runs on the rebuilt (observed) order
+            ref = reference_mean(comm, model, step)
+            backward(model, comm.rank, step, reducer)
+            reducer.wait()
+            got = grads_of(model)
+            assert set(got) == set(ref), f"grads missing {set(ref) - set(got)}"
+            for n in ref:
+                assert np.allclose(got[n], ref[n], rtol=tol, atol=tol), \
+                    f"overlap={overlap} step {step}: mean of {n} wrong"
+            assert_same_everywhere(comm, got, f"overlap={overlap}")
+            st = reducer.stats
+            if overlap:
+                assert st["early_params"] == st["params"], f"hook reported only {st}"
+                assert st["buckets"] > 3, st
+            else:
+                assert st["early_params"] == 0 and st["overlapped_buckets"] == 0, st
+            results[(overlap, step)] = got
+        reducer.finalize()
+    # same layout (step 0, before the overlapped reducer adopts the observed order): same bits
+    a, b = results[(True, 0)], results[(False, 0)]
+    for n in a:
+        assert np.array_equal(a[n], b[n]), f"overlap differs bitwise from no overlap at {n}"
 
 
 class Tied(chainer.Chain):
@@ -120,17 +120,16 @@ def check_tied_and_zero_fill(comm):
     F.sum(model(x) ** 2).backward()
     every = comm.allgather_obj(grads_of(model))
     ref = {n: np.mean([g[n] for g in every], axis=0) for n in every[0]}
-    engines = ("poll", "comm") if hasattr(comm, "_new_algorithm") else ("poll",)
-    for progress, zero_fill in [(e, z) for e in engines for z in (True, False)]:
-        reducer = OverlappedReducer(comm, model, bucket_bytes=64, zero_fill=zero_fill, progress=progress)
+    for zero_fill in (True, False):
+        reducer = OverlappedReducer(comm, model, bucket_bytes=64, zero_fill=zero_fill)
         model.cleargrads()
         loss = F.sum(model(x) ** 2)
         with reducer:
             loss.backward()
         reducer.wait()
-        tol = 2e-3 if progress == "comm" and comm.inter_size > 1 else 1e-6
+        tol = 2e-3 if comm.inter_size > 1 else 1e-6
         for n, r in ref.items():
-            assert np.allclose(dict(model.namedparams())[n].grad, r, rtol=tol, atol=tol), (progress, n)
+            assert np.allclose(dict(model.namedparams())[n].grad, r, rtol=tol, atol=tol), (zero_fill, n)
         unused = model.unused.W.grad
         if zero_fill:
             assert unused is not None and not unused.any(), "zero_fill: unused param must get zeros"
@@ -142,7 +141,7 @@ def check_tied_and_zero_fill(comm):
 def check_nonfinite_and_async(comm):
     model = build_model("resnet_small", 10, depth=8, width=4, bn_mode="batch")
     comm.bcast_data(model)
-    reducer = OverlappedReducer(comm, model, progress="thread")
+    reducer = OverlappedReducer(comm, model)
     x, t = batch(comm.rank, 0)
     model.cleargrads()
     loss = F.softmax_cross_entropy(model(x), t)
@@ -150,20 +149,31 @@ def check_nonfinite_and_async(comm):
         loss = loss * np.float32(np.inf)
     with reducer:
         loss.backward()
+    reducer.wait()  # a bare communicator: averaged (ChainerMN), counted
+    assert comm.nonfinite_count > 0, "inf gradients must be counted"
+    assert len(set(comm.allgather_obj(comm.nonfinite_count))) == 1, "count differs across ranks"
+    model.cleargrads()
+    loss = F.softmax_cross_entropy(model(x), t)
+    if comm.rank == comm.size - 1:
+        loss = loss * np.float32(np.inf)
+    with reducer:
+        loss.backward()
     try:
-        reducer.wait()
+        with comm.config_scope("check_finite", True):
+            reducer.wait()
     except NonFiniteGradientError as e:
         assert "diverged" in str(e)
     else:
         raise AssertionError("inf gradients on one rank must raise NonFiniteGradientError on every rank")
     # double buffering: start now, compute something, then wait
+    tol = 2e-3 if comm.inter_size > 1 else 1e-5
     ref = reference_mean(comm, model, 1)
     backward(model, comm.rank, 1)
-    handle = mean_grad_async(reducer)
+    handle = comm.multi_node_mean_grad_async(model)
     np.linalg.svd(np.random.default_rng(0).standard_normal((200, 200)))  # work while it reduces
     handle.wait()
     for n, r in ref.items():
-        assert np.allclose(dict(model.namedparams())[n].grad, r, rtol=1e-5, atol=1e-6), f"async: {n}"
+        assert np.allclose(dict(model.namedparams())[n].grad, r, rtol=tol, atol=tol), f"async: {n}"
     reducer.finalize()
 
 
@@ -179,43 +189,41 @@ def check_comm_async(comm, model):
     handle.wait()
     for (n, p), (_, q) in zip(sorted(model.namedparams()), sorted(shadow.namedparams())):
         assert np.array_equal(p.grad, q.grad), f"async mean of {n} differs from the blocking one"
-    # MpiCommunicatorBase's own async (BackgroundMeanGrad): errors in the worker surface in wait()
-    comm = MinimalCommunicator()
-    handle = comm.multi_node_mean_grad_async(shadow)
-    handle.wait()
-    shadow.cleargrads()
-    for _, q in shadow.namedparams():
-        q.grad = np.full(q.shape, np.nan if comm.rank == 0 else 1.0, np.float32)
-
-    class Boom(Exception):
-        pass
-
-    original = comm._background._clone.multi_node_mean_grad
-
-    def failing(model, zero_fill=False):
-        original(model, zero_fill)
-        raise Boom("raised in the worker")
-
-    comm._background._clone.multi_node_mean_grad = failing
-    handle = comm.multi_node_mean_grad_async(shadow)
-    try:
-        handle.wait()
-    except Boom:
-        pass
+    # a second async call first finishes the one in flight; errors surface in wait()
+    first = comm.multi_node_mean_grad_async(shadow)
+    second = comm.multi_node_mean_grad_async(shadow)
+    assert first.test(), "the first reduction must be finished when the second starts"
+    second.wait()
+    bad = copy.deepcopy(model)
+    if comm.rank == 0:
+        bad.fc.b.grad = None  # zero_fill=False: some ranks only -> zeros there, a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        comm.multi_node_mean_grad_async(bad).wait()
+    if comm.size > 1:
+        assert bad.fc.b.grad is not None, "a grad missing on rank 0 only must get the mean there"
     else:
-        raise AssertionError("an error in the background reduction must surface in wait()")
-    comm._background._clone.multi_node_mean_grad = original
-    assert np.isnan(shadow.fc.W.grad).all(), "nan from rank 0 must reach every rank's mean"
-    comm.finalize()
+        assert bad.fc.b.grad is None, "a grad missing on every rank must stay None"
+    assert_same_everywhere(comm, grads_of(bad), "async with a grad missing on rank 0")
+    # a communicator without a bucket algorithm: overlap is refused with a clear error
+    base = MinimalCommunicator()
+    try:
+        OverlappedReducer(base, model)
+    except ConfigError as e:
+        assert "overlap: true is not supported by communicator: MinimalCommunicator" in str(e), str(e)
+    else:
+        raise AssertionError("overlap on a communicator without bucket_algorithm must raise ConfigError")
+    base.multi_node_mean_grad_async(shadow).wait()  # the default: reduces at once
+    base.finalize()
 
 
 def main(argv):
-    name = argv[0] if argv else "base"
+    name = argv[0] if argv else "hierarchical"
     comm = make_comm(name)
     model = build_model("resnet_small", 10, depth=8, width=4, bn_mode="batch")
     model(batch(0, 0)[0])
     comm.bcast_data(model)
-    check_engines(comm, model)
+    check_overlap(comm, model)
     check_comm_async(comm, model)
     check_tied_and_zero_fill(comm)
     check_nonfinite_and_async(comm)

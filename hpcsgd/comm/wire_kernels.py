@@ -1,4 +1,7 @@
-"""Fused cast kernels for gradient packing: one pass per array, on CPU (numba) and GPU (CuPy).
+"""Wire-format kernels of the communicators: cast, pack, unpack and sum gradients (not training compute).
+
+Not to be confused with :mod:`hpcsgd.kernels` (convolution, BN, ... for training). Fused
+one pass per array, on CPU (numba) and GPU (CuPy).
 
 Wire formats (``WIRE_FORMATS``): ``float32``, ``float16`` and ``bfloat16``. A
 16-bit wire buffer is stored as ``uint16`` bits (NumPy has no bfloat16, and the
@@ -312,15 +315,6 @@ def _scale_count_f32(x, scale):
 
 
 @njit(nogil=True, cache=True)
-def _count_nonfinite_f32(x):
-    bad = 0
-    for i in range(x.size):
-        v = x[i]
-        bad += (v - v) != 0
-    return bad
-
-
-@njit(nogil=True, cache=True)
 def _axpy_add_f32(g, scale, p, out):
     for i in range(out.size):
         out[i] = g[i] * scale + p[i]
@@ -447,11 +441,6 @@ def scale_and_count(x: np.ndarray, scale: float) -> int:
     return int(_scale_count_f32(x, np.float32(scale)))
 
 
-def count_nonfinite(x: np.ndarray) -> int:
-    """Number of inf/nan elements of a 1-D float32 array."""
-    return int(_count_nonfinite_f32(x))
-
-
 # -- reference conversions (NumPy, for tests and fallbacks) -----------------------------------------
 
 
@@ -561,5 +550,5 @@ def cupy_batched_kernels():
 
 
 def wire_code(wire: str) -> int:
-    """Integer code of ``wire`` for the batched CUDA kernels."""
+    """Integer code of ``wire`` for the batched CUDA wire_kernels."""
     return _WIRE_CODE[wire]
