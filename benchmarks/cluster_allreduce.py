@@ -1,4 +1,4 @@
-"""ResNet-50 gradient averaging across 2 emulated hosts x 2 ranks over a shaped link (issue 6).
+"""ResNet-50 gradient averaging across 2 emulated hosts x 2 ranks over a shaped link.
 
 Builds 2 emulated hosts (tests/cluster/netns.py: network namespaces, veth, bridge) whose
 links are shaped with tbf to ``--rate`` in each direction, then launches 4 ranks with

@@ -36,7 +36,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESNET50_MACS_224 = 3.86e9
-NOMINAL_PEAK_PER_CORE = 150e9  # FLOP/s, AVX-512 FMA at ~2.3 GHz sustained (issue 8)
+NOMINAL_PEAK_PER_CORE = 150e9  # FLOP/s, AVX-512 FMA at ~2.3 GHz sustained
 
 
 def train_flops_per_image(res: int) -> float:

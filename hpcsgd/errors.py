@@ -39,9 +39,5 @@ class GradientOverflowError(NonFiniteGradientError):
         super().__init__(message, count=count, overflow=True)
 
 
-class CollectiveTimeoutError(HpcsgdError, TimeoutError):
-    """A collective did not complete in time; names the collective and the missing ranks."""
-
-
 class CheckpointError(HpcsgdError):
     """A checkpoint could not be written or failed its checksum; names the file."""

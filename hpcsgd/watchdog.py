@@ -265,11 +265,11 @@ class Watchdog:
         board = self.read_board()
         report = explain(board, self.size, name=name, here=self.host, stale_after=self.stale_after)
         if dead:
-            head = (f"CollectiveTimeoutError: rank(s) {', '.join(map(str, dead))} on this host died while "
+            head = (f"collective timeout: rank(s) {', '.join(map(str, dead))} on this host died while "
                     f"rank {self.rank} waited {time.time() - start:.1f} s in collective "
                     f"{_label(name, seq, info)}")
         else:
-            head = (f"CollectiveTimeoutError: collective {_label(name, seq, info)} did not complete within "
+            head = (f"collective timeout: collective {_label(name, seq, info)} did not complete within "
                     f"{self.timeout:g} s (waited {time.time() - start:.1f} s) on rank {self.rank}")
         if report.unknown and not self.shared_board:
             report.lines.append(f"  (the board {self.board.parent} is node-local; set {DIR_ENV} to a "

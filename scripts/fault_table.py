@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "faults"
 OUT = ROOT / "docs" / "fault_table.md"
 
-#: Faults of issue 6 that must appear in the table, even when their test did not run.
+#: Faults that must appear in the table, even when their test did not run.
 EXPECTED = {
     "f1_rank_raises": (1, "A rank raises an exception"),
     "f2a_rank_sigkilled": (2.0, "A rank is SIGKILLed mid-iteration"),
@@ -65,7 +65,7 @@ def table(rows: list[dict], pending: dict[str, str]) -> str:
         t = r.get("detect_s")
         bound = r.get("bound_s")
         when = "-" if t is None else f"{t:.2f} s" + (f" (bound {bound:g} s)" if bound else "")
-        num = int(float(r.get("order", 0)))  # the fault's number in issue 6
+        num = int(float(r.get("order", 0)))  # the fault's number
         lines.append(f"| {num} | {_cell(r['fault'])} | {_cell(r['injected'])} | {_cell(r['outcome'])} | "
                      f"{when} | {_cell(r['data_lost'])} |")
     when = max((r.get("when", "") for r in rows), default="")

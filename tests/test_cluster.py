@@ -1,4 +1,4 @@
-"""Multi-host runs on emulated hosts (network namespaces; needs root): issue 6.
+"""Multi-host runs on emulated hosts (network namespaces; needs root).
 
 2 emulated hosts x 2 ranks, launched by MPICH's hydra through tests/cluster/netns-ssh.
 Checks that hpcsgd sees 2 nodes x 2 ranks with shared memory inside a node and

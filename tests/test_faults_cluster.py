@@ -68,16 +68,6 @@ def two_hosts(request):
     return emulated_hosts(request, n_hosts=2)
 
 
-def _installed(name: str) -> bool:
-    from hpcsgd.comm import communicator_class
-
-    try:
-        communicator_class(name)
-    except ValueError:
-        return False
-    return True
-
-
 def _train(cluster, cfg: Path, out: Path, *extra, timeout=150, on_line=None):
     env = {**cluster.env(), "HPCSGD_COLLECTIVE_TIMEOUT": TIMEOUT, "OMP_NUM_THREADS": 1,
            "HPCSGD_WATCHDOG_DIR": out.parent / "watchdog"}
@@ -95,9 +85,6 @@ def _final_params(out: Path) -> dict:
 
 
 def test_link_cut_aborts_and_resume_completes(two_hosts, tmp_path, request):
-    pytest.importorskip("hpcsgd.train.loop")
-    if not _installed("hierarchical"):
-        pytest.skip("needs the hierarchical communicator (COMM-ALGO) for `hpcsgd train`; not landed yet")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(CONFIG)
 
@@ -134,7 +121,7 @@ def test_link_cut_aborts_and_resume_completes(two_hosts, tmp_path, request):
     assert cut.returncode != 0, cut.output[-3000:]
     detect = cut.ended - cut_at[0]
     assert detect < TIMEOUT + 10, f"job ended {detect:.1f} s after the cut (timeout {TIMEOUT} s)"
-    assert "CollectiveTimeoutError" in cut.output, cut.output[-3000:]
+    assert "collective timeout" in cut.output, cut.output[-3000:]
     from hpcsgd.train.checkpoint import list_checkpoints, load_latest
 
     notes = []
@@ -153,7 +140,7 @@ def test_link_cut_aborts_and_resume_completes(two_hosts, tmp_path, request):
     assert model_keys, sorted(reference.arrays)[:10]
     for k in model_keys:
         assert np.array_equal(final.arrays[k], reference.arrays[k]), f"{k} differs from the uninterrupted run"
-    evidence = cut.output[cut.output.find("CollectiveTimeoutError"):][:500]
+    evidence = cut.output[cut.output.find("collective timeout"):][:500]
     record("f3_link_cut", order=3, fault="The link of one emulated host is cut mid-run",
            injected=f"`ip link set down` on both ends of host 1's veth after the first checkpoint "
                     f"(hpcsgd train, 2 hosts x 2 ranks, HPCSGD_COLLECTIVE_TIMEOUT={TIMEOUT:g})",
@@ -189,7 +176,7 @@ def test_link_cut_watchdog_message(two_hosts, tmp_path):
     assert cut_at, res.output[-2000:]
     assert not res.timed_out and res.returncode != 0, res.output[-3000:]
     out = res.output
-    assert "CollectiveTimeoutError: collective 'allreduce'" in out, out[-3000:]
+    assert "collective timeout: collective 'allreduce'" in out, out[-3000:]
     assert "stuck in the network" in out, out[-3000:]
     assert res.ended - cut_at[0] < 4 + 8, res.ended - cut_at[0]
     assert os.path.exists(f"/var/run/netns/{two_hosts.hosts[1].name}")
@@ -200,7 +187,6 @@ GRACE = 5.0  # hpcsgd launch --finalize-grace
 
 
 def test_link_lost_after_last_collective_is_ended_by_the_launcher(two_hosts, tmp_path, request):
-    pytest.importorskip("hpcsgd.train.loop")
     from cluster.launch import ROOT, job_env
 
     from hpcsgd.launch.attempt import KILL_AFTER

@@ -1,4 +1,4 @@
-"""Fault 7 of issue 6: bad configs and bad data, through the public entry points.
+"""Fault 7 of the fault table: bad configs and bad data, through the public entry points.
 
 The checks themselves belong to TRAIN (config) and DATA (loader); these tests
 inject one fault of each kind, assert the error names its cause, and record the

@@ -1,4 +1,4 @@
-"""Fault 6 of issue 6: float16 overflow in the gradients skips the step, counted and logged."""
+"""Fault 6 of the fault table: float16 overflow in the gradients skips the step, counted and logged."""
 
 import re
 

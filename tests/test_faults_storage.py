@@ -1,4 +1,4 @@
-"""Faults 4 and 5 of issue 6: a damaged checkpoint, a disk that fills during a checkpoint write.
+"""Faults 4 and 5 of the fault table: a damaged checkpoint, a disk that fills during a checkpoint write.
 
 They go through hpcsgd.train.checkpoint's public functions (``save_checkpoint`` is collective:
 here over the single-process MPI world). The disk-full test mounts a real, small tmpfs

@@ -270,8 +270,8 @@ def test_classify_exit_statuses():
     assert classify(2, sigint).kind == "signal"  # exit 2 from a signal is not a config error
     cfg = classify(2, ["hpcsgd train: config error: unknown config key 'x'"])
     assert cfg.kind == "config" and not cfg.restart and "unknown config key" in cfg.cause
-    hang = classify(3, ["hpcsgd: rank 0/4 (host a, pid 1): CollectiveTimeoutError: collective 'allreduce'"])
-    assert hang.kind == "hang" and hang.restart and "CollectiveTimeoutError" in hang.cause
+    hang = classify(3, ["hpcsgd: rank 0/4 (host a, pid 1): collective timeout: collective 'allreduce'"])
+    assert hang.kind == "hang" and hang.restart and "collective timeout" in hang.cause
     assert classify(1, ["hpcsgd: rank 3/4 (host a, pid 2): uncaught RuntimeError"]).kind == "exception"
     assert classify(255, ["ssh: connect to host n2 port 22: No route to host"]).kind == "host"
     assert classify(-9, []).kind == "launcher-signal"

@@ -128,13 +128,6 @@ def open_for_crop(path: str, box: tuple[float, float, float, float] | None, out_
     return rgb, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
-def load_rgb_array(path: str) -> np.ndarray:
-    """Fully decode ``path`` to an RGB ``uint8`` array of shape (H, W, 3)."""
-    rgb, _ = open_for_crop(path, None, (1, 1), draft=False)
-    return np.asarray(rgb)
-
-
-
 def _read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:

@@ -16,7 +16,7 @@ workers are fresh interpreters started with ``subprocess`` (spawn semantics):
 * Here the worker runs ``python -m hpcsgd.data.worker``: nothing but hpcsgd
   and the pickled dataset/transform are imported, the PMI/PMIx/Hydra variables
   are removed from its environment, and ``MPI4PY_RC_INITIALIZE=0`` is set in
-  case a user transform imports mpi4py. ``tests/mpi/check_data_workers.py``
+  case a user transform imports mpi4py. ``tests/mpi/check_data_sharding.py``
   verifies that workers under ``mpiexec`` have no MPI state.
 
 The price is ~0.3 s of interpreter + NumPy/Pillow import per worker, paid once

@@ -92,7 +92,7 @@ def classify(rc: int, tail: list[str], all_done: bool = False, finalize_killed: 
         return Outcome("config", "config or data error (exit 2)" + (f": {line}" if line else ""),
                        restart=False, success=False)
     if rc == WATCHDOG_EXIT:
-        line = _first(tail, "CollectiveTimeoutError")
+        line = _first(tail, "collective timeout")
         return Outcome("hang", "the collective watchdog aborted a hung collective (exit 3)"
                        + (f": {line}" if line else ""), restart=True, success=False)
     if rc == ABORT_EXIT:

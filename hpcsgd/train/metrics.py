@@ -95,13 +95,6 @@ class PhaseMeter:
                 "max": {p: float(gathered[:, i].max()) for i, p in enumerate(self.phases)}}
 
 
-def exclusive(phases: dict[str, float], outer: str, comm_during: dict[str, float]) -> None:
-    """Subtract communication seconds that ran inside ``outer`` (nested spans) from it, in place."""
-    inner = sum(comm_during.values())
-    if outer in phases:
-        phases[outer] = max(phases[outer] - inner, 0.0)
-
-
 class JsonlLog:
     """JSON lines (``DIR/log.rank{R}.jsonl``), flushed per record; a resumed run appends."""
 
