@@ -21,8 +21,9 @@ width 8, on Fashion-MNIST, 128 images per rank), ``resnet50_64`` and
 random-resized crops to 224, the loader in the loop: hpcsgd's, and torch's own
 DataLoader with the same number of worker processes).
 
-Every launch runs ``--warmup`` steps, then ``--intervals`` intervals of
-``--interval`` steps; its result is the median images/s over its intervals
+Every launch runs one untimed interval (warm-up: numba's cache, BLAS buffers,
+the loader's first batches), then ``--intervals`` intervals of ``--interval``
+steps; its result is the median images/s over its intervals
 (hpcsgd's per-interval records of ``log.rank0.jsonl``). Launches are interleaved
 over ``--repeats`` rounds and the reported number is the median over rounds.
 Also recorded: the OpenBLAS kernel each hpcsgd launch ran (threadpoolctl, from
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,7 +53,7 @@ MOMENTUM_SGD = {"recipe": "custom",
                 "optimizer": {"name": "momentum_sgd", "momentum": 0.9, "weight_decay": 1e-4},
                 "schedule": {"type": "constant", "lr": 0.1}}
 
-# name -> (hpcsgd config keys, torch script arguments, interval steps, warm-up steps)
+# name -> (hpcsgd config keys, torch script arguments, steps per interval)
 
 def _synthetic(px: int, batch: int) -> tuple:
     keys = {"model": "resnet50", "dataset": "synthetic", "batch_per_rank": batch, "loader_workers": 1,
@@ -66,12 +68,12 @@ WORKLOADS = {
                  "dataset": "fashion_mnist", "augment": False, "batch_per_rank": 128, "loader_workers": 1,
                  "recipe": "goyal", "recipe_options": {"lr": 0.4, "decay": "cosine"}},
                 ["--model", "resnet_small", "--depth", "8", "--width", "8", "--data", "fmnist",
-                 "--batch", "128"], 20, 10),
-    "resnet50_64": (*_synthetic(64, 32), 5, 2),
-    "resnet50_224": (*_synthetic(224, 8), 4, 2),
+                 "--batch", "128"], 20),
+    "resnet50_64": (*_synthetic(64, 32), 5),
+    "resnet50_224": (*_synthetic(224, 8), 4),
     "resnet50_jpeg": ({"model": "resnet50", "dataset": "imagenet_folder", "batch_per_rank": 8,
                        "loader_workers": 2, "augment": True, **MOMENTUM_SGD},
-                      ["--model", "resnet50", "--data", "folder", "--batch", "8", "--workers", "2"], 4, 2),
+                      ["--model", "resnet50", "--data", "folder", "--batch", "8", "--workers", "2"], 4),
 }
 
 
@@ -169,10 +171,10 @@ def env_for(side: str, threads: int) -> dict:
 
 
 def run_hpcsgd(side, wl, args, data_path, tmp) -> dict | None:
-    keys, _, interval, warmup = WORKLOADS[wl]
-    interval, warmup, intervals = _steps(args, interval, warmup)
+    keys, _, interval = WORKLOADS[wl]
+    interval, intervals = _steps(args, interval)
     cfg = dict(keys, threads=args.threads, progress=False, eval_interval=0, checkpoint_interval=0,
-               log_interval=interval, stop_iteration=warmup + interval * intervals, epochs=1000, seed=0)
+               log_interval=interval, stop_iteration=interval * (1 + intervals), epochs=1000, seed=0)
     if data_path:
         cfg["data_path"] = data_path
     if args.smoke:
@@ -183,18 +185,25 @@ def run_hpcsgd(side, wl, args, data_path, tmp) -> dict | None:
         json.dump(cfg, f)  # JSON is YAML
     cmd = [args.mpiexec, "-n", str(args.ranks), sys.executable, "-m", "hpcsgd", "train", cfg_path,
            "--out", os.path.join(out, "run")]
-    if _run(cmd, env_for(side, args.threads), args.timeout) is None:
-        return None
+    try:
+        if _run(cmd, env_for(side, args.threads), args.timeout) is None:
+            return None
+        return _read_run(os.path.join(out, "run"), interval, cfg)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # checkpoints: ~0.3 GB per ResNet-50 launch
+
+
+def _read_run(run: str, interval: int, cfg: dict) -> dict:
+    """Images/s per timed interval (rank 0's log), data wait fraction, the BLAS kernel (summary)."""
     recs, summary = [], {}
-    with open(os.path.join(out, "run", "log.rank0.jsonl")) as f:
+    with open(os.path.join(run, "log.rank0.jsonl")) as f:
         for line in f:
             r = json.loads(line)
             if r.get("kind") == "train":
                 recs.append(r)
-    with open(os.path.join(out, "run", "summary.json")) as f:
+    with open(os.path.join(run, "summary.json")) as f:
         summary = json.load(f)
-    # the first record holds the warm-up steps (log_interval divides them only approximately)
-    timed = [r for r in recs if r["iteration"] > warmup] or recs[-1:]
+    timed = [r for r in recs if r["iteration"] > interval]  # the first record is the warm-up
     ips = [r["images_per_s"] for r in timed]
     wait = [r["phase_mean_s"].get("data_wait", 0.0) / r["seconds_per_iter"] for r in timed]
     return {"images_per_s": statistics.median(ips), "intervals": ips,
@@ -203,21 +212,20 @@ def run_hpcsgd(side, wl, args, data_path, tmp) -> dict | None:
             "batch_per_rank": cfg["batch_per_rank"]}
 
 
-def _steps(args, interval, warmup):
-    if args.smoke:
-        return 2, 2, args.intervals
-    return args.interval or interval, args.warmup if args.warmup is not None else warmup, args.intervals
+def _steps(args, interval):
+    """(steps per interval, timed intervals); one more interval runs first, untimed."""
+    return (2 if args.smoke else args.interval or interval), args.intervals
 
 
 def run_torch(wl, args, data_path) -> dict | None:
-    _, targs, interval, warmup = WORKLOADS[wl]
-    interval, warmup, intervals = _steps(args, interval, warmup)
+    _, targs, interval = WORKLOADS[wl]
+    interval, intervals = _steps(args, interval)
     targs = list(targs)
     if args.smoke:
         i = targs.index("--batch")
         targs[i + 1] = str(max(2, int(targs[i + 1]) // 8))
     cmd = [args.torch_python, os.path.join(HERE, "_torch_e2e.py"), *targs, "--ranks", str(args.ranks),
-           "--threads", str(args.threads), "--warmup", str(warmup), "--interval", str(interval),
+           "--threads", str(args.threads), "--warmup", str(interval), "--interval", str(interval),
            "--intervals", str(intervals)]
     if data_path:
         cmd += ["--data-path", data_path]
@@ -274,6 +282,8 @@ def drive(args) -> dict:
                     print(f"round {rnd} {wl} {side}: {r['images_per_s']:.1f} images/s, data wait "
                           f"{100 * r['data_wait_fraction']:.1f}% (load {os.getloadavg()[0]:.1f}, "
                           f"{time.time() - t0:.0f} s)", flush=True)
+    if not args.jpeg_root:
+        shutil.rmtree(tmp, ignore_errors=True)
     return summarise(args, runs, meta)
 
 
@@ -283,15 +293,16 @@ def summarise(args, runs, meta) -> dict:
         row = {}
         for side, rs in by_side.items():
             ips = statistics.median(r["images_per_s"] for r in rs)
-            m = meta.get(side if side != "pytorch" else "hpcsgd", {}).get(wl, {})
-            peak = m.get("sgemm_gflops")
+            m = meta.get("hpcsgd", {}).get(wl, {})
+            # the machine's sgemm peak per rank: the faster of the BLAS settings measured
+            peak = max((v[wl]["sgemm_gflops"] for v in meta.values() if wl in v), default=None)
             flops = m.get("train_flops_per_image")
             row[side] = {
                 "images_per_s": ips, "per_launch": [r["images_per_s"] for r in rs],
                 "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in rs),
                 "blas": rs[0].get("blas"), "gflops": ips * flops / 1e9 if flops else None,
                 "fraction_of_sgemm_peak": ips * flops / (args.ranks * peak * 1e9) if flops and peak else None,
-                "sgemm_peak_gflops_per_rank": peak,
+                "machine_sgemm_peak_gflops_per_rank": peak,
                 "extra": {k: rs[0][k] for k in ("torch", "mkldnn", "cpu_capability", "threads")
                           if k in rs[0]},
             }
@@ -345,7 +356,6 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved launches per side and workload")
     p.add_argument("--intervals", type=int, default=3, help="timed intervals per launch")
     p.add_argument("--interval", type=int, default=None, help="steps per interval (default: per workload)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default: per workload)")
     p.add_argument("--no-auto", action="store_true", help="skip the launch with OPENBLAS_CORETYPE unset")
     p.add_argument("--smoke", action="store_true", help="tiny batches, 2-step intervals: checks it runs")
     p.add_argument("--fmnist", default=FMNIST, help="Fashion-MNIST IDX folder")
