@@ -168,6 +168,16 @@ def make_stream(a, rank, size):
     return gen(), n_classes
 
 
+def _blas_summary() -> list:
+    """torch's oneDNN version line and BLAS/LAPACK choice (from its build configuration)."""
+    import re
+
+    cfg = torch.__config__.show()
+    out = [ln.strip("- ").strip() for ln in cfg.splitlines() if "DNN" in ln and "v" in ln][:1]
+    out += re.findall(r"(?:BLAS_INFO|LAPACK_INFO)=[^,]*", cfg)
+    return out
+
+
 def worker(rank, a, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(a.threads)
@@ -207,8 +217,7 @@ def worker(rank, a, port, queue):
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "mkldnn": bool(torch.backends.mkldnn.is_available()),
                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                   "blas": [ln.strip() for ln in torch.__config__.show().splitlines()
-                            if "BLAS" in ln or "oneDNN" in ln or "MKL" in ln][:4],
+                   "blas": _blas_summary(),
                    "loadavg": os.getloadavg()})
     dist.destroy_process_group()
 
