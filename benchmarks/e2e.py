@@ -335,7 +335,7 @@ def plot(report: dict, path: str) -> None:
               for w in wls if side in res[w]]
         bars = ax.bar(xs, ys, width, label=side)
         for b, w in zip(bars, [w for w in wls if side in res[w]]):
-            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{res[w][side]['images_per_s']:.0f}",
+            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{res[w][side]['images_per_s']:.3g}",
                     ha="center", va="bottom", fontsize=7)
     ax.axhline(1.1, ls="--", lw=0.8, color="grey")
     ax.set_xticks([i + width * (len(all_sides) - 1) / 2 for i in range(len(wls))], wls)
