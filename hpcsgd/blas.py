@@ -162,13 +162,58 @@ def launcher_rank(environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
     return None
 
 
+def check(n: int = 2048, repeats: int = 5, seed: int = 0) -> dict:
+    """The OpenBLAS kernel this process runs, its sgemm GFLOP/s at ``n``^3, and its float32 error.
+
+    Loads numpy (so the kernel is whatever the environment selected); changes
+    nothing. ``rel_error`` is ``max |C32 - C64| / max |C64|`` for ``C = A @ B``
+    of uniform [-1, 1) matrices against the same product in float64: a correct
+    sgemm stays near ``sqrt(n) * 2**-24`` (about 3e-6 at n = 2048); ``ok`` is
+    False above 1e-4, which only a broken kernel reaches.
+    """
+    import time
+
+    import numpy as np
+    import threadpoolctl
+
+    libs = [i for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-1, 1, (n, n)).astype(np.float32)
+    b = rng.uniform(-1, 1, (n, n)).astype(np.float32)
+    c = a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    err = float(np.abs(c - ref).max() / np.abs(ref).max())
+    return {"library": libs[0].get("internal_api") if libs else None,
+            "architecture": libs[0].get("architecture") if libs else None,
+            "version": libs[0].get("version") if libs else None,
+            "threads": libs[0].get("num_threads") if libs else None,
+            "coretype_env": os.environ.get(ENV), "n": n, "sgemm_gflops": 2 * n**3 / best / 1e9,
+            "rel_error": err, "ok": err < 1e-4}
+
+
 def main(argv: Optional[list] = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m hpcsgd.blas", description=__doc__.splitlines()[0])
     parser.add_argument("--export", action="store_true",
                         help="print 'export OPENBLAS_CORETYPE=..' for a shell to eval (or nothing)")
+    parser.add_argument("--check", action="store_true",
+                        help="report the kernel numpy's OpenBLAS runs now, its sgemm GFLOP/s and its "
+                             "error against float64 (selects nothing; run it with and without "
+                             f"{ENV} to compare kernels)")
+    parser.add_argument("--n", type=int, default=2048, help="--check: matrix size")
     args = parser.parse_args(argv)
+    if args.check:
+        r = check(args.n)
+        print(f"{r['library']} {r['version']} kernel {r['architecture']} ({ENV}={r['coretype_env']}), "
+              f"{r['threads']} thread(s): sgemm {args.n}^3 {r['sgemm_gflops']:.0f} GFLOP/s, "
+              f"max relative error vs float64 {r['rel_error']:.1e} ({'ok' if r['ok'] else 'WRONG'})")
+        return 0 if r["ok"] else 1
     env = dict(os.environ)
     line = select_coretype(env, numpy_loaded=False)
     print(line, file=sys.stderr)

@@ -89,3 +89,15 @@ def test_probe_and_cli_run_in_subprocesses():
 def test_blas_module_does_not_import_numpy():
     code = "import sys, hpcsgd.blas; assert 'numpy' not in sys.modules, 'numpy imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_check_reports_kernel_speed_and_float64_error_without_changing_anything():
+    import threadpoolctl  # noqa: F401  (its import sets KMP_DUPLICATE_LIB_OK; not check's doing)
+
+    before = dict(os.environ)
+    r = blas.check(n=256, repeats=1)
+    assert dict(os.environ) == before
+    assert r["n"] == 256 and r["sgemm_gflops"] > 0
+    # float32 GEMM of uniform [-1, 1) matrices: error ~ sqrt(n) * 2**-24 ~ 1e-6, far below 1e-4
+    assert 0 <= r["rel_error"] < 1e-5 and r["ok"]
+    assert r["coretype_env"] == os.environ.get("OPENBLAS_CORETYPE")

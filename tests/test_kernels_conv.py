@@ -2,7 +2,8 @@
 
 Shapes: every kind of convolution ResNet-50 and the small ResNets use (7x7/2
 pad 3 stem, 3x3/1 and 3x3/2 pad 1, 1x1/1, 1x1/2 projections), on odd sizes and
-batch 1, with few channels; both GEMM layouts (per-image and batched) forced.
+batch 1, with few channels; every GEMM path forced: per-image, per-image
+cache-blocked (small Cout, one image per block), batched and batched cache-blocked.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=["per_image", "batched"])
+@pytest.fixture(params=["per_image", "blocked", "batched", "blocked_batched"])
 def layout(request, monkeypatch):
-    monkeypatch.setattr(conv, "BATCHED_BELOW", 0 if request.param == "per_image" else 10**9)
+    monkeypatch.setattr(conv, "BATCHED_BELOW", 10**9 if "batched" in request.param else 0)
+    monkeypatch.setattr(conv, "SMALL_COUT", 10**6 if "blocked" in request.param else 0)
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 1)  # blocked: one image per block
     return request.param
 
 
@@ -109,3 +112,37 @@ def test_conv_rejects_bad_shapes(bad):
     W = np.zeros((2, 5 if bad == "channels" else 3, 7, 7), np.float32)
     with pytest.raises(ValueError, match="conv2d"):
         conv.conv2d(x, W, None, 1, 0)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("chunk_images", [1, 2, 5, 7])
+def test_blocked_path_splits_batches_exactly(chunk_images, batched, monkeypatch):
+    """Blocks of 1, 2 (with a remainder of 1), 5 (all) and more images than the batch."""
+    monkeypatch.setattr(conv, "BATCHED_BELOW", 10**9 if batched else 0)
+    monkeypatch.setattr(conv, "SMALL_COUT", 8)
+    n, c, h, w, co = 5, 3, 6, 7, 8
+    monkeypatch.setattr(conv, "CHUNK_BYTES", chunk_images * c * 9 * h * w * 4)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    W = rng.standard_normal((co, c, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((n, co, h, w)).astype(np.float32)
+    node = conv.Conv2D(1, 1)
+    xv, Wv = chainer.Variable(x.copy()), chainer.Variable(W.copy())
+    y = node.apply((xv, Wv))[0]
+    assert node.blocked and node.col is None  # nothing kept but x
+    y.grad = gy.copy()
+    y.backward()
+    ref = _run(lambda x, W, b: F.convolution_2d(x, W, b, stride=1, pad=1), x, W, None, gy)
+    for name, g, r in zip(("y", "gx", "gW"), (y.array, xv.grad, Wv.grad), ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_blocked_path_scope(monkeypatch):
+    """Small Cout and a kernel larger than 1x1 only: ResNet-50's 64+ channels keep the old path."""
+    monkeypatch.setattr(conv, "SMALL_COUT", 32)
+    x = np.zeros((2, 4, 6, 6), np.float32)
+    for cout, k, s, p, blocked in [(8, 3, 1, 1, True), (32, 3, 2, 1, True), (33, 3, 1, 1, False),
+                                   (64, 3, 1, 1, False), (8, 1, 2, 0, False), (8, 1, 1, 0, False)]:
+        node = conv.Conv2D(s, p)
+        node.apply((x, np.zeros((cout, 4, k, k), np.float32)))
+        assert node.blocked is blocked, (cout, k, s)

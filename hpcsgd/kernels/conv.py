@@ -16,6 +16,16 @@ contiguous order), parallel over (image, channel) or (channel, tap), that test
 the padding bounds instead of padding a copy of the input; col2im zero-fills
 each output plane in the thread that accumulates into it. The forward patch
 matrix is kept for the weight gradient (no second im2col in backward).
+
+Small channel counts (``Cout <= SMALL_COUT``, kernels larger than 1x1: the
+CIFAR-style ResNets' 8-32 channels) take a *cache-blocked* variant of either
+layout: a GEMM with 8-32 rows does a few FLOPs per byte of the patch matrix,
+so the time goes into writing ``col`` (9x the activation) to memory and
+reading it back, in forward, weight gradient and col2im alike. The blocked
+variant runs im2col, GEMM and col2im over blocks of images whose patch matrix
+fits ``CHUNK_BYTES`` (one buffer reused by every block, so it stays in cache)
+and does not keep ``col``: backward recomputes each block's im2col, which
+costs less than a round trip of the whole matrix through memory.
 """
 
 from __future__ import annotations
@@ -34,6 +44,12 @@ from hpcsgd.kernels._numba import kernel
 #: GEMM per layer beat 32 per-image GEMMs by 4% at 1 thread and 9% at 2 (``benchmarks/compute.py``,
 #: 32 x 64); at 56x56 and 28x28 per-image GEMMs are as fast and need no layout swap.
 BATCHED_BELOW = int(os.environ.get("HPCSGD_CONV_BATCHED_BELOW", "300"))
+#: Convolutions (not 1x1) with at most this many output channels take the cache-blocked path
+#: (0 switches it off). ResNet-50's convolutions all have 64 or more: unchanged.
+SMALL_COUT = int(os.environ.get("HPCSGD_CONV_SMALL_COUT", "32"))
+#: Bytes of patch matrix per block of images on the cache-blocked path (a quarter of a 2 MiB L2;
+#: 256-512 KiB measured alike, 4 MiB lost most of the gain).
+CHUNK_BYTES = int(os.environ.get("HPCSGD_CONV_CHUNK_BYTES", str(1 << 19)))
 
 
 @kernel
@@ -215,11 +231,18 @@ class Conv2D(function_node.FunctionNode):
         k = c * kh * kw
         self.x_shape = x.shape
         self.out_hw = (ho, wo)
+        self.kh, self.kw = kh, kw
         self.direct = kh == 1 and kw == 1 and self.sy == 1 and self.sx == 1 and self.ph == 0 and self.pw == 0
         self.batched = p < BATCHED_BELOW
+        # 1x1 kernels have no 9x patch matrix to save (blocking measured 15-25% slower on them)
+        self.blocked = not self.direct and cout <= SMALL_COUT and kh * kw > 1
         x = np.ascontiguousarray(x)
         W2 = np.ascontiguousarray(W).reshape(cout, k)
-        if self.batched:
+        if self.blocked:
+            y = np.empty((n, cout, p), dtype=x.dtype)
+            col = None
+            self._blocked_forward(x, W2, y)
+        elif self.batched:
             # col: (K, N*P); y = W2 @ col is (Cout, N, P) and is swapped to NCHW.
             if self.direct:
                 col = swap01(x.reshape(n, c, p)).reshape(k, n * p)
@@ -237,12 +260,88 @@ class Conv2D(function_node.FunctionNode):
         self.col = col
         if b is not None:
             y += b.reshape(1, cout, 1)
-        self.retain_inputs((1,))
+        self.retain_inputs((0, 1) if self.blocked else (1,))
         return (y.reshape(n, cout, ho, wo),)
 
+    # -- cache-blocked path (small Cout) -------------------------------------------------------
+    # Per-image layout: block col (m, K, P), y[n] = W2 @ col[n]. Batched layout: block col (K, m*P),
+    # one GEMM per block, swapped into y[a:b]. Buffers are reused by every block.
+    def _blocks(self, k: int, p: int, itemsize: int):
+        """``nb`` and the blocks ``(a, b)`` of images whose patch matrix fits ``CHUNK_BYTES``."""
+        n = self.x_shape[0]
+        nb = max(1, min(n, CHUNK_BYTES // max(1, k * p * itemsize)))
+        return nb, [(a, min(a + nb, n)) for a in range(0, n, nb)]
+
+    def _im2col_block(self, x, buf, k, p):
+        """im2col of the images ``x`` into the front of ``buf`` in this call's layout; returns the view."""
+        m, c = x.shape[:2]
+        ho, wo = self.out_hw
+        col = buf[:m * k * p]
+        args = (self.kh, self.kw, self.sy, self.sx, self.ph, self.pw)
+        if self.batched:
+            _im2col_cn(x, col.reshape(c, self.kh, self.kw, m, ho, wo), *args)
+            return col.reshape(k, m * p)
+        _im2col(x, col.reshape(m, c, self.kh, self.kw, ho, wo), *args)
+        return col.reshape(m, k, p)
+
+    def _blocked_forward(self, x, W2, y):
+        """``y`` (N, Cout, P) block by block through one cache-sized patch buffer."""
+        cout, k = W2.shape
+        p = y.shape[2]
+        nb, blocks = self._blocks(k, p, x.itemsize)
+        buf = np.empty(nb * k * p, dtype=x.dtype)
+        tbuf = np.empty(nb * cout * p, dtype=x.dtype) if self.batched else None
+        for a, b in blocks:
+            col = self._im2col_block(x[a:b], buf, k, p)
+            if self.batched:
+                t = np.matmul(W2, col, out=tbuf[:cout * (b - a) * p].reshape(cout, (b - a) * p))
+                _swap01(t.reshape(cout, b - a, p), y[a:b])
+            else:
+                np.matmul(W2, col, out=y[a:b])
+
+    def _blocked_backward(self, x, W2, gy, indexes):
+        """Weight and input gradients block by block; each block's im2col is recomputed in cache."""
+        cout, k = W2.shape
+        p = gy.shape[2]
+        c = self.x_shape[1]
+        ho, wo = self.out_hw
+        args = (self.kh, self.kw, self.sy, self.sx, self.ph, self.pw)
+        nb, blocks = self._blocks(k, p, gy.itemsize)
+        out = {}
+        buf = np.empty(nb * k * p, dtype=gy.dtype)
+        gbuf = np.empty(nb * k * p, dtype=gy.dtype)
+        if 1 in indexes:
+            out[1] = gW = np.zeros((cout, k), dtype=gy.dtype)
+            part = np.empty((nb, cout, k), dtype=gy.dtype)
+        if 0 in indexes:
+            out[0] = gx = np.empty(self.x_shape, dtype=gy.dtype)
+        gyt_buf = np.empty(nb * cout * p, dtype=gy.dtype) if self.batched else None
+        for a, b in blocks:
+            m = b - a
+            g = gy[a:b]
+            if self.batched:  # (Cout, m*P), the GEMM layout of this block
+                g = gyt_buf[:cout * m * p].reshape(cout, m, p)
+                _swap01(gy[a:b], g)
+                g = g.reshape(cout, m * p)
+            if 1 in indexes:
+                col = self._im2col_block(x[a:b], buf, k, p)
+                if self.batched:
+                    gW += g @ col.T
+                else:
+                    np.matmul(g, col.transpose(0, 2, 1), out=part[:m])
+                    gW += part[:m].sum(axis=0)
+            if 0 in indexes:
+                if self.batched:
+                    gcol = np.matmul(W2.T, g, out=gbuf[:k * m * p].reshape(k, m * p))
+                    _col2im_cn(gcol.reshape(c, self.kh, self.kw, m, ho, wo), gx[a:b], *args)
+                else:
+                    gcol = np.matmul(W2.T, g, out=gbuf[:k * m * p].reshape(m, k, p))
+                    _col2im(gcol.reshape(m, c, self.kh, self.kw, ho, wo), gx[a:b], *args)
+        return out
+
     def backward(self, indexes, grad_outputs):
-        (W,) = self.get_retained_inputs()
-        W = W.array
+        retained = [v.array for v in self.get_retained_inputs()]
+        W = retained[-1]
         cout, c, kh, kw = W.shape
         n, _, h, w = self.x_shape
         ho, wo = self.out_hw
@@ -251,7 +350,11 @@ class Conv2D(function_node.FunctionNode):
         gy = np.ascontiguousarray(grad_outputs[0].array).reshape(n, cout, p)
         col = self.col
         out = {}
-        if self.batched:
+        if self.blocked:
+            out = self._blocked_backward(np.ascontiguousarray(retained[0]), W2, gy, indexes)
+            if 1 in out:
+                out[1] = out[1].reshape(W.shape)
+        elif self.batched:
             gyt = swap01(gy).reshape(cout, n * p)
             if 1 in indexes:
                 out[1] = (gyt @ col.T).reshape(W.shape)
