@@ -1,0 +1,120 @@
+"""``create_multi_node_iterator``: every rank gets ``rank_master``'s batches (ChainerMN semantics).
+
+Used where ranks hold different parts of one model (model parallelism) and must
+see the same examples. ``rank_master`` draws each batch from its
+``actual_iterator`` and broadcasts it with the iterator's position (epoch,
+``is_new_epoch``, ``epoch_detail``, ``current_position``); the other ranks' iterators
+only mirror that state. Every rank must call ``next()`` the same number of times.
+
+Differences from ChainerMN 7.8, which broadcasts batches as float32 arrays:
+
+* batches arrive exactly as the master's iterator returned them (one
+  ``bcast_obj`` of the pickled batch): integer labels stay integers, any
+  example structure works (ChainerMN accepts arrays or pairs of arrays, and
+  casts both to float32);
+* ``serialize`` is local (the master saves/loads its iterator, the others their
+  mirrored position), so snapshots need not be taken at the same moment;
+* ``reset()`` resets the master's iterator (the others follow it).
+"""
+
+from __future__ import annotations
+
+import chainer
+
+
+class MultiNodeIterator(chainer.dataset.Iterator):
+    """See the module docstring; build it with :func:`create_multi_node_iterator`."""
+
+    def __init__(self, actual_iterator, communicator, rank_master: int = 0):
+        if not (isinstance(rank_master, int) and 0 <= rank_master < communicator.size):
+            raise ValueError(f"rank_master must be a rank in [0, {communicator.size}), got {rank_master!r}")
+        self.communicator = communicator
+        self.rank_master = rank_master
+        self.is_master = communicator.rank == rank_master
+        if self.is_master and actual_iterator is None:
+            raise ValueError("create_multi_node_iterator: rank_master needs an actual iterator")
+        self.actual_iterator = actual_iterator if self.is_master else None
+        self._state = {"epoch": 0, "is_new_epoch": False, "epoch_detail": 0.0,
+                       "previous_epoch_detail": None, "current_position": 0}
+        if self.is_master:
+            self._state = self._read_state()
+
+    def _read_state(self) -> dict:
+        it = self.actual_iterator
+        return {"epoch": it.epoch, "is_new_epoch": it.is_new_epoch, "epoch_detail": it.epoch_detail,
+                "previous_epoch_detail": getattr(it, "previous_epoch_detail", None),
+                "current_position": getattr(it, "current_position", 0)}
+
+    def __next__(self):
+        payload = None
+        if self.is_master:
+            try:
+                payload = (False, self.actual_iterator.__next__())
+            except StopIteration:
+                payload = (True, None)
+            payload = (*payload, self._read_state())
+        stop, batch, state = self.communicator.bcast_obj(payload, root=self.rank_master)
+        self._state = state
+        if stop:
+            raise StopIteration
+        return batch
+
+    next = __next__
+
+    @property
+    def epoch(self):
+        return self._state["epoch"]
+
+    @property
+    def is_new_epoch(self):
+        return self._state["is_new_epoch"]
+
+    @property
+    def epoch_detail(self):
+        return self._state["epoch_detail"]
+
+    @property
+    def previous_epoch_detail(self):
+        return self._state["previous_epoch_detail"]
+
+    @property
+    def current_position(self):
+        return self._state["current_position"]
+
+    @property
+    def batch_size(self):
+        return getattr(self.actual_iterator, "batch_size", None)
+
+    def reset(self):
+        if self.is_master:
+            self.actual_iterator.reset()
+            self._state = self._read_state()
+        else:
+            self._state = {**self._state, "epoch": 0, "is_new_epoch": False, "epoch_detail": 0.0,
+                           "current_position": 0}
+
+    def serialize(self, serializer):
+        if self.is_master:
+            self.actual_iterator.serialize(serializer)
+            self._state = self._read_state()
+            return
+        for key in ("epoch", "is_new_epoch", "current_position"):
+            try:
+                self._state[key] = serializer(key, self._state[key])
+            except KeyError:
+                pass
+
+    def finalize(self):
+        if self.is_master:
+            self.actual_iterator.finalize()
+
+
+def create_multi_node_iterator(actual_iterator, communicator, rank_master: int = 0):
+    """Iterator that yields ``rank_master``'s batches on every rank (module docstring).
+
+    Args:
+        actual_iterator: a Chainer iterator on ``rank_master`` (others may pass None).
+        communicator: the communicator.
+        rank_master: the rank whose iterator draws the batches.
+    """
+    return MultiNodeIterator(actual_iterator, communicator, rank_master)
