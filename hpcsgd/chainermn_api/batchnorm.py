@@ -13,8 +13,9 @@ ChainerMN's arguments and their meaning here:
   statistics dtype; ``chainer.mixed16`` maps to float32);
 * ``use_gamma``/``use_beta``: False replaces the parameter by the constant 1 / 0;
 * ``initial_gamma``/``initial_beta``: scalars or Chainer initializers;
-* ``communication_backend``: 'auto', 'mpi' or 'nccl'; the communicator decides
-  (hpcsgd's ``allreduce``), the value is only checked;
+* ``communication_backend``: 'auto', 'mpi' or 'nccl'; the communicator's ``allreduce``
+  carries the statistics whatever the value ('nccl' is refused unless the
+  communicator is hpcsgd's 'nccl' one, as ChainerMN refuses it without NCCL);
 * ``__call__(x, finetune=False)``: with ``finetune`` the running averages are the
   cumulative mean (``decay = 1 - 1/N``) since ``start_finetuning()``.
 
@@ -58,10 +59,16 @@ class MultiNodeBatchNormalization(BatchNorm):
         if communication_backend not in BACKENDS:
             raise ValueError(f"communication_backend must be one of {BACKENDS}, "
                              f"got {communication_backend!r}")
+        if communication_backend == "nccl" and type(comm).__name__ != "NcclCommunicator":
+            raise ValueError(f"communication_backend='nccl' needs hpcsgd's 'nccl' communicator, "
+                             f"got {type(comm).__name__}")
         c = _channels(size)
         dt = numpy.dtype(chainer.get_dtype(dtype, map_mixed16=numpy.float32))
         super().__init__(c, mode="sync", comm=comm, decay=decay, eps=eps, dtype=dt)
         self.avg_var[...] = 0
+        # ChainerMN's persistents are avg_mean, avg_var and N: snapshots stay interchangeable.
+        for name in ("last_mean", "last_var", "last_count"):
+            self._persistent.discard(name)
         self.N = 0
         self.register_persistent("N")
         self.use_gamma, self.use_beta = use_gamma, use_beta

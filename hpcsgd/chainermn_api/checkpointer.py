@@ -127,6 +127,9 @@ class MultiNodeCheckpointer(extension.Extension):
     def _filename(self, iteration: int) -> str:
         return f"{self.name}.{self.comm.rank}.{iteration}"
 
+    def _filenames(self, iterations) -> list[str]:
+        return [self._filename(i) for i in iterations]
+
     def _parse(self, filename: str):
         """Iteration of one of this rank's files of this run, else None."""
         parts = filename.split(".")
