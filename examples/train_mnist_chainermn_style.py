@@ -75,6 +75,11 @@ def parameter_digest(model) -> int:
     return crc
 
 
+def example_digests(dataset) -> set[int]:
+    """CRC32 of every example's image bytes (to check that the shards cover the dataset)."""
+    return {zlib.crc32(np.ascontiguousarray(dataset[i][0]).tobytes()) for i in range(len(dataset))}
+
+
 def replica_check(comm, model, test, batch_size: int) -> bool:
     """Every rank classifies rank 0's test batches; True when all ranks predict the same."""
     # Rank 0 draws the batches; the others iterate an empty dataset of the same length.
@@ -120,7 +125,9 @@ def main(argv=None):
         train, test = load_fashion_mnist(args.data, args.n_train, args.n_test)
     else:
         train, test = None, None
+    full_digests = example_digests(train) if comm.rank == 0 else None
     train = chainermn.scatter_dataset(train, comm, shuffle=True, seed=args.seed)
+    shard_union = set().union(*comm.allgather_obj(example_digests(train)))
     test_full = comm.bcast_obj(test)  # for the replica check
     test = chainermn.scatter_dataset(test, comm)
 
@@ -157,6 +164,7 @@ def main(argv=None):
         "validation_accuracy": float(final["validation/main/accuracy"]),
         "validation_loss": float(final["validation/main/loss"]),
         "train_shard": len(train),
+        "shards_cover_train": comm.bcast_obj(full_digests) == shard_union,
         "replicas_equal": len(set(comm.allgather_obj(parameter_digest(model)))) == 1,
         "predictions_equal": replica_check(comm, model, test_full, args.batchsize),
         "checkpoints": sorted(checkpointer.files),

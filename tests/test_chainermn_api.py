@@ -64,16 +64,19 @@ def test_api_semantics_two_virtual_nodes(mpirun, tmp_path):
 def test_chainermn_style_example_two_ranks(mpirun, tmp_path):
     """The example reaches the accuracy of a correct run; broken averaging or scatter fails it.
 
-    Seeded run: 3 epochs of 3000 examples per rank, validation accuracy 0.832 on 2000 test
-    images. Without gradient averaging the replicas differ (replicas_equal, predictions_equal);
-    a wrong scatter changes the shard size or the accuracy.
+    Seeded run: 3 epochs of 3000 examples per rank; seeds 0, 1, 2 reach validation accuracy
+    0.832, 0.834, 0.844 (loss 0.458, 0.475, 0.436) on 2000 test images. Without gradient
+    averaging ('dummy' communicator) the replicas differ (replicas_equal, predictions_equal)
+    and accuracy drops to 0.78 (loss 0.59); a wrong scatter changes the shard size or leaves
+    examples out (shards_cover_train).
     """
     out = tmp_path / "result.json"
     mpirun("examples/train_mnist_chainermn_style.py", 2,
            ["--out", str(tmp_path / "out"), "--json", str(out)], timeout=150)
     result = json.loads(out.read_text())
     assert result["ranks"] == 2 and result["train_shard"] == 3000 and result["iteration"] == 180
+    assert result["shards_cover_train"]
     assert result["replicas_equal"] and result["predictions_equal"]
-    assert result["validation_accuracy"] >= 0.78, result
-    assert np.isfinite(result["validation_loss"]) and result["validation_loss"] < 0.65
+    assert result["validation_accuracy"] >= 0.80, result
+    assert np.isfinite(result["validation_loss"]) and result["validation_loss"] < 0.55, result
     assert result["checkpoints"] == []  # finalize() removed them after the successful run
