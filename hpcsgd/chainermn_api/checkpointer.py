@@ -130,6 +130,10 @@ class MultiNodeCheckpointer(extension.Extension):
     def _filenames(self, iterations) -> list[str]:
         return [self._filename(i) for i in iterations]
 
+    def _parse_filenames(self, filenames) -> list[tuple[str, int, int]]:
+        """(name, rank, iteration) of each of this rank's files of this run, as ChainerMN's."""
+        return [(self.name, self.comm.rank, i) for i in map(self._parse, filenames) if i is not None]
+
     def _parse(self, filename: str):
         """Iteration of one of this rank's files of this run, else None."""
         parts = filename.split(".")
