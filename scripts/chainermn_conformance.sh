@@ -10,7 +10,9 @@
 # training-script API at hpcsgd. RANKS defaults to 2. TEST_DIRS default to the
 # communicator and optimizer tests; give e.g. datasets_tests extensions_tests to run more.
 # HPCSGD_CONFORMANCE_COMM=hierarchical (or flat, naive) answers every CPU name with
-# that hpcsgd algorithm. GPU tests are deselected (-m "not gpu").
+# that hpcsgd algorithm. GPU tests are deselected (-m "not gpu"). Extra pytest options go in
+# HPCSGD_CONFORMANCE_PYTEST_ARGS (e.g. "-v -rA" for a per-test verdict); the whole run is
+# killed after HPCSGD_CONFORMANCE_TIMEOUT seconds (default 900).
 set -euo pipefail
 src=${1:?usage: $0 PATH_TO_CHAINER_SOURCE [RANKS] [TEST_DIRS...]}
 ranks=${2:-2}
@@ -34,4 +36,4 @@ targets=()
 for d in "${dirs[@]}"; do targets+=("chainermn_tests/$d"); done
 # Each rank writes its own report; rank 0's goes to stdout, all to $work/rank-N.txt.
 timeout "${HPCSGD_CONFORMANCE_TIMEOUT:-900}" "$mpiexec" -n "$ranks" "$py" -m mpi4py -m pytest -q -rs \
-  -m "not gpu and not slow" -p no:cacheprovider "${targets[@]}"
+  -m "not gpu and not slow" -p no:cacheprovider ${HPCSGD_CONFORMANCE_PYTEST_ARGS:-} "${targets[@]}"

@@ -75,6 +75,7 @@ chainermn.optimizers.create_multi_node_optimizer = hpcsgd.create_multi_node_opti
 # The training-script API (hpcsgd.chainermn_api), where hpcsgd provides it.
 for _name, _modules in {
     "scatter_dataset": (chainermn, chainermn.datasets),
+    "scatter_index": (chainermn, chainermn.datasets),
     "create_empty_dataset": (chainermn.datasets,),
     "create_multi_node_evaluator": (chainermn, chainermn.extensions),
     "create_multi_node_checkpointer": (chainermn, chainermn.extensions, _cmn_checkpoint),
@@ -101,7 +102,8 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="this Chainer has no ChainerX")
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if params.get("use_chx") is True or "chx" in item.name:
+        if (params.get("use_chx") is True or "chx" in item.name
+                or any(v is chainerx for v in params.values())):
             item.add_marker(skip)
 
 
