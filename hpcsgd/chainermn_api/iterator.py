@@ -12,8 +12,11 @@ Differences from ChainerMN 7.8, which broadcasts batches as float32 arrays:
   ``bcast_obj`` of the pickled batch): integer labels stay integers, any
   example structure works (ChainerMN accepts arrays or pairs of arrays, and
   casts both to float32);
-* ``serialize`` is local (the master saves/loads its iterator, the others their
-  mirrored position), so snapshots need not be taken at the same moment;
+* ``serialize`` is local (the master saves/loads its iterator, the others the
+  mirrored state under the same keys, so any rank's snapshot loads into a plain
+  Chainer iterator); it need not be called at the same moment on every rank. The
+  master's order travels with the first batch, each new epoch's first batch and the
+  first batch after ``reset``/``serialize``;
 * ``reset()`` resets the master's iterator (the others follow it).
 """
 
@@ -35,15 +38,21 @@ class MultiNodeIterator(chainer.dataset.Iterator):
             raise ValueError("create_multi_node_iterator: rank_master needs an actual iterator")
         self.actual_iterator = actual_iterator if self.is_master else None
         self._state = {"epoch": 0, "is_new_epoch": False, "epoch_detail": 0.0,
-                       "previous_epoch_detail": None, "current_position": 0}
+                       "previous_epoch_detail": None, "current_position": 0,
+                       "epoch_size": None, "order": None}
+        self._send_order = True  # the master sends its order when it may have changed
         if self.is_master:
             self._state = self._read_state()
 
     def _read_state(self) -> dict:
         it = self.actual_iterator
+        dataset = getattr(it, "dataset", None)
+        order = getattr(getattr(it, "_state", None), "order", None)
         return {"epoch": it.epoch, "is_new_epoch": it.is_new_epoch, "epoch_detail": it.epoch_detail,
                 "previous_epoch_detail": getattr(it, "previous_epoch_detail", None),
-                "current_position": getattr(it, "current_position", 0)}
+                "current_position": getattr(it, "current_position", 0),
+                "epoch_size": len(dataset) if dataset is not None else None,
+                "order": None if order is None else order.copy()}
 
     def __next__(self):
         payload = None
@@ -52,9 +61,15 @@ class MultiNodeIterator(chainer.dataset.Iterator):
                 payload = (False, self.actual_iterator.__next__())
             except StopIteration:
                 payload = (True, None)
-            payload = (*payload, self._read_state())
+            state = self._read_state()
+            self._state = state
+            if not (self._send_order or state["is_new_epoch"]):
+                state = {k: v for k, v in state.items() if k != "order"}  # unchanged: not resent
+            self._send_order = False
+            payload = (*payload, state)
         stop, batch, state = self.communicator.bcast_obj(payload, root=self.rank_master)
-        self._state = state
+        if not self.is_master:
+            self._state = {**self._state, **state}
         if stop:
             raise StopIteration
         return batch
@@ -89,20 +104,33 @@ class MultiNodeIterator(chainer.dataset.Iterator):
         if self.is_master:
             self.actual_iterator.reset()
             self._state = self._read_state()
+            self._send_order = True
         else:
             self._state = {**self._state, "epoch": 0, "is_new_epoch": False, "epoch_detail": 0.0,
                            "current_position": 0}
 
     def serialize(self, serializer):
+        """The master (de)serializes its iterator; the others the mirrored state under the same
+        keys (a snapshot of any rank loads into a plain Chainer iterator)."""
         if self.is_master:
             self.actual_iterator.serialize(serializer)
             self._state = self._read_state()
+            self._send_order = True
             return
-        for key in ("epoch", "is_new_epoch", "current_position"):
+        st = self._state
+        for key in ("current_position", "epoch", "is_new_epoch"):
+            st[key] = serializer(key, st[key])
+        if st["order"] is not None:
             try:
-                self._state[key] = serializer(key, self._state[key])
+                st["order"] = serializer("order", st["order"])
             except KeyError:
-                pass
+                st["order"] = serializer("_order", st["order"])
+        try:
+            st["previous_epoch_detail"] = serializer("previous_epoch_detail", st["previous_epoch_detail"])
+        except (KeyError, TypeError):
+            pass
+        if st["epoch_size"]:
+            st["epoch_detail"] = st["epoch"] + st["current_position"] / st["epoch_size"]
 
     def finalize(self):
         if self.is_master:
