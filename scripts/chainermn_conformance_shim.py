@@ -109,8 +109,8 @@ def pytest_collection_modifyitems(config, items):
 
 @__import__("pytest").hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Report a test that got past every hpcsgd check and then stopped at a missing ChainerX
-    function (``chx.array``, ``chx.random`` ...) as skipped, naming the cause."""
+    """Report a test that stopped at a missing ChainerX function (``chx.array`` ...) or
+    device ('native:0') as skipped, naming the cause."""
     import chainerx
 
     outcome = yield
@@ -118,7 +118,8 @@ def pytest_runtest_makereport(item, call):
     if not report.failed or call.excinfo is None or chainerx.is_available():
         return
     err = call.excinfo.value
-    if isinstance(err, AttributeError) and "module 'chainerx' has no attribute" in str(err):
+    if ((isinstance(err, AttributeError) and "module 'chainerx' has no attribute" in str(err))
+            or (isinstance(err, RuntimeError) and "ChainerX is not available" in str(err))):
         report.outcome = "skipped"
         report.longrepr = (str(item.path), item.location[1] or 0,
                            f"Skipped: this Chainer has no ChainerX ({err})")
