@@ -32,8 +32,14 @@ mpiexec=$(dirname "$(command -v "$py")")/mpiexec
 [ -x "$mpiexec" ] || mpiexec=mpiexec
 cd "$work"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+# test_multinode_autoload downloads MNIST on rank 0 (chainer.datasets.get_mnist); offline, rank 0
+# fails before its first collective and the other ranks wait for it forever. Set
+# HPCSGD_CONFORMANCE_NETWORK=1 on a machine that can download it.
+deselect=()
+[ "${HPCSGD_CONFORMANCE_NETWORK:-0}" = 1 ] || deselect=(--deselect
+  chainermn_tests/extensions_tests/test_multi_node_snapshot.py::test_multinode_autoload)
 targets=()
 for d in "${dirs[@]}"; do targets+=("chainermn_tests/$d"); done
 # Each rank writes its own report; rank 0's goes to stdout, all to $work/rank-N.txt.
 timeout "${HPCSGD_CONFORMANCE_TIMEOUT:-900}" "$mpiexec" -n "$ranks" "$py" -m mpi4py -m pytest -q -rs \
-  -m "not gpu and not slow" -p no:cacheprovider ${HPCSGD_CONFORMANCE_PYTEST_ARGS:-} "${targets[@]}"
+  -m "not gpu and not slow" -p no:cacheprovider ${HPCSGD_CONFORMANCE_PYTEST_ARGS:-} "${deselect[@]}" "${targets[@]}"
