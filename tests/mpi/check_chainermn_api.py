@@ -184,6 +184,22 @@ def check_mnbn():
     assert not hasattr(no_gamma, "gamma") and not list(no_gamma.params())
 
 
+def check_debug_mean():
+    """ChainerMN's debug mode: a non-finite _multi_node_mean raises ValueError on every rank."""
+    x = np.array([1.0, np.nan if r == 0 else 2.0], np.float32)
+    comm._multi_node_mean(None, x.copy())  # not in debug mode: no check
+    chainer.set_debug(True)
+    try:
+        comm._multi_node_mean(None, x.copy())
+    except ValueError as e:
+        assert "diverged" in str(e)
+    else:
+        raise AssertionError("non-finite mean not reported in debug mode")
+    finally:
+        chainer.set_debug(False)
+
+
+check_debug_mean()
 check_scatter()
 check_evaluator()
 check_checkpointer(sys.argv[1])
