@@ -15,8 +15,8 @@ Differences from ChainerMN 7.8, which broadcasts batches as float32 arrays:
 * ``serialize`` is local (the master saves/loads its iterator, the others the
   mirrored state under the same keys, so any rank's snapshot loads into a plain
   Chainer iterator); it need not be called at the same moment on every rank. The
-  master's order travels with the first batch, each new epoch's first batch and the
-  first batch after ``reset``/``serialize``;
+  master's order travels in the (collective) constructor, with each new epoch's first
+  batch and with the first batch after ``reset``/``serialize``;
 * ``reset()`` resets the master's iterator (the others follow it).
 """
 
@@ -40,9 +40,10 @@ class MultiNodeIterator(chainer.dataset.Iterator):
         self._state = {"epoch": 0, "is_new_epoch": False, "epoch_detail": 0.0,
                        "previous_epoch_detail": None, "current_position": 0,
                        "epoch_size": None, "order": None}
-        self._send_order = True  # the master sends its order when it may have changed
-        if self.is_master:
-            self._state = self._read_state()
+        self._send_order = False  # the master resends its order when it may have changed
+        # Collective, like ChainerMN's constructor: every rank starts with the master's state.
+        self._state = communicator.bcast_obj(self._read_state() if self.is_master else None,
+                                             root=rank_master)
 
     def _read_state(self) -> dict:
         it = self.actual_iterator
