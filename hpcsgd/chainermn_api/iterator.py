@@ -14,7 +14,8 @@ Differences from ChainerMN 7.8, which broadcasts batches as float32 arrays:
   casts both to float32);
 * ``serialize`` is local (the master saves/loads its iterator, the others the
   mirrored state under the same keys, so any rank's snapshot loads into a plain
-  Chainer iterator); it need not be called at the same moment on every rank. The
+  Chainer iterator; as in ChainerMN a non-master rank never takes the order from a
+  snapshot, the master's order rules); it need not be called at the same moment on every rank. The
   master's order travels in the (collective) constructor, with each new epoch's first
   batch and with the first batch after ``reset``/``serialize``;
 * ``reset()`` resets the master's iterator (the others follow it).
@@ -37,12 +38,12 @@ class MultiNodeIterator(chainer.dataset.Iterator):
         if self.is_master and actual_iterator is None:
             raise ValueError("create_multi_node_iterator: rank_master needs an actual iterator")
         self.actual_iterator = actual_iterator if self.is_master else None
-        self._state = {"epoch": 0, "is_new_epoch": False, "epoch_detail": 0.0,
+        self._mirror = {"epoch": 0, "is_new_epoch": False, "epoch_detail": 0.0,
                        "previous_epoch_detail": None, "current_position": 0,
                        "epoch_size": None, "order": None}
         self._send_order = False  # the master resends its order when it may have changed
         # Collective, like ChainerMN's constructor: every rank starts with the master's state.
-        self._state = communicator.bcast_obj(self._read_state() if self.is_master else None,
+        self._mirror = communicator.bcast_obj(self._read_state() if self.is_master else None,
                                              root=rank_master)
 
     def _read_state(self) -> dict:
@@ -63,14 +64,14 @@ class MultiNodeIterator(chainer.dataset.Iterator):
             except StopIteration:
                 payload = (True, None)
             state = self._read_state()
-            self._state = state
+            self._mirror = state
             if not (self._send_order or state["is_new_epoch"]):
                 state = {k: v for k, v in state.items() if k != "order"}  # unchanged: not resent
             self._send_order = False
             payload = (*payload, state)
         stop, batch, state = self.communicator.bcast_obj(payload, root=self.rank_master)
         if not self.is_master:
-            self._state = {**self._state, **state}
+            self._mirror = {**self._mirror, **state}
         if stop:
             raise StopIteration
         return batch
@@ -79,23 +80,33 @@ class MultiNodeIterator(chainer.dataset.Iterator):
 
     @property
     def epoch(self):
-        return self._state["epoch"]
+        return self._mirror["epoch"]
 
     @property
     def is_new_epoch(self):
-        return self._state["is_new_epoch"]
+        return self._mirror["is_new_epoch"]
 
     @property
     def epoch_detail(self):
-        return self._state["epoch_detail"]
+        return self._mirror["epoch_detail"]
 
     @property
     def previous_epoch_detail(self):
-        return self._state["previous_epoch_detail"]
+        return self._mirror["previous_epoch_detail"]
 
     @property
     def current_position(self):
-        return self._state["current_position"]
+        return self._mirror["current_position"]
+
+    @property
+    def _state(self):
+        """The master's iterator state (ChainerMN exposes it, its tests read ``_state.order``)."""
+        return getattr(self.actual_iterator, "_state", None)
+
+    @property
+    def _order(self):
+        """The master's order as this rank last received it."""
+        return self._mirror["order"]
 
     @property
     def batch_size(self):
@@ -104,10 +115,10 @@ class MultiNodeIterator(chainer.dataset.Iterator):
     def reset(self):
         if self.is_master:
             self.actual_iterator.reset()
-            self._state = self._read_state()
+            self._mirror = self._read_state()
             self._send_order = True
         else:
-            self._state = {**self._state, "epoch": 0, "is_new_epoch": False, "epoch_detail": 0.0,
+            self._mirror = {**self._mirror, "epoch": 0, "is_new_epoch": False, "epoch_detail": 0.0,
                            "current_position": 0}
 
     def serialize(self, serializer):
@@ -115,17 +126,17 @@ class MultiNodeIterator(chainer.dataset.Iterator):
         keys (a snapshot of any rank loads into a plain Chainer iterator)."""
         if self.is_master:
             self.actual_iterator.serialize(serializer)
-            self._state = self._read_state()
+            self._mirror = self._read_state()
             self._send_order = True
             return
-        st = self._state
+        st = self._mirror
         for key in ("current_position", "epoch", "is_new_epoch"):
             st[key] = serializer(key, st[key])
-        if st["order"] is not None:
+        if st["order"] is not None:  # written, never taken: the order is the master's
             try:
-                st["order"] = serializer("order", st["order"])
+                serializer("order", st["order"])
             except KeyError:
-                st["order"] = serializer("_order", st["order"])
+                serializer("_order", st["order"])
         try:
             st["previous_epoch_detail"] = serializer("previous_epoch_detail", st["previous_epoch_detail"])
         except (KeyError, TypeError):
