@@ -9,9 +9,10 @@ import pytest
 
 import hpcsgd as chainermn
 from hpcsgd.chainermn_api.datasets import _index_range
+from hpcsgd.data.datasets.fashion_mnist import DEFAULT_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
-HAVE_FMNIST = os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+HAVE_FMNIST = os.path.exists(os.path.join(DEFAULT_PATH, "train-images-idx3-ubyte.gz"))
 
 
 @pytest.mark.parametrize("n,size", [(0, 3), (5, 4), (10, 4), (64, 4), (7, 1), (3, 8)])
