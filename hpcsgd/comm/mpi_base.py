@@ -418,8 +418,9 @@ class MpiCommunicatorBase(CommunicatorBase):
     def _multi_node_mean(self, sendbuf, recvbuf) -> None:
         """Mean over ranks of ``sendbuf`` into ``recvbuf`` (in place when ``sendbuf`` is None).
 
-        Floating dtypes only; float16 is summed in float32. Shapes are checked
-        across ranks under ``chainer.is_debug()`` (it costs a second allreduce).
+        Floating dtypes only; float16 is summed in float32. Under ``chainer.is_debug()``
+        shapes are checked across ranks (a second allreduce) and a non-finite mean raises
+        ``ValueError('Parameters diverged after allreduce.')`` on every rank, as in ChainerMN.
         """
         import chainer
 
@@ -443,3 +444,5 @@ class MpiCommunicatorBase(CommunicatorBase):
                 recvbuf[...] = cupy.asarray(work).astype(recvbuf.dtype)
             else:
                 recvbuf[...] = work
+        if chainer.is_debug() and not np.isfinite(work).all():  # ChainerMN's debug check
+            raise ValueError("Parameters diverged after allreduce.")  # same on every rank

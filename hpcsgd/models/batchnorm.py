@@ -141,6 +141,7 @@ class SyncBatchNormFunction(chainer.FunctionNode):
         mean_gy = (total[:c] / self.count).astype(xhat.dtype).reshape(bs)
         mean_gy_xhat = (total[c:] / self.count).astype(xhat.dtype).reshape(bs)
         gx = (gamma * self._inv_std).reshape(bs) * (gy - mean_gy - xhat * mean_gy_xhat)
+        gx = gx.astype(xhat.dtype, copy=False)  # float32 gamma with float16 x (mixed16)
         out = {0: gx, 1: ggamma.astype(gamma.dtype), 2: gbeta.astype(gamma.dtype)}
         return tuple(chainer.Variable(out[i]) for i in indexes)
 
