@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -56,15 +57,23 @@ def parse_args(argv=None):
     p.add_argument("--lr-factors", type=float, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--sec-per-epoch", type=float, default=None, help="cost model (default 26 s)")
-    p.add_argument("--max-load", type=float, default=None,
-                   help="5-minute load above which a run is flagged as loaded (default ranks + 1)")
+    p.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="5-minute load above which a run is flagged as loaded (default ranks + 1)",
+    )
     return p.parse_args(argv)
 
 
 def design_from(args) -> D.Design:
     d = D.quick(D.Design()) if args.quick else D.Design()
-    for name, attr in (("batches", "batches"), ("recipes", "recipes"), ("lr_factors", "lr_factors"),
-                       ("seeds", "seeds")):
+    for name, attr in (
+        ("batches", "batches"),
+        ("recipes", "recipes"),
+        ("lr_factors", "lr_factors"),
+        ("seeds", "seeds"),
+    ):
         if getattr(args, name) is not None:
             setattr(d, attr, tuple(getattr(args, name)))
     if args.epochs is not None:
@@ -74,10 +83,18 @@ def design_from(args) -> D.Design:
     return d
 
 
+def _interrupt(signum, frame):
+    """SIGTERM (kill PID of a background study) ends the running job's process group too."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     d = design_from(args)
-    out = args.out or ROOT / "benchmarks" / "results" / ("convergence2_quick" if args.quick else "convergence2")
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        "convergence2_quick" if args.quick else "convergence2"
+    )
     out.mkdir(parents=True, exist_ok=True)
     mode = "plan" if args.plan else "report" if args.report_only else "run"
     st = Study(d, out, mode=mode, max_load=args.max_load)
@@ -93,9 +110,20 @@ def main(argv=None) -> int:
     old = json.loads((out / "convergence.json").read_text()) if (out / "convergence.json").exists() else {}
     merged = dict(old.get("parts", {}), **results)
     design = {k: v for k, v in vars(d).items()}
-    (out / "convergence.json").write_text(json.dumps(
-        {"design": design, "parts": merged, "cost": cost, "still_to_run": plan, "failures": st.failures,
-         "loadavg_at_report": os.getloadavg()}, indent=1, default=str))
+    (out / "convergence.json").write_text(
+        json.dumps(
+            {
+                "design": design,
+                "parts": merged,
+                "cost": cost,
+                "still_to_run": plan,
+                "failures": st.failures,
+                "loadavg_at_report": os.getloadavg(),
+            },
+            indent=1,
+            default=str,
+        )
+    )
     md = R.markdown(merged, cost, plan)
     (out / "convergence.md").write_text(md)
     R.plots(merged, {r["name"]: r for r in st.cache.values()}, out)

@@ -52,8 +52,11 @@ def test_budget_check_picks_the_smallest_converged_budget():
 def test_spread_and_best_run():
     s = A.spread([8.0, 9.0, 8.5])
     assert (s["mean"], s["spread"], s["half_spread"], s["n"]) == (8.5, 1.0, 0.5, 3)
-    runs = [{"lr": 1, "final_error": 9.0, "s": None}, {"lr": 2, "final_error": 8.0, "s": 50.0},
-            {"lr": 4, "final_error": float("nan"), "s": 40.0}]
+    runs = [
+        {"lr": 1, "final_error": 9.0, "s": None},
+        {"lr": 2, "final_error": 8.0, "s": 50.0},
+        {"lr": 4, "final_error": float("nan"), "s": 40.0},
+    ]
     assert A.best_run(runs)["lr"] == 2  # nan (diverged) loses
     assert A.best_run(runs, "s")["lr"] == 4  # fewest steps; None (never reached) loses
     assert A.best_run([]) is None
@@ -119,7 +122,8 @@ def test_run_settings_keep_paper_warmups_and_scale_only_the_decay():
 
     r = build_recipe("goyal", None, 1024, 20.0, D.iters_per_epoch(1024), **s["recipe_options"])
     assert r.hyperparams(4.9)["lr"] < 0.4 and r.hyperparams(5.0)["lr"] == pytest.approx(
-        0.4 * 0.5 * (1 + math.cos(math.pi * 5 / 20)))
+        0.4 * 0.5 * (1 + math.cos(math.pi * 5 / 20))
+    )
 
 
 def test_eval_interval_is_at_least_one_step_and_keys_ignore_operational_settings():
@@ -141,10 +145,21 @@ def test_cost_model_counts_whole_steps_and_evaluations():
 
 
 def fake_record(d, settings, error, label="x"):
-    return {"key": D.run_key(settings), "name": D.run_name(label, settings), "label": label,
-            "recipe": settings["recipe"], "batch": settings["global_batch"], "seed": settings["seed"],
-            "lr": settings["recipe_options"]["lr"], "epochs": settings["epochs"], "settings": settings,
-            "final_error": error, "evals": curve([(10, 50.0), (20, error)]), "noise": [], "elapsed_s": 60.0}
+    return {
+        "key": D.run_key(settings),
+        "name": D.run_name(label, settings),
+        "label": label,
+        "recipe": settings["recipe"],
+        "batch": settings["global_batch"],
+        "seed": settings["seed"],
+        "lr": settings["recipe_options"]["lr"],
+        "epochs": settings["epochs"],
+        "settings": settings,
+        "final_error": error,
+        "evals": curve([(10, 50.0), (20, error)]),
+        "noise": [],
+        "elapsed_s": 60.0,
+    }
 
 
 def test_plan_counts_missing_runs_and_parts_read_cached_records(tmp_path):
@@ -165,10 +180,12 @@ def test_plan_counts_missing_runs_and_parts_read_cached_records(tmp_path):
 
 
 def test_read_run_dedupes_resumed_iterations_and_reads_b_noise(tmp_path):
-    lines = [{"kind": "train", "iteration": 10, "epoch": 0.5, "loss": 1.0, "noise_scale": {"b_noise": 300.0}},
-             {"kind": "eval", "iteration": 20, "epoch": 1.0, "top1": 0.5},
-             {"kind": "eval", "iteration": 20, "epoch": 1.0, "top1": 0.6},  # repeated after a resume
-             {"kind": "train", "iteration": 20, "epoch": 1.0, "loss": 0.5}]
+    lines = [
+        {"kind": "train", "iteration": 10, "epoch": 0.5, "loss": 1.0, "noise_scale": {"b_noise": 300.0}},
+        {"kind": "eval", "iteration": 20, "epoch": 1.0, "top1": 0.5},
+        {"kind": "eval", "iteration": 20, "epoch": 1.0, "top1": 0.6},  # repeated after a resume
+        {"kind": "train", "iteration": 20, "epoch": 1.0, "loss": 0.5},
+    ]
     (tmp_path / "log.rank0.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{cut")
     rec = read_run(tmp_path)
     assert [e["error"] for e in rec["evals"]] == [pytest.approx(40.0)]

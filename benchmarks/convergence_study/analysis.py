@@ -24,8 +24,13 @@ def spread(errors: list[float]) -> dict:
     if not errors:
         raise ValueError("no errors to aggregate")
     lo, hi = min(errors), max(errors)
-    return {"mean": statistics.fmean(errors), "spread": hi - lo, "half_spread": (hi - lo) / 2.0,
-            "n": len(errors), "errors": list(errors)}
+    return {
+        "mean": statistics.fmean(errors),
+        "spread": hi - lo,
+        "half_spread": (hi - lo) / 2.0,
+        "n": len(errors),
+        "errors": list(errors),
+    }
 
 
 def steps_to_target(curve: list[dict], target: float) -> dict | None:
@@ -77,8 +82,17 @@ def budget_check(errors_by_epochs: dict[float, list[float]], tol: float = 0.3) -
             continue
         m1, m2 = statistics.fmean(errors_by_epochs[e]), statistics.fmean(errors_by_epochs[e2])
         ok = abs(m1 - m2) <= tol
-        pairs.append({"epochs": e, "epochs_2x": e2, "error": m1, "error_2x": m2, "difference": m1 - m2,
-                      "within_tol": ok, "seeds": len(errors_by_epochs[e])})
+        pairs.append(
+            {
+                "epochs": e,
+                "epochs_2x": e2,
+                "error": m1,
+                "error_2x": m2,
+                "difference": m1 - m2,
+                "within_tol": ok,
+                "seeds": len(errors_by_epochs[e]),
+            }
+        )
         if ok and chosen is None:
             chosen = e
     return {"tol": tol, "pairs": pairs, "chosen": chosen}
@@ -117,16 +131,26 @@ def nearest_batch(batches: list[int], b_noise: float | None) -> int | None:
 
 def noise_window(series: list[dict], start: float, end: float) -> float | None:
     """Median of the smoothed B_noise (images) logged at epochs in [start, end]; None if none there."""
-    values = [p["b_noise"] for p in series
-              if start <= p["epoch"] <= end and p.get("b_noise") is not None and p["b_noise"] > 0]
+    values = [
+        p["b_noise"]
+        for p in series
+        if start <= p["epoch"] <= end and p.get("b_noise") is not None and p["b_noise"] > 0
+    ]
     return statistics.median(values) if values else None
 
 
-def noise_early_late(series: list[dict], epochs: float, early_end: float = 2.0,
-                     early_start: float = 0.25, late_fraction: float = 0.25) -> dict:
+def noise_early_late(
+    series: list[dict],
+    epochs: float,
+    early_end: float = 2.0,
+    early_start: float = 0.25,
+    late_fraction: float = 0.25,
+) -> dict:
     """B_noise of one run early (epochs [early_start, early_end]) and late (its last ``late_fraction``)."""
-    return {"early": noise_window(series, early_start, early_end),
-            "late": noise_window(series, epochs * (1.0 - late_fraction), epochs)}
+    return {
+        "early": noise_window(series, early_start, early_end),
+        "late": noise_window(series, epochs * (1.0 - late_fraction), epochs),
+    }
 
 
 def combine_noise(per_run: list[dict]) -> dict:
@@ -170,12 +194,19 @@ def gap_verdict(baseline_errors: list[float], other_errors: list[float], referen
     if len(baseline_errors) < 2 or len(other_errors) < 2:
         return {"gap": None, "se": None, "verdict": "too few seeds"}
     gap = statistics.fmean(other_errors) - statistics.fmean(baseline_errors)
-    se = math.sqrt(statistics.variance(baseline_errors) / len(baseline_errors)
-                   + statistics.variance(other_errors) / len(other_errors))
+    se = math.sqrt(
+        statistics.variance(baseline_errors) / len(baseline_errors)
+        + statistics.variance(other_errors) / len(other_errors)
+    )
     consistent = abs(gap - reference_gap) <= 2.0 * se
-    return {"gap": gap, "se": se, "reference_gap": reference_gap,
-            "verdict": "consistent with the reference (seed noise)" if consistent
-            else "differs from the reference beyond seed noise"}
+    return {
+        "gap": gap,
+        "se": se,
+        "reference_gap": reference_gap,
+        "verdict": "consistent with the reference (seed noise)"
+        if consistent
+        else "differs from the reference beyond seed noise",
+    }
 
 
 def perfect_scaling(batches: list[int], base_batch: int, base_steps: float) -> list[float]:

@@ -12,9 +12,13 @@ import json
 from dataclasses import dataclass, field
 
 RECIPES = ("sgd", "goyal", "akiba", "lars")
-LABELS = {"baseline": "baseline (momentum SGD, batch 128)", "sgd": "linear scaling",
-          "goyal": "+ gradual warm-up (Goyal)", "akiba": "Akiba (RMSprop warm-up, slow start, batch BN)",
-          "lars": "LARS (You: warm-up + poly(2))"}
+LABELS = {
+    "baseline": "baseline (momentum SGD, batch 128)",
+    "sgd": "linear scaling",
+    "goyal": "+ gradual warm-up (Goyal)",
+    "akiba": "Akiba (RMSprop warm-up, slow start, batch BN)",
+    "lars": "LARS (You: warm-up + poly(2))",
+}
 TRAIN_IMAGES = 60000
 #: Akiba's slow-start LR milestones in the paper's 90-epoch run (its decay, scaled to the budget).
 AKIBA_MILESTONES_90 = (40.0, 70.0, 85.0)
@@ -58,12 +62,16 @@ class Design:
 
 
 def quick(d: Design) -> Design:
-    """A smoke design that exercises every part in minutes (not a result)."""
-    d.batches, d.fixed_batches, d.recipes, d.lr_factors = (128, 512), (512,), ("sgd", "lars"), (1.0, 2.0)
-    d.seeds, d.budget_epochs, d.budget_seeds = (0, 1), (0.05, 0.1), (0,)
-    d.default_epochs, d.eval_interval, d.early_epochs = 0.1, 0.025, 0.1
+    """A smoke design that exercises every part end-to-end with 7 short runs (not a result).
+
+    Every part's code path runs (grid, seeds, target, budget check, plots), but
+    the grid has one LR and one seed, so tuning and spreads are trivial.
+    """
+    d.batches, d.fixed_batches, d.recipes, d.lr_factors = (128, 512), (512,), ("sgd", "lars"), (1.0,)
+    d.seeds, d.budget_epochs, d.budget_seeds = (0,), (0.05, 0.1), (0,)
+    d.default_epochs, d.eval_interval, d.early_epochs = 0.05, 0.025, 0.05
     d.paper_epochs, d.akiba_bn_variants = False, ("batch", "running")
-    d.lars_gap_seeds, d.lars_gap_epochs, d.lars_gap_bpr = (0, 1), 0.05, (128, 64)
+    d.lars_gap_seeds, d.lars_gap_epochs, d.lars_gap_bpr = (0,), 0.05, (128,)
     return d
 
 
@@ -99,9 +107,18 @@ def recipe_options(recipe: str, epochs: float, lr: float, paper_epochs: bool = T
     return opts
 
 
-def run_settings(d: Design, recipe: str, batch: int, seed: int, lr: float, epochs: float,
-                 batch_per_rank: int | None = None, bn_mode: str | None = None,
-                 model_extra: dict | None = None, recipe_extra: dict | None = None) -> dict:
+def run_settings(
+    d: Design,
+    recipe: str,
+    batch: int,
+    seed: int,
+    lr: float,
+    epochs: float,
+    batch_per_rank: int | None = None,
+    bn_mode: str | None = None,
+    model_extra: dict | None = None,
+    recipe_extra: dict | None = None,
+) -> dict:
     """The ``--set`` overrides of one ``hpcsgd train`` run (everything that defines it)."""
     bpr = batch_per_rank or d.batch_per_rank
     per_step = d.ranks * bpr
@@ -113,14 +130,25 @@ def run_settings(d: Design, recipe: str, batch: int, seed: int, lr: float, epoch
     opts = recipe_options(recipe, epochs, lr, d.paper_epochs)
     opts.update(recipe_extra or {})
     return {
-        "model": "resnet_small", "model_options": {"depth": d.depth, "width": d.width, **(model_extra or {})},
-        "dataset": "fashion_mnist", "augment": False, "batch_per_rank": bpr, "global_batch": batch,
-        "recipe": recipe, "recipe_options": opts,
+        "model": "resnet_small",
+        "model_options": {"depth": d.depth, "width": d.width, **(model_extra or {})},
+        "dataset": "fashion_mnist",
+        "augment": False,
+        "batch_per_rank": bpr,
+        "global_batch": batch,
+        "recipe": recipe,
+        "recipe_options": opts,
         "bn_mode": bn_mode or ("batch" if recipe == "akiba" else "running"),
-        "epochs": epochs, "eval_interval": eval_interval(d.eval_interval, steps_per_epoch), "seed": seed,
-        "eval_batch": 500, "communicator": "hierarchical", "threads": 1,
+        "epochs": epochs,
+        "eval_interval": eval_interval(d.eval_interval, steps_per_epoch),
+        "seed": seed,
+        "eval_batch": 500,
+        "communicator": "hierarchical",
+        "threads": 1,
         "log_interval": max(1, steps_per_epoch // 8),
-        "loader_workers": 1, "progress": False, "keep_checkpoints": 1,
+        "loader_workers": 1,
+        "progress": False,
+        "keep_checkpoints": 1,
         "checkpoint_interval": max(1, steps_per_epoch),  # one per epoch: a killed run resumes
     }
 

@@ -18,14 +18,19 @@ from convergence_study import design as D
 
 PARTS = ("budget-check", "lars-gap", "fixed", "steps", "akiba-bn")
 #: The independent implementation's numbers (one seed each, 20 epochs): error % and gap.
-REFERENCE = {"baseline_error": 7.8, "lars_1k_error": 8.5, "lars_gap": 0.8,
-             "hpcsgd_reported": {"baseline_error": 8.14, "lars_1k_error": 9.53}}
+REFERENCE = {
+    "baseline_error": 7.8,
+    "lars_1k_error": 8.5,
+    "lars_gap": 0.8,
+    "hpcsgd_reported": {"baseline_error": 8.14, "lars_1k_error": 9.53},
+}
 
 
 def baseline_settings(st, seed: int, epochs: float, lr: float | None = None) -> dict:
     d = st.d
-    return D.run_settings(d, "sgd", d.base_batch, seed, lr if lr is not None else D.rule_lr("sgd", d.base_batch),
-                          epochs)
+    return D.run_settings(
+        d, "sgd", d.base_batch, seed, lr if lr is not None else D.rule_lr("sgd", d.base_batch), epochs
+    )
 
 
 # -- budget ---------------------------------------------------------------------------------------
@@ -88,10 +93,18 @@ def cell(st, recipe: str, batch: int, epochs: float, part: str, seeds=None) -> d
         rec = st.run(label_of(recipe, batch, d), D.run_settings(d, recipe, batch, seed, lr, epochs), part)
         if rec:
             recs.append(rec)
-    row = {"recipe": label_of(recipe, batch, d), "batch": batch, "lr": lr, "lr_tuned": tuned,
-           "steps": D.iters_per_epoch(batch) * epochs, "seeds": [r["seed"] for r in recs],
-           "runs": [r["name"] for r in recs],
-           "grid": {str(f): r["final_error"] for f, r in zip(d.lr_factors, grid(st, recipe, batch, epochs, part))}}
+    row = {
+        "recipe": label_of(recipe, batch, d),
+        "batch": batch,
+        "lr": lr,
+        "lr_tuned": tuned,
+        "steps": D.iters_per_epoch(batch) * epochs,
+        "seeds": [r["seed"] for r in recs],
+        "runs": [r["name"] for r in recs],
+        "grid": {
+            str(f): r["final_error"] for f, r in zip(d.lr_factors, grid(st, recipe, batch, epochs, part))
+        },
+    }
     if recs:
         row.update(A.spread([r["final_error"] for r in recs]))
     return row
@@ -124,10 +137,15 @@ def fixed(st) -> dict:
     at_near = [r for r in rows if r["batch"] == near and "vs_baseline" in r]
     at_32x = [r for r in rows if r["batch"] == 32 * d.base_batch and "vs_baseline" in r]
     best = min(at_32x, key=lambda r: r["vs_baseline"]) if at_32x else None
-    return {"epochs": epochs, "budget_verified": verified, "rows": rows, "b_noise": noise,
-            "batch_nearest_late_b_noise": near,
-            "target_within_1_at_b_noise": (min(r["vs_baseline"] for r in at_near) <= d.tol) if at_near else None,
-            "best_at_32x": {"recipe": best["recipe"], "vs_baseline": best["vs_baseline"]} if best else None}
+    return {
+        "epochs": epochs,
+        "budget_verified": verified,
+        "rows": rows,
+        "b_noise": noise,
+        "batch_nearest_late_b_noise": near,
+        "target_within_1_at_b_noise": (min(r["vs_baseline"] for r in at_near) <= d.tol) if at_near else None,
+        "best_at_32x": {"recipe": best["recipe"], "vs_baseline": best["vs_baseline"]} if best else None,
+    }
 
 
 # -- steps to target ------------------------------------------------------------------------------
@@ -137,8 +155,11 @@ def steps(st) -> dict:
     epochs, verified = study_epochs(st)
     base = cell(st, "sgd", d.base_batch, epochs, "steps")
     target = A.choose_target(base["errors"], d.target_margin) if "errors" in base else None
-    base_recs = [st.cache[k] for k in (D.run_key(baseline_settings(st, s, epochs, base["lr"]))
-                                       for s in base["seeds"]) if k in st.cache]
+    base_recs = [
+        st.cache[k]
+        for k in (D.run_key(baseline_settings(st, s, epochs, base["lr"])) for s in base["seeds"])
+        if k in st.cache
+    ]
     reach = [A.steps_to_target(r["evals"], target) for r in base_recs] if target is not None else []
     curves, largest, noise = {}, {}, baseline_noise(st, epochs)
     for recipe in d.recipes:
@@ -153,28 +174,59 @@ def steps(st) -> dict:
                 r["to_target"] = A.steps_to_target(r["evals"], target) if target is not None else None
                 r["steps_to_target"] = r["to_target"]["steps"] if r["to_target"] else None
             best = A.best_run(runs, "steps_to_target")
-            points.append({"batch": b, "steps": best["steps_to_target"], "lr": best["lr"],
-                           "first_eval": (best["to_target"] or {}).get("first_eval"),
-                           "cap": D.iters_per_epoch(b) * epochs, "reached": best["to_target"] is not None})
+            points.append(
+                {
+                    "batch": b,
+                    "steps": best["steps_to_target"],
+                    "lr": best["lr"],
+                    "first_eval": (best["to_target"] or {}).get("first_eval"),
+                    "cap": D.iters_per_epoch(b) * epochs,
+                    "reached": best["to_target"] is not None,
+                }
+            )
             lr, _ = tuned_lr(st, recipe, b, epochs, "steps")
-            same = [r for r in st.cache.values() if r["recipe"] == recipe and r["batch"] == b
-                    and r["epochs"] == epochs and r["lr"] == round(lr, 6) and r["settings"] ==
-                    D.run_settings(d, recipe, b, r["seed"], lr, epochs)]
+            same = [
+                r
+                for r in st.cache.values()
+                if r["recipe"] == recipe
+                and r["batch"] == b
+                and r["epochs"] == epochs
+                and r["lr"] == round(lr, 6)
+                and r["settings"] == D.run_settings(d, recipe, b, r["seed"], lr, epochs)
+            ]
             if same:
                 errs[b] = statistics.fmean(r["final_error"] for r in same)
         curves[recipe] = points
         if errs and "mean" in base:
             lb = A.largest_batch_within(errs, base["mean"], d.tol)
             largest[recipe] = dict(lb, errors=errs, prediction=A.prediction_check(noise.get("early"), lb))
-    return {"epochs": epochs, "budget_verified": verified, "target_error": target,
-            "baseline_reaches_target": [{"seed": r["seed"], **(x or {}), "fraction_of_budget":
-                                         (x["steps"] / (D.iters_per_epoch(d.base_batch) * epochs)) if x else None}
-                                        for r, x in zip(base_recs, reach)],
-            "curves": curves, "largest_within": largest, "b_noise": noise, "baseline_error": base.get("mean")}
+    return {
+        "epochs": epochs,
+        "budget_verified": verified,
+        "target_error": target,
+        "baseline_reaches_target": [
+            {
+                "seed": r["seed"],
+                **(x or {}),
+                "fraction_of_budget": (x["steps"] / (D.iters_per_epoch(d.base_batch) * epochs))
+                if x
+                else None,
+            }
+            for r, x in zip(base_recs, reach)
+        ],
+        "curves": curves,
+        "largest_within": largest,
+        "b_noise": noise,
+        "baseline_error": base.get("mean"),
+    }
 
 
 # -- Akiba's BN -----------------------------------------------------------------------------------
-AKIBA_BN = {"batch": ("batch", {}), "batch-mean": ("batch", {"var_combine": "mean"}), "running": ("running", {})}
+AKIBA_BN = {
+    "batch": ("batch", {}),
+    "batch-mean": ("batch", {"var_combine": "mean"}),
+    "running": ("running", {}),
+}
 
 
 def akiba_bn(st) -> dict:
@@ -186,11 +238,22 @@ def akiba_bn(st) -> dict:
         lr, tuned = tuned_lr(st, "akiba", b, epochs, "akiba-bn")
         for variant in d.akiba_bn_variants:
             mode, extra = AKIBA_BN[variant]
-            recs = [st.run(f"akiba-bn-{variant}", D.run_settings(d, "akiba", b, s, lr, epochs, bn_mode=mode,
-                                                                   model_extra=extra), "akiba-bn")
-                    for s in d.seeds]
+            recs = [
+                st.run(
+                    f"akiba-bn-{variant}",
+                    D.run_settings(d, "akiba", b, s, lr, epochs, bn_mode=mode, model_extra=extra),
+                    "akiba-bn",
+                )
+                for s in d.seeds
+            ]
             recs = [r for r in recs if r]
-            row = {"batch": b, "variant": variant, "lr": lr, "lr_tuned": tuned, "runs": [r["name"] for r in recs]}
+            row = {
+                "batch": b,
+                "variant": variant,
+                "lr": lr,
+                "lr_tuned": tuned,
+                "runs": [r["name"] for r in recs],
+            }
             if recs:
                 row.update(A.spread([r["final_error"] for r in recs]))
             rows.append(row)
@@ -206,8 +269,15 @@ def lars_gap(st) -> dict:
     rows = [{"config": "baseline 128 (2 x 64), LR 0.05 cosine", **(A.spread(base_err) if base_err else {})}]
     for bpr in d.lars_gap_bpr:
         s_of = lambda seed, bpr=bpr: D.run_settings(  # noqa: E731
-            d, "lars", 1024, seed, 25.0, e, batch_per_rank=bpr, recipe_extra={"warmup_epochs": 5.0, "power": 2.0}
-            if d.paper_epochs else {})
+            d,
+            "lars",
+            1024,
+            seed,
+            25.0,
+            e,
+            batch_per_rank=bpr,
+            recipe_extra={"warmup_epochs": 5.0, "power": 2.0} if d.paper_epochs else {},
+        )
         recs = [r for r in (st.run(f"lars-gap-bn{bpr}", s_of(s), "lars-gap") for s in d.lars_gap_seeds) if r]
         errs = [r["final_error"] for r in recs]
         row = {"config": f"LARS 1k = 2 x {bpr} x {1024 // (2 * bpr)}, LR 25, warm-up 5, poly(2)", "bpr": bpr}
@@ -219,5 +289,10 @@ def lars_gap(st) -> dict:
 
 
 def run_part(st, name: str) -> dict:
-    return {"budget-check": budget_check, "lars-gap": lars_gap, "fixed": fixed, "steps": steps,
-            "akiba-bn": akiba_bn}[name](st)
+    return {
+        "budget-check": budget_check,
+        "lars-gap": lars_gap,
+        "fixed": fixed,
+        "steps": steps,
+        "akiba-bn": akiba_bn,
+    }[name](st)

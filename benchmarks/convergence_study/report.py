@@ -24,69 +24,127 @@ def _grid(grid: dict) -> str:
 
 def markdown(res: dict, cost: dict, plan: dict) -> str:
     out = ["# Convergence study (steps to target, fixed epochs, Akiba BN, LARS gap)", ""]
-    out.append(f"Measured cost of the records used: {cost['runs']} runs, {cost['hours']:.2f} run-hours "
-               f"({_parts(cost, '.2f')}). "
-               f"CPU: {', '.join(cost['cpu_models'])}. Runs on a loaded machine: {len(cost['loaded_runs'])}.")
+    out.append(
+        f"Measured cost of the records used: {cost['runs']} runs, {cost['hours']:.2f} run-hours "
+        f"({_parts(cost, '.2f')}). "
+        f"CPU: {', '.join(cost['cpu_models'])}. Runs on a loaded machine: {len(cost['loaded_runs'])}."
+    )
     if plan["runs"]:
-        out.append(f"Still to run: {plan['runs']} runs, about {plan['hours']:.1f} run-hours by the cost model "
-                   f"({_parts(plan, '.1f')}).")
+        out.append(
+            f"Still to run: {plan['runs']} runs, about {plan['hours']:.1f} run-hours by the cost model "
+            f"({_parts(plan, '.1f')})."
+        )
     bc = res.get("budget-check")
     if bc:
-        out += ["", "## Budget check (baseline at E and 2E)", "", "| E | 2E | error at E | at 2E | diff | ≤ tol |",
-                "|---|---|---|---|---|---|"]
-        out += [f"| {p['epochs']:g} | {p['epochs_2x']:g} | {p['error']:.2f} | {p['error_2x']:.2f} | "
-                f"{p['difference']:+.2f} | {'yes' if p['within_tol'] else 'no'} |" for p in bc["pairs"]]
+        out += [
+            "",
+            "## Budget check (baseline at E and 2E)",
+            "",
+            "| E | 2E | error at E | at 2E | diff | ≤ tol |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {p['epochs']:g} | {p['epochs_2x']:g} | {p['error']:.2f} | {p['error_2x']:.2f} | "
+            f"{p['difference']:+.2f} | {'yes' if p['within_tol'] else 'no'} |"
+            for p in bc["pairs"]
+        ]
         out.append(f"\nChosen budget: {bc['chosen']} epochs (tolerance {bc['tol']} points).")
     fx = res.get("fixed")
     if fx:
-        out += ["", f"## Fixed epochs ({fx['epochs']:g}; budget verified: {fx['budget_verified']})", "",
-                "| batch | recipe | LR | tuned | steps | seeds | error % | ± | vs baseline | LR grid errors |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            f"## Fixed epochs ({fx['epochs']:g}; budget verified: {fx['budget_verified']})",
+            "",
+            "| batch | recipe | LR | tuned | steps | seeds | error % | ± | vs baseline | LR grid errors |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in fx["rows"]:
-            out.append(f"| {r['batch']} | {D.LABELS.get(r['recipe'], r['recipe'])} | {r['lr']:g} | "
-                       f"{'yes' if r['lr_tuned'] else 'no'} | {r['steps']:g} | {','.join(map(str, r['seeds']))} | "
-                       f"{_fmt(r.get('mean'))} | {_fmt(r.get('half_spread'))} | {_fmt(r.get('vs_baseline'), '+.2f')} | "
-                       f"{_grid(r['grid'])} |")
+            out.append(
+                f"| {r['batch']} | {D.LABELS.get(r['recipe'], r['recipe'])} | {r['lr']:g} | "
+                f"{'yes' if r['lr_tuned'] else 'no'} | {r['steps']:g} | {','.join(map(str, r['seeds']))} | "
+                f"{_fmt(r.get('mean'))} | {_fmt(r.get('half_spread'))} | "
+                f"{_fmt(r.get('vs_baseline'), '+.2f')} | "
+                f"{_grid(r['grid'])} |"
+            )
         n = fx["b_noise"]
-        out.append(f"\nB_noise of the baseline (median over seeds): early {_fmt(n.get('early'), '.0f')}, "
-                   f"late {_fmt(n.get('late'), '.0f')} images. Batch nearest the late B_noise: "
-                   f"{fx['batch_nearest_late_b_noise']}; a recipe within 1 point there: "
-                   f"{fx['target_within_1_at_b_noise']}. Best at 32x the baseline batch: {fx['best_at_32x']}.")
+        out.append(
+            f"\nB_noise of the baseline (median over seeds): early {_fmt(n.get('early'), '.0f')}, "
+            f"late {_fmt(n.get('late'), '.0f')} images. Batch nearest the late B_noise: "
+            f"{fx['batch_nearest_late_b_noise']}; a recipe within 1 point there: "
+            f"{fx['target_within_1_at_b_noise']}. Best at 32x the baseline batch: {fx['best_at_32x']}."
+        )
     sp = res.get("steps")
     if sp:
-        out += ["", f"## Steps to {_fmt(sp['target_error'])}% test error ({sp['epochs']:g}-epoch schedules)", "",
-                "Baseline reaches the target: " + "; ".join(
-                    f"seed {x['seed']}: {_fmt(x.get('steps'), '.0f')} steps ({_fmt(x.get('fraction_of_budget'))} "
-                    "of its budget)" for x in sp["baseline_reaches_target"]), "",
-                "| recipe | " + " | ".join(str(b) for b in sorted({p['batch'] for c in sp['curves'].values()
-                                                                      for p in c})) + " |"]
+        out += [
+            "",
+            f"## Steps to {_fmt(sp['target_error'])}% test error ({sp['epochs']:g}-epoch schedules)",
+            "",
+            "Baseline reaches the target: "
+            + "; ".join(
+                f"seed {x['seed']}: {_fmt(x.get('steps'), '.0f')} steps ({_fmt(x.get('fraction_of_budget'))} "
+                "of its budget)"
+                for x in sp["baseline_reaches_target"]
+            ),
+            "",
+            "| recipe | "
+            + " | ".join(str(b) for b in sorted({p["batch"] for c in sp["curves"].values() for p in c}))
+            + " |",
+        ]
         batches = sorted({p["batch"] for c in sp["curves"].values() for p in c})
         out.append("|---" * (len(batches) + 1) + "|")
         for recipe, pts in sp["curves"].items():
             by = {p["batch"]: p for p in pts}
-            out.append(f"| {D.LABELS[recipe]} | " + " | ".join(
-                (f"{by[b]['steps']:.0f}" if by[b]["reached"] else f">{by[b]['cap']:.0f}") if b in by else "–"
-                for b in batches) + " |")
-        out += ["", "| recipe | largest batch within 1 point | early B_noise | ratio | predicted within 2x |",
-                "|---|---|---|---|---|"]
+            out.append(
+                f"| {D.LABELS[recipe]} | "
+                + " | ".join(
+                    (f"{by[b]['steps']:.0f}" if by[b]["reached"] else f">{by[b]['cap']:.0f}")
+                    if b in by
+                    else "–"
+                    for b in batches
+                )
+                + " |"
+            )
+        out += [
+            "",
+            "| recipe | largest batch within 1 point | early B_noise | ratio | predicted within 2x |",
+            "|---|---|---|---|---|",
+        ]
         for recipe, lb in sp["largest_within"].items():
             pred = lb["prediction"]
-            out.append(f"| {D.LABELS[recipe]} | {lb['batch']}{' (top of grid)' if lb['censored'] else ''} | "
-                       f"{_fmt(sp['b_noise'].get('early'), '.0f')} | {_fmt(pred['ratio'])} | {pred['verdict']} |")
+            out.append(
+                f"| {D.LABELS[recipe]} | {lb['batch']}{' (top of grid)' if lb['censored'] else ''} | "
+                f"{_fmt(sp['b_noise'].get('early'), '.0f')} | {_fmt(pred['ratio'])} | {pred['verdict']} |"
+            )
     ak = res.get("akiba-bn")
     if ak:
-        out += ["", "## Akiba's BN under accumulation", "", "| batch | BN | LR | error % | ± |", "|---|---|---|---|---|"]
-        out += [f"| {r['batch']} | {r['variant']} | {r['lr']:g} | {_fmt(r.get('mean'))} | {_fmt(r.get('half_spread'))} |"
-                for r in ak["rows"]]
+        out += [
+            "",
+            "## Akiba's BN under accumulation",
+            "",
+            "| batch | BN | LR | error % | ± |",
+            "|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {r['batch']} | {r['variant']} | {r['lr']:g} | {_fmt(r.get('mean'))} | "
+            f"{_fmt(r.get('half_spread'))} |"
+            for r in ak["rows"]
+        ]
     lg = res.get("lars-gap")
     if lg:
-        out += ["", f"## LARS gap at 1k ({lg['epochs']:g} epochs; reference: baseline "
-                f"{lg['reference']['baseline_error']}%, LARS {lg['reference']['lars_1k_error']}%)", "",
-                "| config | seeds | error % | ± | gap vs baseline | SE | verdict |", "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            f"## LARS gap at 1k ({lg['epochs']:g} epochs; reference: baseline "
+            f"{lg['reference']['baseline_error']}%, LARS {lg['reference']['lars_1k_error']}%)",
+            "",
+            "| config | seeds | error % | ± | gap vs baseline | SE | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in lg["rows"]:
             v = r.get("vs_reference_gap", {})
-            out.append(f"| {r['config']} | {r.get('n', 0)} | {_fmt(r.get('mean'))} | {_fmt(r.get('half_spread'))} | "
-                       f"{_fmt(v.get('gap'), '+.2f')} | {_fmt(v.get('se'))} | {v.get('verdict', '')} |")
+            out.append(
+                f"| {r['config']} | {r.get('n', 0)} | {_fmt(r.get('mean'))} | {_fmt(r.get('half_spread'))} | "
+                f"{_fmt(v.get('gap'), '+.2f')} | {_fmt(v.get('se'))} | {v.get('verdict', '')} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -113,12 +171,19 @@ def plots(res: dict, records: dict, out) -> list[str]:
             ok = [p for p in pts if p["reached"]]
             line = ax.plot([p["batch"] for p in ok], [p["steps"] for p in ok], "o-", label=D.LABELS[recipe])
             miss = [p for p in pts if not p["reached"]]
-            ax.plot([p["batch"] for p in miss], [p["cap"] for p in miss], "^", mfc="none",
-                    color=line[0].get_color())
+            ax.plot(
+                [p["batch"] for p in miss],
+                [p["cap"] for p in miss],
+                "^",
+                mfc="none",
+                color=line[0].get_color(),
+            )
         if base_pts:
             b0 = min(base_pts, key=lambda p: p["batch"])
             xs = sorted({p["batch"] for c in sp["curves"].values() for p in c})
-            ax.plot(xs, [b0["steps"] * b0["batch"] / b for b in xs], color="0.5", ls="-.", label="perfect scaling")
+            ax.plot(
+                xs, [b0["steps"] * b0["batch"] / b for b in xs], color="0.5", ls="-.", label="perfect scaling"
+            )
         mark_noise(ax)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -143,8 +208,14 @@ def plots(res: dict, records: dict, out) -> list[str]:
         if fx and not (sp or {}).get("largest_within"):
             for recipe in {r["recipe"] for r in fx["rows"][1:]}:
                 rows = [r for r in fx["rows"] if r["recipe"] == recipe and "mean" in r]
-                ax.errorbar([r["batch"] for r in rows], [r["mean"] for r in rows],
-                            yerr=[r["half_spread"] for r in rows], marker="o", capsize=3, label=D.LABELS[recipe])
+                ax.errorbar(
+                    [r["batch"] for r in rows],
+                    [r["mean"] for r in rows],
+                    yerr=[r["half_spread"] for r in rows],
+                    marker="o",
+                    capsize=3,
+                    label=D.LABELS[recipe],
+                )
         mark_noise(ax)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("global batch (images)")
@@ -159,10 +230,15 @@ def plots(res: dict, records: dict, out) -> list[str]:
         for row in fx["rows"]:
             rec = records.get(row["runs"][0]) if row["runs"] else None
             if rec and (row["batch"] in (D.Design.base_batch, max(r["batch"] for r in fx["rows"]))):
-                axes[0].plot([e["epoch"] for e in rec["evals"]], [e["error"] for e in rec["evals"]],
-                             label=f"{D.LABELS.get(row['recipe'], row['recipe'])} ({row['batch']})")
+                axes[0].plot(
+                    [e["epoch"] for e in rec["evals"]],
+                    [e["error"] for e in rec["evals"]],
+                    label=f"{D.LABELS.get(row['recipe'], row['recipe'])} ({row['batch']})",
+                )
             if rec and rec.get("noise") and row["recipe"] == "baseline":
-                axes[1].plot([p["epoch"] for p in rec["noise"]], [p["b_noise"] for p in rec["noise"]], label="baseline")
+                axes[1].plot(
+                    [p["epoch"] for p in rec["noise"]], [p["b_noise"] for p in rec["noise"]], label="baseline"
+                )
         axes[0].set_xlabel("epoch")
         axes[0].set_ylabel("test top-1 error (%)")
         axes[0].set_ylim(top=30)

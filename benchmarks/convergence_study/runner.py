@@ -70,26 +70,51 @@ def read_run(work: Path) -> dict:
                 continue  # a line cut by a kill
             kind = rec.get("kind")
             if kind == "eval" and "top1" in rec:
-                evals.append({"iteration": rec["iteration"], "epoch": rec["epoch"],
-                              "error": 100.0 * (1.0 - rec["top1"]), "loss": rec.get("loss")})
+                evals.append(
+                    {
+                        "iteration": rec["iteration"],
+                        "epoch": rec["epoch"],
+                        "error": 100.0 * (1.0 - rec["top1"]),
+                        "loss": rec.get("loss"),
+                    }
+                )
             elif kind == "train" and "loss" in rec:
-                losses.append({"iteration": rec["iteration"], "epoch": rec["epoch"], "loss": rec["loss"],
-                               "lr": rec.get("lr")})
+                losses.append(
+                    {
+                        "iteration": rec["iteration"],
+                        "epoch": rec["epoch"],
+                        "loss": rec["loss"],
+                        "lr": rec.get("lr"),
+                    }
+                )
                 ns = rec.get("noise_scale") if isinstance(rec.get("noise_scale"), dict) else {}
                 b, raw = ns.get("b_noise", rec.get("b_noise")), ns.get("b_noise_raw", rec.get("b_noise_raw"))
                 if b is not None or raw is not None:
-                    noise.append({"iteration": rec["iteration"], "epoch": rec["epoch"], "b_noise": b,
-                                  "b_noise_raw": raw})
+                    noise.append(
+                        {
+                            "iteration": rec["iteration"],
+                            "epoch": rec["epoch"],
+                            "b_noise": b,
+                            "b_noise_raw": raw,
+                        }
+                    )
     summary = {}
     if (work / "summary.json").exists():
         summary = json.loads((work / "summary.json").read_text())
     ns = summary.get("noise_scale")
-    return {"evals": _dedupe(evals), "losses": _dedupe(losses), "noise": _dedupe(noise),
-            "noise_summary": ns if isinstance(ns, dict) and ns.get("measured", True) else None,
-            "completed": bool(summary.get("completed")), "iterations": summary.get("iterations"),
-            "wall_s": summary.get("wall_seconds"), "train_s": summary.get("train_seconds"),
-            "images_per_s": summary.get("images_per_s"), "skipped_steps": summary.get("skipped_steps", 0),
-            "versions": summary.get("versions")}
+    return {
+        "evals": _dedupe(evals),
+        "losses": _dedupe(losses),
+        "noise": _dedupe(noise),
+        "noise_summary": ns if isinstance(ns, dict) and ns.get("measured", True) else None,
+        "completed": bool(summary.get("completed")),
+        "iterations": summary.get("iterations"),
+        "wall_s": summary.get("wall_seconds"),
+        "train_s": summary.get("train_seconds"),
+        "images_per_s": summary.get("images_per_s"),
+        "skipped_steps": summary.get("skipped_steps", 0),
+        "versions": summary.get("versions"),
+    }
 
 
 def final_error(rec: dict) -> float:
@@ -103,8 +128,7 @@ def final_error(rec: dict) -> float:
 class Study:
     """The record cache and the way runs get executed (``mode``: 'run', 'plan' or 'report')."""
 
-    def __init__(self, d: D.Design, out: Path, mode: str = "run", max_load: float | None = None,
-                 log=print):
+    def __init__(self, d: D.Design, out: Path, mode: str = "run", max_load: float | None = None, log=print):
         self.d, self.out, self.mode, self.log = d, out, mode, log
         self.max_load = max_load if max_load is not None else float(d.ranks) + 1.0
         self.runs_dir = out / "runs"
@@ -121,8 +145,14 @@ class Study:
         if rec is None and self.mode == "run":
             rec = self._execute(label, settings)
         if rec is None:
-            self.planned.setdefault(key, {"name": D.run_name(label, settings), "part": part,
-                                          "seconds": D.run_cost_seconds(self.d, settings)})
+            self.planned.setdefault(
+                key,
+                {
+                    "name": D.run_name(label, settings),
+                    "part": part,
+                    "seconds": D.run_cost_seconds(self.d, settings),
+                },
+            )
             return None
         self.used.setdefault(part, {})[key] = rec
         return rec
@@ -131,18 +161,37 @@ class Study:
         name = D.run_name(label, settings)
         work = self.out / "work" / name
         work.mkdir(parents=True, exist_ok=True)
-        cmd = [mpiexec(), "-n", str(self.d.ranks), sys.executable, "-m", "mpi4py", "-m", "hpcsgd", "train",
-               str(BASE_CONFIG), "--out", str(work), "--resume", "auto"]
+        cmd = [
+            mpiexec(),
+            "-n",
+            str(self.d.ranks),
+            sys.executable,
+            "-m",
+            "mpi4py",
+            "-m",
+            "hpcsgd",
+            "train",
+            str(BASE_CONFIG),
+            "--out",
+            str(work),
+            "--resume",
+            "auto",
+        ]
         for key, value in settings.items():
             cmd += ["--set", f"{key}={json.dumps(value)}"]
         timeout = 4 * D.run_cost_seconds(self.d, settings) + 600
         load0, t0 = os.getloadavg(), time.perf_counter()
-        self.log(f"[convergence] {name}: lr {settings['recipe_options']['lr']}, {settings['epochs']:g} epochs "
-                 f"(load {load0[0]:.2f})")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        self.log(
+            f"[convergence] {name}: lr {settings['recipe_options']['lr']}, {settings['epochs']:g} epochs "
+            f"(load {load0[0]:.2f})"
+        )
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        )
         with open(work / "launcher.log", "a") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+            )
             try:
                 rc = proc.wait(timeout=timeout)
             except BaseException:  # timeout or Ctrl-C: end the job's whole process group, then report
@@ -161,31 +210,56 @@ class Study:
         diverged = rc != 0 and ("non-finite" in tail.lower() or "nonfinite" in tail.lower())
         if rc != 0 and not diverged:
             self.failures.append({"name": name, "exit_code": rc, "tail": tail[-1500:]})
-            self.log(f"[convergence] {name} FAILED (exit {rc}); kept {work} for a resume; tail:\n{tail[-1500:]}")
+            self.log(
+                f"[convergence] {name} FAILED (exit {rc}); kept {work} for a resume; tail:\n{tail[-1500:]}"
+            )
             return None
-        rec.update(key=D.run_key(settings), name=name, label=label, recipe=settings["recipe"],
-                   batch=settings["global_batch"], seed=settings["seed"], lr=settings["recipe_options"]["lr"],
-                   epochs=settings["epochs"], settings=settings, diverged=diverged,
-                   iters_per_epoch=D.iters_per_epoch(settings["global_batch"]), elapsed_s=elapsed,
-                   loadavg_start=load0, loadavg_end=load1, cpu_model=cpu_model(), cpus=os.cpu_count(),
-                   loaded=load1[1] > self.max_load, finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        rec.update(
+            key=D.run_key(settings),
+            name=name,
+            label=label,
+            recipe=settings["recipe"],
+            batch=settings["global_batch"],
+            seed=settings["seed"],
+            lr=settings["recipe_options"]["lr"],
+            epochs=settings["epochs"],
+            settings=settings,
+            diverged=diverged,
+            iters_per_epoch=D.iters_per_epoch(settings["global_batch"]),
+            elapsed_s=elapsed,
+            loadavg_start=load0,
+            loadavg_end=load1,
+            cpu_model=cpu_model(),
+            cpus=os.cpu_count(),
+            loaded=load1[1] > self.max_load,
+            finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
         rec["final_error"] = final_error(rec)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         (self.runs_dir / f"{name}.json").write_text(json.dumps(rec, indent=1))
         shutil.rmtree(work, ignore_errors=True)
         self.cache[rec["key"]] = rec
-        self.log(f"[convergence] {name}: error {rec['final_error']:.2f}% in {elapsed:.0f} s"
-                 + (" (LOADED machine)" if rec["loaded"] else ""))
+        self.log(
+            f"[convergence] {name}: error {rec['final_error']:.2f}% in {elapsed:.0f} s"
+            + (" (LOADED machine)" if rec["loaded"] else "")
+        )
         return rec
 
     def cost(self) -> dict:
         """Measured cost per part (sum of launch-to-exit seconds of the runs it used) and in total."""
-        parts = {p: {"runs": len(rs), "hours": sum(r["elapsed_s"] for r in rs.values()) / 3600}
-                 for p, rs in self.used.items()}
+        parts = {
+            p: {"runs": len(rs), "hours": sum(r["elapsed_s"] for r in rs.values()) / 3600}
+            for p, rs in self.used.items()
+        }
         every = {k: r for rs in self.used.values() for k, r in rs.items()}
         loaded = sorted(r["name"] for r in every.values() if r.get("loaded"))
-        return {"parts": parts, "runs": len(every), "hours": sum(r["elapsed_s"] for r in every.values()) / 3600,
-                "loaded_runs": loaded, "cpu_models": sorted({r.get("cpu_model", "?") for r in every.values()})}
+        return {
+            "parts": parts,
+            "runs": len(every),
+            "hours": sum(r["elapsed_s"] for r in every.values()) / 3600,
+            "loaded_runs": loaded,
+            "cpu_models": sorted({r.get("cpu_model", "?") for r in every.values()}),
+        }
 
     def plan_cost(self) -> dict:
         """Predicted cost (cost model) of the runs still missing, per part and in total (hours)."""
@@ -194,5 +268,8 @@ class Study:
             c = parts.setdefault(p["part"], {"runs": 0, "hours": 0.0})
             c["runs"] += 1
             c["hours"] += p["seconds"] / 3600
-        return {"parts": parts, "runs": len(self.planned),
-                "hours": sum(p["seconds"] for p in self.planned.values()) / 3600}
+        return {
+            "parts": parts,
+            "runs": len(self.planned),
+            "hours": sum(p["seconds"] for p in self.planned.values()) / 3600,
+        }
