@@ -191,3 +191,84 @@ def test_read_run_dedupes_resumed_iterations_and_reads_b_noise(tmp_path):
     assert [e["error"] for e in rec["evals"]] == [pytest.approx(40.0)]
     assert rec["noise"] == [{"iteration": 10, "epoch": 0.5, "b_noise": 300.0, "b_noise_raw": None}]
     assert rec["noise_summary"] is None and rec["completed"] is False  # no summary.json: degrade
+
+
+class FakeStudy(Study):
+    """A Study whose runs are synthesized from a known error model instead of launched."""
+
+    def _execute(self, label, settings):
+        b, seed, e = settings["global_batch"], settings["seed"], settings["epochs"]
+        factor = settings["recipe_options"]["lr"] / D.rule_lr(settings["recipe"], b)
+        doublings = max(0.0, math.log2(b / 256))
+        slope = {"sgd": 0.8, "lars": 0.3}[settings["recipe"]]
+        err = 8.0 + 0.2 * seed + slope * doublings + (0.4 if factor > 1 else 0.0) + (0.5 if e < 20 else 0.0)
+        steps = int(e * D.iters_per_epoch(b))
+        evals = [
+            {"iteration": steps * k // 10, "epoch": e * k / 10, "error": err + 40.0 * (1 - k / 10)}
+            for k in range(1, 11)
+        ]
+        noise = [
+            {"iteration": i, "epoch": i / D.iters_per_epoch(b), "b_noise": 300.0 if i < steps / 2 else 600.0}
+            for i in range(1, steps, max(1, steps // 40))
+        ]
+        rec = {
+            "key": D.run_key(settings),
+            "name": D.run_name(label, settings),
+            "label": label,
+            "recipe": settings["recipe"],
+            "batch": b,
+            "seed": seed,
+            "lr": settings["recipe_options"]["lr"],
+            "epochs": e,
+            "settings": settings,
+            "final_error": err,
+            "evals": evals,
+            "noise": noise,
+            "elapsed_s": 100.0,
+            "cpu_model": "fake",
+            "loaded": False,
+        }
+        self.cache[rec["key"]] = rec
+        return rec
+
+
+def test_parts_aggregate_synthetic_records_into_the_targets(tmp_path):
+    from convergence_study import report as R
+
+    d = D.Design(
+        batches=(128, 256, 512, 1024),
+        fixed_batches=(512,),
+        recipes=("sgd", "lars"),
+        lr_factors=(1.0, 2.0),
+        seeds=(0, 1),
+        budget_epochs=(10.0, 20.0, 40.0),
+        budget_seeds=(0, 1),
+        lars_gap_seeds=(0, 1),
+        lars_gap_bpr=(128,),
+        akiba_bn_variants=(),
+    )
+    st = FakeStudy(d, tmp_path, log=lambda _m: None)
+    res = {p: P.run_part(st, p) for p in ("budget-check", "fixed", "steps")}
+    assert res["budget-check"]["chosen"] == 20.0  # 10 epochs: +0.5 points; 20 vs 40: equal
+    fx = res["fixed"]
+    assert fx["epochs"] == 20.0 and fx["budget_verified"]
+    base = fx["rows"][0]
+    assert base["recipe"] == "baseline" and base["lr"] == 0.05  # factor 1 beats factor 2
+    assert base["mean"] == pytest.approx(8.1) and base["half_spread"] == pytest.approx(0.1)
+    assert fx["b_noise"]["early"] == 300.0 and fx["b_noise"]["late"] == 600.0
+    assert fx["batch_nearest_late_b_noise"] == 512
+    lars512 = next(r for r in fx["rows"] if r["recipe"] == "lars" and r["batch"] == 512)
+    assert lars512["vs_baseline"] == pytest.approx(0.3)  # one doubling above 256 at slope 0.3
+    assert fx["target_within_1_at_b_noise"] is True
+    sp = res["steps"]
+    assert sp["target_error"] == pytest.approx(9.1)
+    # sgd errors: 8.1 (128, 2 seeds), 8.0 (256), 8.8 (512, 2 seeds: 8.9), 9.6 (1024) -> within 1 up to 512
+    assert sp["largest_within"]["sgd"]["batch"] == 512
+    assert sp["largest_within"]["lars"]["batch"] == 1024 and sp["largest_within"]["lars"]["censored"]
+    assert sp["largest_within"]["sgd"]["prediction"]["verdict"] == "yes"  # 512 / 300 < 2
+    sgd = {p["batch"]: p for p in sp["curves"]["sgd"]}
+    assert not sgd[1024]["reached"] and sgd[256]["reached"]  # 9.6 > 9.1 never reaches the target
+    md = R.markdown(res, st.cost(), st.plan_cost())
+    assert "MET" in md and "largest batch within 1 point 512" in md
+    written = R.plots(res, {r["name"]: r for r in st.cache.values()}, tmp_path)
+    assert set(written) == {"steps_to_target.png", "error_vs_batch.png", "curves.png"}

@@ -22,6 +22,32 @@ def _grid(grid: dict) -> str:
     return ", ".join(f"x{k}: {v:.2f}" for k, v in grid.items())
 
 
+def _verdict(flag) -> str:
+    return "unknown (not yet measured)" if flag is None else "MET" if flag else "MISSED"
+
+
+def targets(res: dict) -> list[str]:
+    """The issue's targets, each stated plainly as met, missed or unknown."""
+    fx, sp, out = res.get("fixed") or {}, res.get("steps") or {}, ["", "## Targets", ""]
+    out.append(
+        f"- Within 1 point of the baseline at the batch nearest the late B_noise "
+        f"({fx.get('batch_nearest_late_b_noise')}), same epochs: "
+        f"{_verdict(fx.get('target_within_1_at_b_noise'))}."
+    )
+    best = fx.get("best_at_32x")
+    out.append(
+        "- Best recipe at 32x the baseline batch: "
+        + (f"{best['recipe']}, {best['vs_baseline']:+.2f} points from the baseline." if best else "unknown.")
+    )
+    for recipe, lb in sp.get("largest_within", {}).items():
+        out.append(
+            f"- {D.LABELS[recipe]}: largest batch within 1 point {lb['batch']}"
+            f"{' or more' if lb['censored'] else ''}; early B_noise predicts it within 2x: "
+            f"{lb['prediction']['verdict']}."
+        )
+    return out
+
+
 def markdown(res: dict, cost: dict, plan: dict) -> str:
     out = ["# Convergence study (steps to target, fixed epochs, Akiba BN, LARS gap)", ""]
     out.append(
@@ -34,6 +60,7 @@ def markdown(res: dict, cost: dict, plan: dict) -> str:
             f"Still to run: {plan['runs']} runs, about {plan['hours']:.1f} run-hours by the cost model "
             f"({_parts(plan, '.1f')})."
         )
+    out += targets(res)
     bc = res.get("budget-check")
     if bc:
         out += [
@@ -106,14 +133,16 @@ def markdown(res: dict, cost: dict, plan: dict) -> str:
             )
         out += [
             "",
-            "| recipe | largest batch within 1 point | early B_noise | ratio | predicted within 2x |",
-            "|---|---|---|---|---|",
+            "| recipe | largest batch within 1 point | early B_noise | late B_noise | ratio to early | "
+            "predicted within 2x |",
+            "|---|---|---|---|---|---|",
         ]
         for recipe, lb in sp["largest_within"].items():
             pred = lb["prediction"]
             out.append(
                 f"| {D.LABELS[recipe]} | {lb['batch']}{' (top of grid)' if lb['censored'] else ''} | "
-                f"{_fmt(sp['b_noise'].get('early'), '.0f')} | {_fmt(pred['ratio'])} | {pred['verdict']} |"
+                f"{_fmt(sp['b_noise'].get('early'), '.0f')} | {_fmt(sp['b_noise'].get('late'), '.0f')} | "
+                f"{_fmt(pred['ratio'])} | {pred['verdict']} |"
             )
     ak = res.get("akiba-bn")
     if ak:
