@@ -11,6 +11,7 @@ default when they are missing (``budget_verified: false``, ``lr_tuned: false``).
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from convergence_study import analysis as A
@@ -98,7 +99,7 @@ def cell(st, recipe: str, batch: int, epochs: float, part: str, seeds=None) -> d
         "batch": batch,
         "lr": lr,
         "lr_tuned": tuned,
-        "steps": D.iters_per_epoch(batch) * epochs,
+        "steps": math.ceil(D.iters_per_epoch(batch) * epochs - 1e-9),
         "seeds": [r["seed"] for r in recs],
         "runs": [r["name"] for r in recs],
         "grid": {
@@ -111,9 +112,9 @@ def cell(st, recipe: str, batch: int, epochs: float, part: str, seeds=None) -> d
 
 
 # -- fixed epochs ---------------------------------------------------------------------------------
-def baseline_noise(st, epochs: float) -> dict:
+def baseline_noise(st, epochs: float, part: str) -> dict:
     """Early and late B_noise of the tuned baseline's runs (median over seeds), from cached records."""
-    lr, _ = tuned_lr(st, "sgd", st.d.base_batch, epochs, "noise")
+    lr, _ = tuned_lr(st, "sgd", st.d.base_batch, epochs, part)
     per = []
     for seed in st.d.seeds:
         rec = st.cache.get(D.run_key(baseline_settings(st, seed, epochs, lr)))
@@ -127,7 +128,7 @@ def fixed(st) -> dict:
     d = st.d
     epochs, verified = study_epochs(st)
     base = cell(st, "sgd", d.base_batch, epochs, "fixed")
-    noise = baseline_noise(st, epochs)
+    noise = baseline_noise(st, epochs, "fixed")
     near = A.nearest_batch([b for b in d.batches if b > d.base_batch], noise.get("late"))
     batches = sorted(set(d.fixed_batches) | ({near} if near else set()))
     rows = [base] + [cell(st, r, b, epochs, "fixed") for b in batches for r in d.recipes]
@@ -161,7 +162,7 @@ def steps(st) -> dict:
         if k in st.cache
     ]
     reach = [A.steps_to_target(r["evals"], target) for r in base_recs] if target is not None else []
-    curves, largest, noise = {}, {}, baseline_noise(st, epochs)
+    curves, largest, noise = {}, {}, baseline_noise(st, epochs, "steps")
     for recipe in d.recipes:
         points, errs = [], {}
         for b in d.batches:
@@ -185,15 +186,9 @@ def steps(st) -> dict:
                 }
             )
             lr, _ = tuned_lr(st, recipe, b, epochs, "steps")
-            same = [
-                r
-                for r in st.cache.values()
-                if r["recipe"] == recipe
-                and r["batch"] == b
-                and r["epochs"] == epochs
-                and r["lr"] == round(lr, 6)
-                and r["settings"] == D.run_settings(d, recipe, b, r["seed"], lr, epochs)
-            ]
+            seeds = {*d.seeds, d.tune_seed}
+            keys = {D.run_key(D.run_settings(d, recipe, b, seed, lr, epochs)) for seed in seeds}
+            same = [st.cache[k] for k in keys if k in st.cache]  # the tuned LR's seeds of this design only
             if same:
                 errs[b] = statistics.fmean(r["final_error"] for r in same)
         curves[recipe] = points

@@ -75,7 +75,11 @@ def markdown(res: dict, cost: dict, plan: dict) -> str:
             f"{p['difference']:+.2f} | {'yes' if p['within_tol'] else 'no'} |"
             for p in bc["pairs"]
         ]
-        out.append(f"\nChosen budget: {bc['chosen']} epochs (tolerance {bc['tol']} points).")
+        out.append(
+            f"\nChosen budget: {bc['chosen']:g} epochs (tolerance {bc['tol']} points)."
+            if bc["chosen"]
+            else f"\nNo budget passed (tolerance {bc['tol']} points): the other parts use the default budget."
+        )
     fx = res.get("fixed")
     if fx:
         out += [
