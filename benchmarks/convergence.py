@@ -100,9 +100,14 @@ def main(argv=None) -> int:
     st = Study(d, out, mode=mode, max_load=args.max_load)
     names = P.PARTS if "all" in args.part else tuple(args.part)
     results = {}
-    for name in names:
-        print(f"[convergence] part {name}", flush=True)
-        results[name] = P.run_part(st, name)
+    try:
+        for name in names:
+            print(f"[convergence] part {name}", flush=True)
+            results[name] = P.run_part(st, name)
+    except KeyboardInterrupt as e:
+        print(f"[convergence] stopped ({e or 'interrupt'}); the running job was ended. The same command "
+              "resumes: finished runs are cached, a cut run restarts from its last epoch checkpoint.", flush=True)
+        return 130
     cost, plan = st.cost(), st.plan_cost()
     if mode == "plan":
         print(json.dumps(plan, indent=1))
