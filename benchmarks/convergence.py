@@ -105,8 +105,11 @@ def main(argv=None) -> int:
             print(f"[convergence] part {name}", flush=True)
             results[name] = P.run_part(st, name)
     except KeyboardInterrupt as e:
-        print(f"[convergence] stopped ({e or 'interrupt'}); the running job was ended. The same command "
-              "resumes: finished runs are cached, a cut run restarts from its last epoch checkpoint.", flush=True)
+        print(
+            f"[convergence] stopped ({e or 'interrupt'}); the running job was ended. The same command "
+            "resumes: finished runs are cached, a cut run restarts from its last epoch checkpoint.",
+            flush=True,
+        )
         return 130
     cost, plan = st.cost(), st.plan_cost()
     if mode == "plan":
