@@ -274,7 +274,9 @@ def plots(res: dict, records: dict, out) -> list[str]:
                 )
         axes[0].set_xlabel("epoch")
         axes[0].set_ylabel("test top-1 error (%)")
-        axes[0].set_ylim(top=30)
+        shown = [y for line in axes[0].get_lines() for y in line.get_ydata()]
+        if shown:  # zoom on the converged part: up to 30% error, or just above the best if worse
+            axes[0].set_ylim(max(0.0, min(shown) - 1.0), max(30.0, min(shown) + 5.0))
         axes[0].legend(fontsize=6)
         axes[1].set_xlabel("epoch")
         axes[1].set_ylabel("B_noise (images, EMA)")
