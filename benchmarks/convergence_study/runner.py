@@ -109,6 +109,7 @@ def read_run(work: Path) -> dict:
         "noise_summary": ns if isinstance(ns, dict) and ns.get("measured", True) else None,
         "completed": bool(summary.get("completed")),
         "iterations": summary.get("iterations"),
+        "iterations_this_run": summary.get("iterations_this_run"),
         "wall_s": summary.get("wall_seconds"),
         "train_s": summary.get("train_seconds"),
         "images_per_s": summary.get("images_per_s"),
@@ -205,7 +206,8 @@ class Study:
                     raise
                 rc = -1
         elapsed, load1 = time.perf_counter() - t0, os.getloadavg()
-        tail = (work / "launcher.log").read_text()[-4000:]
+        launcher = (work / "launcher.log").read_text()
+        tail = launcher[-4000:]
         rec = read_run(work)
         diverged = rc != 0 and ("non-finite" in tail.lower() or "nonfinite" in tail.lower())
         if rc != 0 and not diverged:
@@ -235,6 +237,8 @@ class Study:
             finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         rec["final_error"] = final_error(rec)
+        rec["resumed"] = "resumed from" in launcher  # an earlier attempt's checkpoint was used
+        rec["launcher_tail"] = tail[-1500:]
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         (self.runs_dir / f"{name}.json").write_text(json.dumps(rec, indent=1))
         shutil.rmtree(work, ignore_errors=True)
