@@ -272,3 +272,10 @@ def test_parts_aggregate_synthetic_records_into_the_targets(tmp_path):
     assert "MET" in md and "largest batch within 1 point 512" in md
     written = R.plots(res, {r["name"]: r for r in st.cache.values()}, tmp_path)
     assert set(written) == {"steps_to_target.png", "error_vs_batch.png", "curves.png"}
+
+
+def test_attempt_seconds_add_up_over_interrupted_attempts(tmp_path):
+    from convergence_study.runner import _add_seconds
+
+    assert _add_seconds(tmp_path, 30.0) == 30.0
+    assert _add_seconds(tmp_path, 12.5) == 42.5  # the cost of a resumed run includes the cut attempt

@@ -118,6 +118,14 @@ def read_run(work: Path) -> dict:
     }
 
 
+def _add_seconds(work: Path, seconds: float) -> float:
+    """Add ``seconds`` to the run's attempt time kept in its work folder; returns the total."""
+    path = work / "attempt_seconds"
+    total = (float(path.read_text()) if path.exists() else 0.0) + seconds
+    path.write_text(f"{total}\n")
+    return total
+
+
 def final_error(rec: dict) -> float:
     """The run's test error (%) at its last evaluation; chance for a run that diverged or never evaluated."""
     if not rec["evals"] or rec.get("diverged"):
@@ -203,9 +211,11 @@ class Study:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                 if sys.exc_info()[0] is KeyboardInterrupt:
+                    _add_seconds(work, time.perf_counter() - t0)
                     raise
                 rc = -1
         elapsed, load1 = time.perf_counter() - t0, os.getloadavg()
+        elapsed = _add_seconds(work, elapsed)  # earlier, interrupted attempts count too
         launcher = (work / "launcher.log").read_text()
         tail = launcher[-4000:]
         rec = read_run(work)
