@@ -1,0 +1,1 @@
+"""The convergence study behind benchmarks/convergence.py (design and cost: docs/convergence.md)."""

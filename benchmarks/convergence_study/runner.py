@@ -1,0 +1,289 @@
+"""Running (or reusing) one ``hpcsgd train`` job of the study, and reading what it wrote.
+
+Why a record per run: the study takes hours, so every finished run is kept
+as ``OUT/runs/<name>.json`` and reused by any later invocation with the same
+settings (its identity is a hash of them, :func:`design.run_key`). A run that
+is killed half-way resumes from its own last checkpoint (one per epoch, in
+``OUT/work/<name>``, ``hpcsgd train --resume auto``); the work folder is
+removed once the record is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from convergence_study import design as D
+from convergence_study.analysis import CHANCE_ERROR
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE_CONFIG = ROOT / "jobs" / "configs" / "fashion_mnist.yaml"
+
+
+def mpiexec() -> str:
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _dedupe(records: list[dict]) -> list[dict]:
+    """One record per iteration, the last written (a resumed run repeats the steps after its checkpoint)."""
+    by_it = {}
+    for r in records:
+        by_it[r["iteration"]] = r
+    return [by_it[k] for k in sorted(by_it)]
+
+
+def read_run(work: Path) -> dict:
+    """Evaluation curve, loss curve, B_noise series and summary fields of a run's output folder.
+
+    B_noise is read where ``hpcsgd train`` logs it (each train record's
+    ``noise_scale`` entry, or a flat ``b_noise``); a trainer without the
+    estimator gives an empty series and ``noise_summary`` None.
+    """
+    evals, losses, noise = [], [], []
+    log = work / "log.rank0.jsonl"
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            kind = rec.get("kind")
+            if kind == "eval" and "top1" in rec:
+                evals.append(
+                    {
+                        "iteration": rec["iteration"],
+                        "epoch": rec["epoch"],
+                        "error": 100.0 * (1.0 - rec["top1"]),
+                        "loss": rec.get("loss"),
+                    }
+                )
+            elif kind == "train" and "loss" in rec:
+                losses.append(
+                    {
+                        "iteration": rec["iteration"],
+                        "epoch": rec["epoch"],
+                        "loss": rec["loss"],
+                        "lr": rec.get("lr"),
+                    }
+                )
+                ns = rec.get("noise_scale") if isinstance(rec.get("noise_scale"), dict) else {}
+                b, raw = ns.get("b_noise", rec.get("b_noise")), ns.get("b_noise_raw", rec.get("b_noise_raw"))
+                if b is not None or raw is not None:
+                    noise.append(
+                        {
+                            "iteration": rec["iteration"],
+                            "epoch": rec["epoch"],
+                            "b_noise": b,
+                            "b_noise_raw": raw,
+                        }
+                    )
+    summary = {}
+    if (work / "summary.json").exists():
+        summary = json.loads((work / "summary.json").read_text())
+    ns = summary.get("noise_scale")
+    return {
+        "evals": _dedupe(evals),
+        "losses": _dedupe(losses),
+        "noise": _dedupe(noise),
+        "noise_summary": ns if isinstance(ns, dict) and ns.get("measured", True) else None,
+        "completed": bool(summary.get("completed")),
+        "iterations": summary.get("iterations"),
+        "iterations_this_run": summary.get("iterations_this_run"),
+        "wall_s": summary.get("wall_seconds"),
+        "train_s": summary.get("train_seconds"),
+        "images_per_s": summary.get("images_per_s"),
+        "skipped_steps": summary.get("skipped_steps", 0),
+        "versions": summary.get("versions"),
+    }
+
+
+def _add_seconds(work: Path, seconds: float) -> float:
+    """Add ``seconds`` to the run's attempt time kept in its work folder; returns the total."""
+    path = work / "attempt_seconds"
+    total = (float(path.read_text()) if path.exists() else 0.0) + seconds
+    path.write_text(f"{total}\n")
+    return total
+
+
+def final_error(rec: dict) -> float:
+    """The run's test error (%) at its last evaluation; chance for a run that diverged or never evaluated."""
+    if not rec["evals"] or rec.get("diverged"):
+        return CHANCE_ERROR
+    err = rec["evals"][-1]["error"]
+    return err if math.isfinite(err) else CHANCE_ERROR
+
+
+class Study:
+    """The record cache and the way runs get executed (``mode``: 'run', 'plan' or 'report')."""
+
+    def __init__(self, d: D.Design, out: Path, mode: str = "run", max_load: float | None = None, log=print):
+        self.d, self.out, self.mode, self.log = d, out, mode, log
+        self.max_load = max_load if max_load is not None else float(d.ranks) + 1.0
+        self.runs_dir = out / "runs"
+        self.cache = {}
+        for p in sorted(self.runs_dir.glob("*.json")) if self.runs_dir.exists() else []:
+            rec = json.loads(p.read_text())
+            self.cache[rec["key"]] = rec
+        self.planned, self.failures, self.used = {}, [], {}
+
+    def run(self, label: str, settings: dict, part: str) -> dict | None:
+        """The run's record: cached, or executed now (mode 'run'); None if not available."""
+        key = D.run_key(settings)
+        rec = self.cache.get(key)
+        if rec is None and self.mode == "run":
+            rec = self._execute(label, settings)
+        if rec is None:
+            self.planned.setdefault(
+                key,
+                {
+                    "name": D.run_name(label, settings),
+                    "part": part,
+                    "seconds": D.run_cost_seconds(self.d, settings),
+                },
+            )
+            return None
+        self.used.setdefault(part, {})[key] = rec
+        return rec
+
+    def _execute(self, label: str, settings: dict) -> dict | None:
+        name = D.run_name(label, settings)
+        work = self.out / "work" / name
+        work.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            mpiexec(),
+            "-n",
+            str(self.d.ranks),
+            sys.executable,
+            "-m",
+            "mpi4py",
+            "-m",
+            "hpcsgd",
+            "train",
+            str(BASE_CONFIG),
+            "--out",
+            str(work),
+            "--resume",
+            "auto",
+        ]
+        for key, value in settings.items():
+            cmd += ["--set", f"{key}={json.dumps(value)}"]
+        timeout = 4 * D.run_cost_seconds(self.d, settings) + 600
+        load0, t0 = os.getloadavg(), time.perf_counter()
+        self.log(
+            f"[convergence] {name}: lr {settings['recipe_options']['lr']}, {settings['epochs']:g} epochs "
+            f"(load {load0[0]:.2f})"
+        )
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        )
+        with open(work / "launcher.log", "a") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+            )
+            try:
+                rc = proc.wait(timeout=timeout)
+            except BaseException:  # timeout or Ctrl-C: end the job's whole process group, then report
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                if sys.exc_info()[0] is KeyboardInterrupt:
+                    _add_seconds(work, time.perf_counter() - t0)
+                    raise
+                rc = -1
+        elapsed, load1 = time.perf_counter() - t0, os.getloadavg()
+        elapsed = _add_seconds(work, elapsed)  # earlier, interrupted attempts count too
+        launcher = (work / "launcher.log").read_text()
+        tail = launcher[-4000:]
+        rec = read_run(work)
+        diverged = rc != 0 and ("non-finite" in tail.lower() or "nonfinite" in tail.lower())
+        if rc != 0 and not diverged:
+            self.failures.append({"name": name, "exit_code": rc, "tail": tail[-1500:]})
+            self.log(
+                f"[convergence] {name} FAILED (exit {rc}); kept {work} for a resume; tail:\n{tail[-1500:]}"
+            )
+            return None
+        rec.update(
+            key=D.run_key(settings),
+            name=name,
+            label=label,
+            recipe=settings["recipe"],
+            batch=settings["global_batch"],
+            seed=settings["seed"],
+            lr=settings["recipe_options"]["lr"],
+            epochs=settings["epochs"],
+            settings=settings,
+            diverged=diverged,
+            iters_per_epoch=D.iters_per_epoch(settings["global_batch"]),
+            elapsed_s=elapsed,
+            loadavg_start=load0,
+            loadavg_end=load1,
+            cpu_model=cpu_model(),
+            cpus=os.cpu_count(),
+            loaded=load1[1] > self.max_load,
+            finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        rec["final_error"] = final_error(rec)
+        rec["resumed"] = "resumed from" in launcher  # an earlier attempt's checkpoint was used
+        rec["launcher_tail"] = tail[-1500:]
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        (self.runs_dir / f"{name}.json").write_text(json.dumps(rec, indent=1))
+        shutil.rmtree(work, ignore_errors=True)
+        self.cache[rec["key"]] = rec
+        self.log(
+            f"[convergence] {name}: error {rec['final_error']:.2f}% in {elapsed:.0f} s"
+            + (" (LOADED machine)" if rec["loaded"] else "")
+        )
+        return rec
+
+    def cost(self) -> dict:
+        """Measured cost per part (sum of launch-to-exit seconds of the runs it used) and in total."""
+        parts = {
+            p: {"runs": len(rs), "hours": sum(r["elapsed_s"] for r in rs.values()) / 3600}
+            for p, rs in self.used.items()
+        }
+        every = {k: r for rs in self.used.values() for k, r in rs.items()}
+        loaded = sorted(r["name"] for r in every.values() if r.get("loaded"))
+        return {
+            "parts": parts,
+            "runs": len(every),
+            "hours": sum(r["elapsed_s"] for r in every.values()) / 3600,
+            "loaded_runs": loaded,
+            "cpu_models": sorted({r.get("cpu_model", "?") for r in every.values()}),
+        }
+
+    def plan_cost(self) -> dict:
+        """Predicted cost (cost model) of the runs still missing, per part and in total (hours)."""
+        parts = {}
+        for p in self.planned.values():
+            c = parts.setdefault(p["part"], {"runs": 0, "hours": 0.0})
+            c["runs"] += 1
+            c["hours"] += p["seconds"] / 3600
+        return {
+            "parts": parts,
+            "runs": len(self.planned),
+            "hours": sum(p["seconds"] for p in self.planned.values()) / 3600,
+        }
