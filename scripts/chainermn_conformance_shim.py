@@ -9,8 +9,10 @@ the test modules are imported:
 * ChainerMN's communicator classes, instantiated directly by the tests
   (``NaiveCommunicator(mpi_comm)``, ``FlatCommunicator(mpi_comm)``) -> the same factory;
   ``MpiCommunicatorBase`` (subclassed by a test) -> hpcsgd's;
-* ``create_multi_node_optimizer`` and the training-script API hpcsgd provides
-  (``scatter_dataset``, ``create_multi_node_evaluator``, ...) -> hpcsgd's.
+* the training-script API hpcsgd provides (``scatter_dataset``,
+  ``create_multi_node_evaluator``, ...) -> hpcsgd's; ``create_multi_node_optimizer``
+  only with ``HPCSGD_CONFORMANCE_OPTIMIZER=hpcsgd`` (ChainerMN's own optimizer around an
+  hpcsgd communicator is what a drop-in must support).
 
 GPU-only names (``pure_nccl``, ``non_cuda_aware``) are left alone: their tests carry
 the ``gpu`` mark and are deselected on CPU machines.
@@ -69,8 +71,13 @@ _cmn_naive.NaiveCommunicator = _factory("naive")
 _cmn_flat.FlatCommunicator = _factory("flat")
 _cmn_mpi_base.MpiCommunicatorBase = hpcsgd.comm.mpi_base.MpiCommunicatorBase
 
-chainermn.create_multi_node_optimizer = hpcsgd.create_multi_node_optimizer
-chainermn.optimizers.create_multi_node_optimizer = hpcsgd.create_multi_node_optimizer
+# ChainerMN's own multi-node optimizer runs around the hpcsgd communicator (the conformance
+# target); HPCSGD_CONFORMANCE_OPTIMIZER=hpcsgd swaps in hpcsgd's, whose two documented
+# differences (it broadcasts in setup(), so the first update() already steps; it skips a step
+# whose mean is not finite) the optimizer tests then show (docs/chainermn.md).
+if os.environ.get("HPCSGD_CONFORMANCE_OPTIMIZER") == "hpcsgd":
+    chainermn.create_multi_node_optimizer = hpcsgd.create_multi_node_optimizer
+    chainermn.optimizers.create_multi_node_optimizer = hpcsgd.create_multi_node_optimizer
 
 # The training-script API (hpcsgd.chainermn_api), where hpcsgd provides it.
 for _name, _modules in {

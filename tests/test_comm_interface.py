@@ -117,6 +117,11 @@ def test_chainermn_config_conventions():
         _ = c.no_such_option
     c.set_config("allreduce_grad_dtype", None)  # base class: no algorithm decides a wire dtype
     assert c.get_config("allreduce_grad_dtype") is None
+    with c.config_scope():  # ChainerMN records any attribute set inside its scope as a config
+        c.foobar = "0xdeadbeef"
+    assert c._configs["foobar"] == "0xdeadbeef" and c.get_config("foobar") == "0xdeadbeef"
+    c.other = 1  # outside the scope: a plain attribute
+    assert "other" not in c._configs and c.other == 1
 
 
 def test_check_combination_names_both_keys():
@@ -227,3 +232,24 @@ def test_train_config_check_rejects_unsupported_combinations():
     for cfg, words in cases:
         with pytest.raises(ConfigError, match=words):
             resolve(**cfg)
+
+
+def test_debug_mode_raises_chainermn_divergence_error():
+    """A bare communicator averages NaN (count exposed); in Chainer's debug mode it raises as ChainerMN."""
+    import hpcsgd
+
+    comm = hpcsgd.create_communicator("flat")
+    model = _chain(3)
+    model.a.W.grad = np.full_like(model.a.W.array, np.nan)
+    model.a.b.grad = np.ones_like(model.a.b.array)
+    comm.multi_node_mean_grad(model)
+    assert comm.nonfinite_count == model.a.W.array.size
+    chainer.set_debug(True)
+    try:
+        with pytest.raises(ValueError, match=r".* diverged .*"):
+            comm.multi_node_mean_grad(model)
+        model.a.W.grad = np.ones_like(model.a.W.array)
+        comm.multi_node_mean_grad(model)  # finite: no error in debug mode either
+    finally:
+        chainer.set_debug(False)
+    comm.finalize()

@@ -104,10 +104,13 @@ class CommunicatorBase(ABC):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # ChainerMN sets options as attributes (``with comm.config_scope(): comm.batched_copy = x``)
+        # ChainerMN sets options as attributes (``with comm.config_scope(): comm.batched_copy = x``);
+        # inside its no-argument scope every attribute assigned is recorded as a config, as there
         if name in type(self).CONFIG_DEFAULTS:
             self.set_config(name, value)
         else:
+            if self.__dict__.get("_within_config_scope"):
+                self._configs[name] = value
             object.__setattr__(self, name, value)
 
     # -- ranks ---------------------------------------------------------------
@@ -199,13 +202,18 @@ class CommunicatorBase(ABC):
     def config_scope(self, name: str | None = None, value: Any = True) -> Iterator[None]:
         """Scope for configuration, in either convention.
 
-        * ChainerMN's: ``with comm.config_scope(): comm.batched_copy = False`` (option
-          attributes assigned inside the block are set; nothing is restored);
+        * ChainerMN's: ``with comm.config_scope(): comm.batched_copy = False`` (attributes
+          assigned inside the block are set and recorded as configs; nothing is restored);
         * hpcsgd's: ``with comm.config_scope(name, value):`` sets the option inside the
           block and restores the previous setting afterwards.
         """
         if name is None:
-            yield
+            outer = self.__dict__.get("_within_config_scope", False)
+            object.__setattr__(self, "_within_config_scope", True)
+            try:
+                yield
+            finally:
+                object.__setattr__(self, "_within_config_scope", outer)
             return
         self.get_config(name)  # unknown names raise before anything changes
         old = self._configs[name]

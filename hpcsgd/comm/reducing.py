@@ -23,6 +23,8 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any
 
+import chainer
+
 from hpcsgd.comm.base import CompletedHandle
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm, raise_if_nonfinite
 from hpcsgd.comm.mpi_base import MpiCommunicatorBase
@@ -122,9 +124,16 @@ class ReducingCommunicator(MpiCommunicatorBase):
 
     # -- gradient mean ------------------------------------------------------------------
     def _finish(self, bad: int, reducer: GradReducer) -> None:
+        """Record the non-finite count; raise per ``check_finite``, else in Chainer's debug mode.
+
+        ``bad`` is the same on every rank, so every rank raises or none does.
+        """
         self.nonfinite_count = bad
         if self._configs["check_finite"]:
             raise_if_nonfinite(bad, reducer.low_precision, reducer.wire_label)
+        elif bad and chainer.is_debug():  # ChainerMN's debug-mode check, with its message
+            raise ValueError(f"Parameters diverged after allreduce. ({bad} averaged gradient values "
+                             "are inf/nan; chainer.set_debug(True) checks every mean)")
 
     def multi_node_mean_grad(self, model, zero_fill: bool = False) -> None:
         reducer = self.grad_reducer(model, zero_fill)
