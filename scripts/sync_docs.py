@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Copy generated tables into README.md between their markers.
+"""Copy generated tables into the docs between their markers.
 
-    python scripts/sync_readme.py
+    python scripts/sync_docs.py
 
 * ``<!-- fault-table:begin/end -->``: ``docs/fault_table.md``, written by
   ``scripts/fault_table.py`` from the JSON the fault tests write.
 * ``<!-- convergence:begin/end -->``: ``benchmarks/results/convergence/convergence.md``,
   written by ``benchmarks/convergence.py``.
 
-A missing source leaves its block as it is.
+Each block may appear in any of ``TARGETS`` (README.md and docs/results.md); a missing
+source leaves its block as it is.
 """
 
 from __future__ import annotations
@@ -23,8 +24,18 @@ BLOCKS = {
 }
 
 
-def sync(readme: Path = ROOT / "README.md") -> list[str]:
-    """Replace every block whose source exists; returns the names replaced."""
+TARGETS = (ROOT / "README.md", ROOT / "docs" / "results.md")
+
+
+def sync(targets: tuple[Path, ...] = TARGETS) -> list[str]:
+    """Replace every block whose source exists in every target; returns the names replaced."""
+    done = []
+    for target in targets:
+        done += [f"{target.name}:{name}" for name in _sync_one(target)]
+    return done
+
+
+def _sync_one(readme: Path) -> list[str]:
     text = readme.read_text()
     done = []
     for name, source in BLOCKS.items():
