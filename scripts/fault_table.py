@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate the README's fault table from the JSON the fault tests write.
+"""Generate the fault table (docs/results.md) from the JSON the fault tests write.
 
 Reads ``benchmarks/results/faults/*.json`` (written by tests/cluster/faultlog.py
 when a fault test passes) and writes a markdown table to ``docs/fault_table.md``

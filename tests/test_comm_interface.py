@@ -157,15 +157,18 @@ def test_check_combination_names_both_keys():
 
 
 def test_capability_table_in_docs_is_generated():
-    """docs/comm_algorithms.md carries the registry's table (python -m hpcsgd.comm --write ...)."""
+    """README.md and docs/comm_algorithms.md carry the registry's table (python -m hpcsgd.comm --write ...)."""
     from pathlib import Path
 
     from hpcsgd.comm import capability_table
     from hpcsgd.comm.__main__ import replace_block
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "comm_algorithms.md").read_text()
-    assert replace_block(text, capability_table()) == text, \
-        "run: python -m hpcsgd.comm --write docs/comm_algorithms.md"
+    root = Path(__file__).resolve().parent.parent
+    for doc in (root / "docs" / "comm_algorithms.md", root / "README.md"):
+        text = doc.read_text()
+        assert "<!-- comm-table:begin -->" in text, doc
+        assert replace_block(text, capability_table()) == text, \
+            "run: python -m hpcsgd.comm --write README.md docs/comm_algorithms.md"
     table = capability_table()
     assert "| `naive` |" in table and "| `nccl` |" in table
     naive_row = next(r for r in table.splitlines() if r.startswith("| `naive`"))
