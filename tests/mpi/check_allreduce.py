@@ -172,9 +172,12 @@ def check_errors(comm, label, wire):
 
         with comm.config_scope("half_scaling", "predivide"):
             expect_error(comm, f"{label} overflow", GradientOverflowError, ["overflow"], overflow)
-        m, _ = overflow()  # the default per-message scale carries it: no overflow
-        comm.multi_node_mean_grad(m)
-        assert np.allclose(m.d_W.grad, 1e6 * size, rtol=2 ** -10), f"{label}: scaled wire lost 1e6 * size"
+        # the default per-message scale carries it (not hierarchical's float16 *inside* nodes,
+        # which still pre-divides)
+        if not (type(comm).__name__ == "HierarchicalCommunicator" and comm.intra_size > 1):
+            m, _ = overflow()
+            comm.multi_node_mean_grad(m)
+            assert np.allclose(m.d_W.grad, 1e6 * size, rtol=2 ** -10), f"{label}: scaled wire lost 1e6 * size"
         # 60000 per rank: the mean fits, and dividing *before* the cast keeps the sum finite
         m = make_model()
         fill(m, rank)

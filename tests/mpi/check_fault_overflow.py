@@ -2,8 +2,9 @@
 
 Usage: check_fault_overflow.py NAME
 Three updates of a small model with create_multi_node_optimizer over communicator NAME with
-a float16 wire format (the pre-dividing scheme): step 1 normal, step 2 with a gradient of 3e5 on the last rank (beyond
-float16's 65504 even after dividing by the number of ranks), step 3 normal. Checks that step 2
+a float16 wire format (the pre-dividing scheme): step 1 normal, step 2 with a gradient of 3e5
+on the last rank (beyond float16's 65504 even after dividing by the number of ranks), step 3
+normal. Checks that step 2
 raised GradientOverflowError inside the communicator, was skipped on every rank and counted,
 that no parameter ever held inf/nan, and that step 3 updated again. Prints "FAULT ... t=".
 """
