@@ -22,13 +22,15 @@ measures that on real gradients and puts the per-message power-of-two scale
    ``N = 8`` is modelled as 8 nodes of one rank (the flat algorithm), since one
    node of 8 has no float16 stage. Reference: the float64 mean.
 4. Gradients shrink as training goes on; ``--scales`` multiplies every gradient
-   by 1, 0.1, 0.01 as a stated proxy for later steps.
+   by 1, 0.1, 0.01 as a stated proxy for later steps. ``--max-per-param`` keeps only
+   the first elements of each parameter (another stated proxy, for the cost).
 
 Reported per scheme, N and scale: relative L2 error and the fraction of values
 flushed to zero (zero where the float64 mean is not), over all parameters and per
 parameter. JSON + plot into ``benchmarks/results/``.
 
-    python benchmarks/fp16_wire.py                 # the full study (about 10 min of CPU)
+    python benchmarks/fp16_wire.py                 # the full study (about 30 min of CPU)
+    python benchmarks/fp16_wire.py --max-per-param 65536 --micro 8   # lighter: first 64k of each param
     python benchmarks/fp16_wire.py --quick         # smoke run: ResNet-18, 64 px, N <= 64
 """
 
@@ -100,6 +102,20 @@ def per_rank_gradients(root: str, model_name: str, k: int, batch: int, px: int, 
         print(f"  gradient {len(grads)}/{k}: loss {float(loss.array):.3f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return grads, layout
+
+
+def subsample(grads, layout, cap: int):
+    """Keep the first ``cap`` elements of every parameter (a stated proxy that cuts the model's cost)."""
+    from hpcsgd.comm.packing import GradLayout, Slot
+
+    keep, slots, off = [], [], 0
+    for s in layout.slots:
+        n = min(s.size, cap)
+        keep.append(np.arange(s.offset, s.offset + n))
+        slots.append(Slot(s.name, (n,), s.dtype, off, n))
+        off += n
+    idx = np.concatenate(keep)
+    return [np.ascontiguousarray(g[idx]) for g in grads], GradLayout(slots)
 
 
 def study(grads, layout, ns, scales) -> list:
@@ -178,6 +194,8 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=256, help="JPEGs generated")
     p.add_argument("--ns", default="8,64,1024,4096", help="simulated job sizes")
     p.add_argument("--scales", default="1,0.1,0.01", help="gradient multipliers (later-training proxy)")
+    p.add_argument("--max-per-param", type=int, default=0,
+                   help="simulate only the first this many elements of each parameter (0: all)")
     p.add_argument("--quick", action="store_true", help="smoke run: resnet18, 64 px, 4 x 2 images, N <= 64")
     p.add_argument("--out", default="benchmarks/results/fp16_wire.json")
     a = p.parse_args(argv)
@@ -192,13 +210,18 @@ def main(argv=None) -> None:
         make_jpeg_folder(root, a.images)
         grads, layout = per_rank_gradients(root, a.model, a.micro, a.batch, a.px)
     t_grads = time.perf_counter() - t0
+    total = layout.total
+    if a.max_per_param:
+        grads, layout = subsample(grads, layout, a.max_per_param)
     res = {
         "config": {"model": a.model, "micro": a.micro, "batch": a.batch, "px": a.px, "images": a.images,
                    "ns": ns, "scales": scales, "assignment": "rank r holds per-rank gradient r % K",
                    "algorithm": "hierarchical, 8 ranks per node (N=8: 8 nodes x 1, flat), 16 MiB "
                                 "buckets, float32 in the node, float16 between nodes (pairwise "
                                 "reduce-scatter, float32 accumulation in node order, pairwise allgather)",
-                   "flushed": "fraction of values that are 0 where the float64 mean is not"},
+                   "flushed": "fraction of values that are 0 where the float64 mean is not",
+                   "max_per_param": a.max_per_param, "elements_simulated": layout.total,
+                   "elements_total": total},
         "layers": [{"name": s.name, "size": s.size} for s in layout.slots],
         "grad_rms": float(np.sqrt(np.mean(np.square(grads[0], dtype=np.float64)))),
         "gradient_seconds": t_grads,
