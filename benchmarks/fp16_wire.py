@@ -174,7 +174,8 @@ def plot(res: dict, path: str) -> None:
               ylabel="relative L2 error per parameter (median, band: min-max)")
     ax[1].set(xlabel="parameter index (sorted names)", ylabel="relative L2 error",
               title=f"per parameter at N={big}, grads x{scales[0]:g}")
-    ax[2].set(xscale="log", xlabel="simulated ranks N", ylabel="% of values flushed to zero")
+    ax[2].set(xscale="log", xlabel="simulated ranks N", ylabel="% of all values flushed to zero")
+    ax[2].set_yscale("symlog", linthresh=0.01)
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)

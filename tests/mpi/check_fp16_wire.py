@@ -128,12 +128,37 @@ def check_adversarial(name):
     return label
 
 
+def check_mixed_dtypes(name):
+    """float16 and float64 parameters through the scaled float16 wire come back in their dtype."""
+    comm = hpcsgd.create_communicator(name, bucket_bytes=BUCKET_BYTES, **wire_config(name))
+    link = chainer.Link()
+    with link.init_scope():
+        link.h = chainer.Parameter(np.zeros((50,), np.float16))
+        link.d = chainer.Parameter(np.zeros((3, 7), np.float64))
+    rng = np.random.default_rng(rank + 5)
+    link.h.grad = (rng.standard_normal(50) * 1e-3).astype(np.float16)
+    link.d.grad = rng.standard_normal((3, 7)) * 1e-7
+    every = dict(zip(("h", "d"), zip(*world.allgather((link.h.grad.astype(np.float64), link.d.grad.copy())))))
+    ref = {n: np.mean(g, 0) for n, g in every.items()}
+    tol = {n: 2.0 ** -10 * (np.mean(np.abs(g), 0) + np.abs(ref[n])) for n, g in every.items()}
+    comm.multi_node_mean_grad(link)
+    label = f"{name}/chunk n={size} mixed dtypes"
+    assert link.h.grad.dtype == np.float16 and link.d.grad.dtype == np.float64, f"{label}: dtypes changed"
+    # float16 parameters round once more on the way back (half an ulp of float16)
+    h_tol = tol["h"] + np.abs(ref["h"]) * 2.0 ** -11 + 2.0 ** -25
+    assert (np.abs(link.h.grad - ref["h"]) <= h_tol).all(), f"{label}: float16 param mean"
+    assert (np.abs(link.d.grad - ref["d"]) <= tol["d"]).all(), f"{label}: float64 param mean"
+    comm.finalize()
+    return label
+
+
 def main():
     done = []
     for name in ("naive", "flat", "hierarchical"):
         for scheme in ("chunk", "predivide"):
             done.append(check(name, scheme))
         done.append(check_adversarial(name))
+        done.append(check_mixed_dtypes(name))
     if rank == 0:
         print("\n".join(done))
     print(f"rank {rank}: fp16 wire checks passed", flush=True)
