@@ -10,9 +10,10 @@ by ``N`` instead of the real world size before its cast and multiplies by
 its ``N`` corresponds to ``8 N`` here). The two real ranks run as two one-rank
 nodes (``--ranks-per-node 1``), so their mean crosses the float16 wire.
 
-Runs: float32 wire; ``half_scaling=predivide`` (the old scheme) and ``chunk`` (the
-default) at each ``--nsim``. Each run's ``summary.json`` gives the loss history and
-the final test top-1; this writes them together (JSON + plot).
+Runs: float32 wire (seeds 0 and 1: the spread of the same job); ``half_scaling=predivide``
+(the old scheme) and ``chunk`` (the default) at each ``--nsim``. Each run's
+``summary.json`` gives the loss history and the final test top-1; this writes them
+together (JSON + plot).
 
     python benchmarks/fp16_wire_train.py --epochs 1          # about 234 steps per run
     python benchmarks/fp16_wire_train.py --epochs 3          # the main job's full length
@@ -33,7 +34,8 @@ CONFIG = os.path.join(ROOT, "jobs", "configs", "fashion_mnist.yaml")
 
 
 def runs(nsim: list[int]) -> list[tuple[str, list[str]]]:
-    out = [("float32", ["wire_dtype=float32"])]
+    """(label, --set overrides); 'float32 seed=1' shows the run-to-run spread of the same job."""
+    out = [("float32", ["wire_dtype=float32"]), ("float32 seed=1", ["wire_dtype=float32", "seed=1"])]
     for scheme in ("predivide", "chunk"):
         for n in nsim:
             opts = f"communicator_options={{half_scaling: {scheme}, wire_ranks: {n}}}"
@@ -90,6 +92,7 @@ def main(argv=None) -> None:
     p.add_argument("--nsim", default="1024,4096", help="simulated ranks for the float16 runs")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument("--only", default=None, help="comma-separated labels of the runs to do (default: all)")
     p.add_argument("--out", default="benchmarks/results/fp16_wire_train.json")
     a = p.parse_args(argv)
     nsim = [int(x) for x in a.nsim.split(",")]
@@ -97,7 +100,8 @@ def main(argv=None) -> None:
            "note": "wire_ranks=N: each rank casts g/N (flat at N ranks); hierarchical's N is 8x this",
            "loadavg_start": os.getloadavg(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="hpcsgd-fp16-train-") as tmp:
-        for i, (label, sets) in enumerate(runs(nsim)):
+        todo = [r for r in runs(nsim) if a.only is None or r[0] in a.only.split(",")]
+        for i, (label, sets) in enumerate(todo):
             res["runs"].append(train(label, sets, a.epochs, os.path.join(tmp, f"run{i}"), a.ranks, a.timeout))
     res["loadavg_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
