@@ -8,7 +8,7 @@ by ``N`` instead of the real world size before its cast and multiplies by
 ``N / 2`` after it, so every value on the wire is what one rank of an ``N``-rank
 ``flat`` job would cast (the ``hierarchical`` algorithm casts sums of 8 ranks, so
 its ``N`` corresponds to ``8 N`` here). The two real ranks run as two one-rank
-nodes (``--ranks-per-node 1``), so their mean crosses the float16 wire.
+nodes (``HPCSGD_RANKS_PER_NODE=1``), so their mean crosses the float16 wire.
 
 Runs: float32 wire (seeds 0 and 1: the spread of the same job); ``half_scaling=predivide``
 (the old scheme) and ``chunk`` (the default) at each ``--nsim``. Each run's
@@ -45,18 +45,22 @@ def runs(nsim: list[int]) -> list[tuple[str, list[str]]]:
 
 def train(label: str, sets: list[str], epochs: float, out: str, ranks: int, timeout: float) -> dict:
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    cmd = [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", str(ranks), sys.executable, "-m",
-           "hpcsgd", "train", CONFIG, "--out", out, "--ranks-per-node", "1", "--set", f"epochs={epochs}",
+    cmd = [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py",
+           "-m", "hpcsgd", "train", CONFIG, "--out", out, "--set", f"epochs={epochs}",
            "--set", "checkpoint_interval=0"]
     for s in sets:
         cmd += ["--set", s]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # one rank per (virtual) node: the mean crosses the inter-node (float16) wire
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HPCSGD_RANKS_PER_NODE="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{label}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
+    if s["topology"]["nodes"] != ranks:
+        raise RuntimeError(f"{label}: ran on {s['topology']['nodes']} nodes, not {ranks} one-rank nodes")
     rec = {"label": label, "sets": sets, "top1": s["top1"], "iterations": s["iterations"],
            "skipped_steps": s["skipped_steps"], "wall_seconds": time.perf_counter() - t0,
            "loss": [(h["iteration"], h["loss"]) for h in s["history"] if h.get("kind") == "train"]}
@@ -103,11 +107,11 @@ def main(argv=None) -> None:
         todo = [r for r in runs(nsim) if a.only is None or r[0] in a.only.split(",")]
         for i, (label, sets) in enumerate(todo):
             res["runs"].append(train(label, sets, a.epochs, os.path.join(tmp, f"run{i}"), a.ranks, a.timeout))
-    res["loadavg_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
-    plot(res, os.path.splitext(a.out)[0] + ".png")
+            res["loadavg_end"] = os.getloadavg()
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            with open(a.out, "w") as f:  # after every run: a cut-short study keeps what it has
+                json.dump(res, f, indent=1)
+            plot(res, os.path.splitext(a.out)[0] + ".png")
     print(f"wrote {a.out}")
 
 
