@@ -45,8 +45,8 @@ def runs(nsim: list[int]) -> list[tuple[str, list[str]]]:
 
 def train(label: str, sets: list[str], epochs: float, out: str, ranks: int, timeout: float) -> dict:
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    cmd = [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py",
-           "-m", "hpcsgd", "train", CONFIG, "--out", out, "--set", f"epochs={epochs}",
+    cmd = [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", str(ranks), sys.executable,
+           "-m", "mpi4py", "-m", "hpcsgd", "train", CONFIG, "--out", out, "--set", f"epochs={epochs}",
            "--set", "checkpoint_interval=0"]
     for s in sets:
         cmd += ["--set", s]
