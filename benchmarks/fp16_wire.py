@@ -176,6 +176,7 @@ def plot(res: dict, path: str) -> None:
               title=f"per parameter at N={big}, grads x{scales[0]:g}")
     ax[2].set(xscale="log", xlabel="simulated ranks N", ylabel="% of all values flushed to zero")
     ax[2].set_yscale("symlog", linthresh=0.01)
+    ax[2].set_ylim(bottom=0)
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
