@@ -97,12 +97,19 @@ def main(argv=None) -> None:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--only", default=None, help="comma-separated labels of the runs to do (default: all)")
+    p.add_argument("--append", action="store_true", help="add the runs to the existing --out JSON")
     p.add_argument("--out", default="benchmarks/results/fp16_wire_train.json")
     a = p.parse_args(argv)
     nsim = [int(x) for x in a.nsim.split(",")]
     res = {"config": CONFIG.replace(ROOT + os.sep, ""), "epochs": a.epochs, "ranks": a.ranks, "nsim": nsim,
            "note": "wire_ranks=N: each rank casts g/N (flat at N ranks); hierarchical's N is 8x this",
            "loadavg_start": os.getloadavg(), "runs": []}
+    if a.append and os.path.exists(a.out):
+        with open(a.out) as f:
+            old = json.load(f)
+        if old["epochs"] != a.epochs:
+            raise SystemExit(f"--append: {a.out} has {old['epochs']} epochs, not {a.epochs}")
+        res["runs"], res["nsim"] = old["runs"], sorted(set(old["nsim"]) | set(nsim))
     with tempfile.TemporaryDirectory(prefix="hpcsgd-fp16-train-") as tmp:
         todo = [r for r in runs(nsim) if a.only is None or r[0] in a.only.split(",")]
         for i, (label, sets) in enumerate(todo):
