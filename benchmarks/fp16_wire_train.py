@@ -98,6 +98,7 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--only", default=None, help="comma-separated labels of the runs to do (default: all)")
     p.add_argument("--append", action="store_true", help="add the runs to the existing --out JSON")
+    p.add_argument("--seed", type=int, default=None, help="run the selected runs with this seed instead")
     p.add_argument("--out", default="benchmarks/results/fp16_wire_train.json")
     a = p.parse_args(argv)
     nsim = [int(x) for x in a.nsim.split(",")]
@@ -112,6 +113,8 @@ def main(argv=None) -> None:
         res["runs"], res["nsim"] = old["runs"], sorted(set(old["nsim"]) | set(nsim))
     with tempfile.TemporaryDirectory(prefix="hpcsgd-fp16-train-") as tmp:
         todo = [r for r in runs(nsim) if a.only is None or r[0] in a.only.split(",")]
+        if a.seed is not None:  # another sample of the same runs
+            todo = [(f"{lab} seed={a.seed}", sets + [f"seed={a.seed}"]) for lab, sets in todo]
         for i, (label, sets) in enumerate(todo):
             res["runs"].append(train(label, sets, a.epochs, os.path.join(tmp, f"run{i}"), a.ranks, a.timeout))
             res["loadavg_end"] = os.getloadavg()
