@@ -78,11 +78,15 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
+    colors = {"float32": "black", "predivide": "tab:red", "chunk": "tab:blue"}
     for r in res["runs"]:
         it, loss = zip(*r["loss"]) if r["loss"] else ((), ())
-        style = "-" if r["label"] == "float32" else ("--" if "predivide" in r["label"] else ":")
-        ax.plot(it, loss, style, label=f"{r['label']} (top-1 {100 * r['top1']:.2f}%)")
-    ax.set(xlabel="iteration", ylabel="training loss (logged mean)", yscale="log",
+        seed = int(r["label"].split("seed=")[1]) if "seed=" in r["label"] else 0
+        n4096 = "N=1024" not in r["label"]
+        ax.plot(it, loss, ["-", "--", ":", "-."][seed % 4], color=colors[r["label"].split()[0]],
+                alpha=1.0 if n4096 else 0.45, label=f"{r['label']} (top-1 {100 * r['top1']:.2f}%)")
+    ax.set(xlabel="iteration (colour: wire; line style: seed; faint: N=1024)",
+           ylabel="training loss (logged mean)", yscale="log",
            title=f"ResNet-8 Fashion-MNIST, 2 ranks, float16 wire at simulated N ({res['epochs']} epochs)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
