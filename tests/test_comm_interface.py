@@ -157,7 +157,7 @@ def test_check_combination_names_both_keys():
 
 
 def test_capability_table_in_docs_is_generated():
-    """README.md and docs/comm_algorithms.md carry the registry's table (python -m hpcsgd.comm --write ...)."""
+    """README.md and docs/comm_algorithms.md carry the registry's table (``python -m hpcsgd.comm``)."""
     from pathlib import Path
 
     from hpcsgd.comm import capability_table

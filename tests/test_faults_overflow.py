@@ -31,7 +31,8 @@ def test_fp16_overflow_skips_the_step(mpirun, request, name):
     if name == "hierarchical":
         record("f6_fp16_overflow", order=6, fault="float16 overflow in the gradients",
                injected="a gradient of 3e5 on one of 4 ranks (2 virtual nodes x 2), float16 on the wire "
-                        f"({name} communicator)",
+                        f"({name} communicator, half_scaling='predivide': the default per-message scale "
+                        "carries 3e5 without overflow)",
                outcome="GradientOverflowError on every rank; the multi-node optimizer skips the update, "
                        "counts it (skipped_steps=1) and logs it; parameters unchanged and finite; the next "
                        "step updates",

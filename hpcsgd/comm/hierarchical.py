@@ -12,8 +12,9 @@ of the bucket:
    segments plus its own gradients (float32 accumulation) into its segment;
 4. inter-node allreduce of shard ``r`` among the ranks with the same
    ``intra_rank`` (``topology.inter_comm``): float16 on the wire by default
-   (:class:`~hpcsgd.comm.fp16_reduce.LowPrecisionAllreduce`, float32
-   accumulation), or ``MPI_Allreduce`` for float32;
+   (:class:`~hpcsgd.comm.fp16_reduce.ScaledHalfAllreduce`: a power-of-two
+   scale per message, float32 accumulation; ``LowPrecisionAllreduce`` for
+   bfloat16 or ``half_scaling='predivide'``), or ``MPI_Allreduce`` for float32;
 5. fence;
 6. allgather + unpack: every rank reads every shard from its owner's segment
    and writes its gradients, counting non-finite values in the same pass.
@@ -45,7 +46,13 @@ from mpi4py import MPI
 from hpcsgd.comm import wire_kernels
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.flat import FlatAlgorithm
-from hpcsgd.comm.fp16_reduce import LowPrecisionAllreduce
+from hpcsgd.comm.fp16_reduce import (
+    ArraySource,
+    LowPrecisionAllreduce,
+    ScaledHalfAllreduce,
+    check_half_scaling,
+    check_wire_ranks,
+)
 from hpcsgd.comm.packing import GradLayout
 from hpcsgd.comm.reducing import ReducingCommunicator
 from hpcsgd.comm.shm import SharedSegments
@@ -57,7 +64,7 @@ class HierarchicalAlgorithm(BucketAlgorithm):
     """Shared-memory reduce-scatter/allgather in the node, MPI between nodes (CPU)."""
 
     def __init__(self, layout: GradLayout, topology, intra_wire: str, inter_wire: str,
-                 bucket_bytes: int):
+                 bucket_bytes: int, half_scaling: str = "chunk", wire_ranks: int | None = None):
         super().__init__(layout, layout.bucket_ranges(bucket_bytes, 4))
         self.size = topology.size
         self.k, self.r = topology.intra_size, topology.intra_rank
@@ -74,7 +81,13 @@ class HierarchicalAlgorithm(BucketAlgorithm):
         self._lowp = None
         # single node, float32: the owner writes its shard's sum straight into its grads
         self._direct = self.n_nodes == 1 and intra_wire == "float32"
-        if self.inter is not None and inter_wire != "float32":
+        self._scaled = None
+        # study option: the 16-bit stage sees values divided by wire_ranks instead of size
+        n_wire = check_wire_ranks(wire_ranks) or self.size
+        self._pre, self._post = self.size / n_wire, n_wire / self.size
+        if self.inter is not None and inter_wire == "float16" and check_half_scaling(half_scaling) == "chunk":
+            self._scaled = ScaledHalfAllreduce(self.inter)
+        elif self.inter is not None and inter_wire != "float32":
             self._lowp = LowPrecisionAllreduce(self.inter, inter_wire)
             self._wire16 = np.empty(width, np.uint16)
 
@@ -110,11 +123,13 @@ class HierarchicalAlgorithm(BucketAlgorithm):
                     wire_kernels.accumulate(out, segs[s][pa:pb], self.intra_wire)
         if self.inter is not None and b > a:
             with collective("allreduce_inter", nbytes=int(acc.nbytes)):
-                if self._lowp is not None:
+                if self._scaled is not None:  # non-finite sums are counted at unpack
+                    self._scaled(ArraySource(acc, self._pre, self._post))
+                elif self._lowp is not None:
                     w16 = self._wire16[: b - a]
-                    wire_kernels.pack_into(acc, w16, 1.0, self.inter_wire)
+                    wire_kernels.pack_into(acc, w16, self._pre, self.inter_wire)
                     self._lowp(w16)
-                    wire_kernels.unpack_from(w16, acc, 1.0, self.inter_wire)
+                    wire_kernels.unpack_from(w16, acc, self._post, self.inter_wire)
                 else:
                     self.inter.Allreduce(MPI.IN_PLACE, [acc, MPI.FLOAT], op=MPI.SUM)
         if not f32:
@@ -179,5 +194,7 @@ class HierarchicalCommunicator(ReducingCommunicator):
                 return nccl.NcclAllreduceAlgorithm(layout, self._mpi_comm, wire, bucket_bytes, device)
             return nccl.GpuHierarchicalAlgorithm(layout, topo, intra, inter, bucket_bytes, device)
         if flat:
-            return FlatAlgorithm(layout, self._mpi_comm, wire, self.get_config("bucket_bytes"))
-        return HierarchicalAlgorithm(layout, topo, intra, inter, self.get_config("bucket_bytes"))
+            return FlatAlgorithm(layout, self._mpi_comm, wire, self.get_config("bucket_bytes"),
+                                 **self.half_wire_options())
+        return HierarchicalAlgorithm(layout, topo, intra, inter, self.get_config("bucket_bytes"),
+                                     **self.half_wire_options())

@@ -27,6 +27,7 @@ import chainer
 
 from hpcsgd.comm.base import CompletedHandle
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm, raise_if_nonfinite
+from hpcsgd.comm.fp16_reduce import check_half_scaling, check_wire_ranks
 from hpcsgd.comm.mpi_base import MpiCommunicatorBase
 from hpcsgd.comm.packing import GradLayout
 from hpcsgd.comm.reducer import GradReducer
@@ -43,6 +44,10 @@ class ReducingCommunicator(MpiCommunicatorBase):
 
     #: (intra, inter) wire formats when neither ``allreduce_grad_dtype`` nor the level option is set
     DEFAULT_WIRE = ("float32", "float32")
+    #: float16 wire: ``half_scaling`` 'chunk' (power-of-two scale per message) or 'predivide'
+    #: (grad / size cast directly); ``wire_ranks`` (study only): divide by this many ranks
+    #: instead of the real size before the 16-bit cast and rescale after (see fp16_reduce.py)
+    CONFIG_DEFAULTS = {**MpiCommunicatorBase.CONFIG_DEFAULTS, "half_scaling": "chunk", "wire_ranks": None}
 
     def __init__(self, mpi_comm=None, **config: Any) -> None:
         self._reducers: dict[Any, GradReducer] = {}
@@ -52,6 +57,17 @@ class ReducingCommunicator(MpiCommunicatorBase):
         super().__init__(mpi_comm=mpi_comm, **config)
 
     # -- configuration -------------------------------------------------------------
+    def _validate_config(self, name: str, value: Any) -> Any:
+        if name == "half_scaling":
+            return check_half_scaling(value)
+        if name == "wire_ranks":
+            return check_wire_ranks(value)
+        return super()._validate_config(name, value)
+
+    def half_wire_options(self) -> dict:
+        """Keyword arguments of the 16-bit wire for the algorithms (``half_scaling``, ``wire_ranks``)."""
+        return {"half_scaling": self.get_config("half_scaling"), "wire_ranks": self.get_config("wire_ranks")}
+
     def _on_config_change(self, name: str, value: Any) -> None:
         if name in _ENGINE_NEUTRAL or "_reducers" not in self.__dict__:
             return

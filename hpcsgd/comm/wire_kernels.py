@@ -9,12 +9,16 @@ kernels work on bits anyway); :func:`wire_storage_dtype` gives the storage dtype
 
 CPU kernels (numba, ``nogil`` so a worker thread can overlap them with Python):
 
-* :func:`pack_into` ``dst = wire(src * scale)``: scale (1/world size, *before*
-  the cast, so float16 cannot overflow on large worlds) and cast in one pass.
+* :func:`pack_into` ``dst = wire(src * scale)``: scale and cast in one pass. The
+  float16 wire passes a power-of-two scale chosen per chunk from the chunk's largest
+  magnitude (:func:`half_exponent`, :func:`absmax`), so that nothing overflows and
+  small values keep their bits; see :mod:`hpcsgd.comm.fp16_reduce`.
 * :func:`unpack_from` ``dst = float32(src) * scale`` and returns the number of
   non-finite results: the divergence check rides along for free.
 * :func:`sum_rows_to_wire`: float32 accumulation of ``k`` 16-bit rows, rounded
-  once to the wire format (the inter-node float16 reduction).
+  once to the wire format (the bfloat16 and pre-divided float16 reductions);
+  :func:`sum_scaled_rows`: the same for scaled float16 chunks, each row carrying
+  its power-of-two exponent.
 * :func:`reduce_shards`: ``dst = (a + b + ...) * scale`` over float32 shared-memory
   segments, counting non-finite results.
 
@@ -341,6 +345,105 @@ def _acc_f16(acc, src):
 def _acc_bf16(acc, src):
     for i in range(acc.size):
         acc[i] += _bf16_to_f32(src[i])
+
+
+# -- scaled float16 wire: power-of-two scales chosen per chunk ------------------------------------
+
+#: a chunk is scaled so that its largest magnitude lands in [2^14, 2^15): a float16 value
+#: (after rounding) is then at most 2^15, and float32 accumulation keeps the sum in range
+HALF_TARGET_EXP = 14
+#: exponent clamp: 2^e and 2^-e stay normal float32 numbers (exact scalings)
+HALF_EXP_MIN, HALF_EXP_MAX = -126, 126
+
+
+@njit(nogil=True, cache=True)
+def _absmax_f32(x):
+    m = np.float32(0.0)
+    for i in range(x.size):
+        a = abs(x[i])
+        if a > m:  # nan compares false: a nan never sets the scale (it still travels as nan)
+            m = a
+    return m
+
+
+@njit(cache=True)
+def _half_exponent(m):
+    """``e`` with ``m * 2^e`` in ``[2^14, 2^15)``, clamped; 0 for zero, inf or nan."""
+    if not (m > 0) or m == np.inf:
+        return 0
+    f = _f32_bits(np.float32(m))
+    biased = np.int32((f >> np.uint32(23)) & np.uint32(0xFF))
+    e = HALF_TARGET_EXP - (biased - 127) if biased > 0 else HALF_EXP_MAX  # float32 subnormal max
+    return min(max(e, HALF_EXP_MIN), HALF_EXP_MAX)
+
+
+@njit(nogil=True, cache=True)
+def _sum_scaled_rows_f16(rows, acc):
+    """``acc = sum_j float32(rows[j, 1:]) * 2^-e_j`` in row order; returns ``max |acc|``.
+
+    ``rows[j, 0]`` holds ``e_j`` as int16 bits. The products are exact (power-of-two
+    scalings of float16 values inside float32's range); only the additions round.
+    """
+    k, w = rows.shape
+    n = w - 1
+    for j in range(k):
+        e = np.int32(rows[j, 0])
+        if e >= 32768:
+            e -= 65536
+        s = _bits_f32(np.uint32(127 - e) << np.uint32(23))  # 2^-e, exact
+        rj = rows[j]
+        if j == 0:
+            for i in range(n):
+                acc[i] = _from_f16(rj[i + 1]) * s
+        else:
+            for i in range(n):
+                acc[i] += _from_f16(rj[i + 1]) * s
+    m = np.float32(0.0)
+    for i in range(n):
+        a = abs(acc[i])
+        if a > m:
+            m = a
+    return m
+
+
+def absmax(x: np.ndarray) -> float:
+    """Largest ``|x|`` of a 1-D array, ignoring nan (0 for an empty one); float32 result."""
+    if x.size == 0:
+        return 0.0
+    if x.dtype == np.float32:
+        return float(_absmax_f32(x))
+    return float(_absmax_f32(np.abs(x).astype(np.float32)))
+
+
+def half_exponent(m: float) -> int:
+    """Power-of-two exponent ``e`` that puts the largest magnitude ``m`` in ``[2^14, 2^15)``.
+
+    ``wire = float16(x * 2^e)`` then never overflows (``|x| * 2^e < 2^15`` before rounding)
+    and keeps 29 binades below ``m`` as normal float16 numbers. ``m`` must already be a
+    float32 value (the scaled maximum). Zero, inf and nan give 0 (inf/nan then reach the
+    wire unchanged and are counted at unpack).
+    """
+    return int(_half_exponent(np.float32(m)))
+
+
+def exponent_bits(e: int) -> np.uint16:
+    """``e`` as the int16 bits of a chunk header."""
+    return np.uint16(e & 0xFFFF)
+
+
+def exponent_of(bits) -> int:
+    """Inverse of :func:`exponent_bits`."""
+    b = int(bits)
+    return b - 65536 if b >= 32768 else b
+
+
+def sum_scaled_rows(rows: np.ndarray, acc: np.ndarray) -> float:
+    """``acc = sum_j float32(rows[j, 1:]) * 2^-rows[j, 0]`` (float16 rows, row order); max |acc|.
+
+    ``rows`` is a C-contiguous 2-D ``uint16`` array, one scaled chunk per row with its
+    exponent in column 0 (see :mod:`hpcsgd.comm.fp16_reduce`); ``acc`` float32.
+    """
+    return float(_sum_scaled_rows_f16(np.ascontiguousarray(rows), acc))
 
 
 _PACK = {"float32": _pack_f32, "float16": _pack_f16, "bfloat16": _pack_bf16}

@@ -1,4 +1,4 @@
-"""Fault tests record what happened as JSON; scripts/fault_table.py turns it into the fault table (docs/results.md).
+"""Fault tests record what happened as JSON; scripts/fault_table.py makes the fault table of it.
 
 Each fault test calls :func:`record` once its assertions passed, writing
 ``$HPCSGD_FAULT_RESULTS/<key>.json``. Unset, results go to a temporary folder, so

@@ -191,7 +191,16 @@ def check_errors(comm, label, wire):
             m.d_W.grad[:] = 1e6 * size
             return m, False
 
-        expect_error(comm, f"{label} overflow", GradientOverflowError, ["overflow"], overflow)
+        with comm.config_scope("half_scaling", "predivide"):
+            expect_error(comm, f"{label} overflow", GradientOverflowError, ["overflow"], overflow)
+        # the default per-message scale carries it (not hierarchical's float16 *inside* nodes,
+        # which still pre-divides)
+        in_node_f16 = (type(comm).__name__ == "HierarchicalCommunicator" and comm.topology.uniform
+                       and comm.intra_size > 1)  # the same on every rank
+        if not in_node_f16:
+            m, _ = overflow()
+            comm.multi_node_mean_grad(m)
+            assert np.allclose(m.d_W.grad, 1e6 * size, rtol=2 ** -10), f"{label}: scaled wire lost 1e6 * size"
         # 60000 per rank: the mean fits, and dividing *before* the cast keeps the sum finite
         m = make_model()
         fill(m, rank)

@@ -2,8 +2,9 @@
 
 Usage: check_fault_overflow.py NAME
 Three updates of a small model with create_multi_node_optimizer over communicator NAME with
-a float16 wire format: step 1 normal, step 2 with a gradient of 3e5 on the last rank (beyond
-float16's 65504 even after dividing by the number of ranks), step 3 normal. Checks that step 2
+a float16 wire format (the pre-dividing scheme): step 1 normal, step 2 with a gradient of 3e5
+on the last rank (beyond float16's 65504 even after dividing by the number of ranks), step 3
+normal. Checks that step 2
 raised GradientOverflowError inside the communicator, was skipped on every rank and counted,
 that no parameter ever held inf/nan, and that step 3 updated again. Prints "FAULT ... t=".
 """
@@ -23,7 +24,10 @@ from hpcsgd.errors import GradientOverflowError
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
 name = sys.argv[1]
 world = MPI.COMM_WORLD
-comm = hpcsgd.create_communicator(name, allreduce_grad_dtype="float16")
+# 'predivide': grad / size cast straight to float16 can overflow; the default per-message
+# scale carries 3e5 without overflow (tests/mpi/check_fp16_wire.py), so only this scheme
+# (or a non-finite local gradient) reaches the overflow handling
+comm = hpcsgd.create_communicator(name, allreduce_grad_dtype="float16", half_scaling="predivide")
 model = L.Linear(16, 8)
 opt = hpcsgd.create_multi_node_optimizer(chainer.optimizers.SGD(lr=0.1), comm)
 opt.setup(model)
