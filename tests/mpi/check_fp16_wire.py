@@ -100,7 +100,10 @@ def check(name, scheme):
 
 
 def check_adversarial(name):
-    comm = hpcsgd.create_communicator(name, bucket_bytes=BUCKET_BYTES, **wire_config(name))
+    # check_finite: the error path of hpcsgd train and the multi-node optimizer (a bare
+    # communicator averages inf/nan as ChainerMN does and only counts them)
+    comm = hpcsgd.create_communicator(name, bucket_bytes=BUCKET_BYTES, check_finite=True,
+                                      **wire_config(name))
     label = f"{name}/chunk n={size} adversarial"
     for big in (3e5, 1e30, 65504.0 * 4096):
         model = make_model()
@@ -124,6 +127,9 @@ def check_adversarial(name):
     except NonFiniteGradientError as e:
         raised = isinstance(e, expected)
     assert all(world.allgather(raised)), f"{label}: inf did not raise {expected.__name__} everywhere"
+    comm.set_config("check_finite", False)  # bare: averaged, counted identically on every rank
+    comm.multi_node_mean_grad(model)
+    assert comm.nonfinite_count > 0 and len(set(world.allgather(comm.nonfinite_count))) == 1, label
     comm.finalize()
     return label
 
