@@ -7,7 +7,7 @@ and the peer reference: one ``ncclAllReduce`` of a packed float32 buffer (no
 packing), which is what the hpcsgd cases add their cost to.
 
 On one GPU only one rank can run (NCCL refuses two ranks of a communicator on
-one device, and :func:`hpcsgd.topology.select_gpu` refuses it earlier): the
+one device, and :func:`hpcsgd.runtime.topology.select_gpu` refuses it earlier): the
 allreduce is then a device-local copy, so the numbers measure hpcsgd's own
 cost per gradient mean on the GPU (pack, unpack, kernel launches, the one
 host sync) against NCCL's floor, not interconnect bandwidth.
@@ -29,7 +29,7 @@ def run(args, resnet50_shapes, grad_model) -> int:
 
     import hpcsgd
     from hpcsgd.comm import nccl as gpu
-    from hpcsgd.topology import select_gpu
+    from hpcsgd.runtime.topology import select_gpu
 
     comm = MPI.COMM_WORLD
     rank, n = comm.Get_rank(), comm.Get_size()

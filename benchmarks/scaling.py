@@ -76,14 +76,14 @@ def worker(a: argparse.Namespace) -> None:
 
     import hpcsgd.kernels
     from hpcsgd.models import build_model, count_params
-    from hpcsgd.trace import get_tracer
+    from hpcsgd.runtime.trace import get_tracer
 
     hpcsgd.kernels.enable(threads=1)
     world = MPI.COMM_WORLD
     tracer = get_tracer()
     tracer.rank = world.rank
     if a.timeline:
-        from hpcsgd.trace import parse_iter_range
+        from hpcsgd.runtime.trace import parse_iter_range
 
         tracer.enable_timeline(a.timeline, parse_iter_range(a.timeline_iters), rank=world.rank)
     kw, size, batch, classes = json.loads(a.spec)

@@ -27,8 +27,8 @@ _gpu_compat.apply()  # CuPy 13 + the CUDA wheels' libraries for Chainer 7.8.1; a
 _LAZY = {
     "create_communicator": "hpcsgd.comm",
     "create_multi_node_optimizer": "hpcsgd.optim",
-    "create_topology": "hpcsgd.topology",
-    "get_tracer": "hpcsgd.trace",
+    "create_topology": "hpcsgd.runtime.topology",
+    "get_tracer": "hpcsgd.runtime.trace",
     # ChainerMN's training-script API (hpcsgd.chainermn_api)
     "scatter_dataset": "hpcsgd.chainermn_api",
     "scatter_index": "hpcsgd.chainermn_api",

@@ -9,7 +9,7 @@ from hpcsgd.data import Loader, RandomResizedCrop, build_dataset
 from hpcsgd.data.device import cuda_available
 from hpcsgd.data.jpeg import simplejpeg
 from hpcsgd.errors import ConfigError, DataError
-from hpcsgd.trace import get_tracer
+from hpcsgd.runtime.trace import get_tracer
 
 
 def small():

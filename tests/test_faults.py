@@ -14,8 +14,8 @@ import pytest
 from cluster.faultlog import record
 from cluster.launch import run_job
 
-from hpcsgd import watchdog
 from hpcsgd.errors import ConfigError
+from hpcsgd.runtime import watchdog
 
 CHECK = ["python", "tests/mpi/check_fault.py"]
 pytestmark = pytest.mark.mpi
@@ -64,7 +64,7 @@ def test_rank_exception_aborts_the_job(request, tmp_path):
         assert _gone(pid), f"rank process {pid} survived the abort"
     record("f1_rank_raises", order=1, fault="A rank raises an exception",
            injected="rank 3 of 4 raises RuntimeError in iteration 5 (tests/mpi/check_fault.py raise)",
-           outcome=f"hpcsgd.abort prints rank 3's traceback, MPI_Abort ends all 4 ranks, exit code "
+           outcome=f"hpcsgd.runtime.abort prints rank 3's traceback, MPI_Abort ends all 4 ranks, exit code "
                    f"{res.returncode}",
            detect_s=t, bound_s=10, data_lost="the running iteration (nothing written)",
            test=request.node.nodeid, evidence=out[out.find("hpcsgd: rank 3"):][:400])
@@ -72,9 +72,9 @@ def test_rank_exception_aborts_the_job(request, tmp_path):
 
 def test_exception_in_a_thread_aborts_the_job():
     """A background thread's uncaught exception aborts the job too (threading.excepthook)."""
-    code = ("import threading, hpcsgd.abort\n"
+    code = ("import threading, hpcsgd.runtime.abort\n"
             "from mpi4py import MPI\n"
-            "hpcsgd.abort.install()\n"
+            "hpcsgd.runtime.abort.install()\n"
             "c = MPI.COMM_WORLD\n"
             "def loader():\n"
             "    raise OSError('deliberate: loader thread died on rank %d' % c.rank)\n"

@@ -59,7 +59,7 @@ kernels: false
 # the 0.3 s between the first checkpoint and the cut).
 
 # hpcsgd train with the collective watchdog on (whether or not `hpcsgd train` installs it itself).
-TRAIN = ("import sys, hpcsgd.abort, hpcsgd.watchdog as w; hpcsgd.abort.install(); w.install(); "
+TRAIN = ("import sys, hpcsgd.runtime.abort as a, hpcsgd.runtime.watchdog as w; a.install(); w.install(); "
          "from hpcsgd.cli import main; sys.exit(main(['train'] + sys.argv[1:]))")
 
 

@@ -124,7 +124,7 @@ def test_bucket_reducer_runs_on_the_right_device_from_a_worker_thread():
 
 
 def test_select_gpu_gives_this_rank_a_device():
-    from hpcsgd.topology import select_gpu
+    from hpcsgd.runtime.topology import select_gpu
 
     assert select_gpu() == 0
 

@@ -21,12 +21,12 @@ import warnings
 import numpy as np
 import pytest
 
-from hpcsgd import watchdog
 from hpcsgd.comm import nccl as gpu
 from hpcsgd.comm import nccl_setup
 from hpcsgd.comm.dummy import DummyCommunicator
 from hpcsgd.comm.hierarchical import HierarchicalCommunicator
 from hpcsgd.comm.packing import GradLayout, Slot, flat_view
+from hpcsgd.runtime import watchdog
 
 # -- a fake CuPy: records the current device per thread and what was created where -----------------
 

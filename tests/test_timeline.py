@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcsgd.trace import Tracer, parse_iter_range
+from hpcsgd.runtime.trace import Tracer, parse_iter_range
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("check_timeline", HERE / "mpi" / "check_timeline.py")

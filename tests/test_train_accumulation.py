@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hpcsgd.models import BatchNorm, prepare_for_eval
-from hpcsgd.trace import get_tracer
+from hpcsgd.runtime.trace import get_tracer
 from hpcsgd.train.loop import accumulate_gradients
 
 

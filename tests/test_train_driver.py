@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from hpcsgd.losses import softmax_cross_entropy
-from hpcsgd.trace import get_tracer
+from hpcsgd.runtime.trace import get_tracer
 from hpcsgd.train import build, loop
 from hpcsgd.train import config as C
 from hpcsgd.train.metrics import JsonlLog

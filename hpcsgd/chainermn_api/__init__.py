@@ -8,7 +8,7 @@ One concept per module:
 * :mod:`.batchnorm`: ``MultiNodeBatchNormalization`` (hpcsgd's sync BN behind ChainerMN's signature);
 * :mod:`.iterator`: ``create_multi_node_iterator`` (rank_master's batches on every rank);
 * :mod:`.global_except_hook`: ``add_hook()`` aborts the MPI job on an uncaught exception
-  (hpcsgd.abort).
+  (hpcsgd.runtime.abort).
 
 Semantics follow ChainerMN 7.8; where hpcsgd differs (clear errors instead of
 asserts or hangs, dtypes kept) the module docstring says so. docs/chainermn.md

@@ -1,6 +1,6 @@
 """``chainermn.global_except_hook``: abort the whole MPI job on an uncaught exception.
 
-``add_hook()`` installs :func:`hpcsgd.abort.install`: an uncaught exception in
+``add_hook()`` installs :func:`hpcsgd.runtime.abort.install`: an uncaught exception in
 any thread prints the rank banner and the traceback, then calls
 ``MPI.COMM_WORLD.Abort(1)`` so the other ranks do not wait forever in their
 next collective. As in ChainerMN, ``import hpcsgd`` installs it when the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from hpcsgd import abort
+from hpcsgd.runtime import abort
 
 ENV = "CHAINERMN_FORCE_ABORT_ON_EXCEPTION"
 

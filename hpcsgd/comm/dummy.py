@@ -16,7 +16,7 @@ from hpcsgd.comm import wire_kernels
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.packing import GradLayout
 from hpcsgd.comm.reducing import ReducingCommunicator
-from hpcsgd.trace import get_tracer
+from hpcsgd.runtime.trace import get_tracer
 
 
 class DummyAlgorithm(BucketAlgorithm):

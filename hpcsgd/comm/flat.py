@@ -35,8 +35,8 @@ from hpcsgd.comm.fp16_reduce import (
 )
 from hpcsgd.comm.packing import GradLayout
 from hpcsgd.comm.reducing import ReducingCommunicator
-from hpcsgd.trace import get_tracer
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.trace import get_tracer
+from hpcsgd.runtime.watchdog import collective
 
 
 class FlatAlgorithm(BucketAlgorithm):

@@ -45,7 +45,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcsgd.comm import wire_kernels
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.watchdog import collective
 
 
 class LowPrecisionAllreduce:

@@ -4,7 +4,7 @@ Algorithm classes (naive, flat, hierarchical, nccl, dummy) derive from it throug
 :class:`~hpcsgd.comm.reducing.ReducingCommunicator` and implement only
 ``bucket_algorithm``. What this class adds to ChainerMN's ``MpiCommunicatorBase``:
 
-* the topology comes from :func:`hpcsgd.topology.create_topology`, so
+* the topology comes from :func:`hpcsgd.runtime.topology.create_topology`, so
   ``HPCSGD_RANKS_PER_NODE`` virtual nodes drive the hierarchical paths;
 * the wrapped communicator is a private ``Dup`` of the one passed in, so hpcsgd
   traffic never matches a user's messages on the same communicator;
@@ -12,7 +12,7 @@ Algorithm classes (naive, flat, hierarchical, nccl, dummy) derive from it throug
 * arrays of any dtype move as raw bytes (float16 is not widened to float32);
 * :meth:`check_params_consistent` names the first parameter the ranks disagree on, and
   :meth:`select_grads` agrees on the gradients a mean averages (unused parameters);
-* every blocking operation runs inside ``hpcsgd.watchdog.collective(name)``.
+* every blocking operation runs inside ``hpcsgd.runtime.watchdog.collective(name)``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from hpcsgd.comm._params import ConsistencyChecker, explain_mismatch, param_sign
 from hpcsgd.comm.base import CommunicatorBase
 from hpcsgd.comm.packing import select_params
 from hpcsgd.errors import ParameterMismatchError
-from hpcsgd.topology import Topology, create_topology
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.topology import Topology, create_topology
+from hpcsgd.runtime.watchdog import collective
 
 _MPI_SUM_TYPE = {"int32": MPI.INT32_T, "int64": MPI.INT64_T, "float32": MPI.FLOAT, "float64": MPI.DOUBLE}
 _BCAST_OBJ_CHUNK = 256 * 1024 * 1024  # bytes per Bcast in bcast_obj (ChainerMN's max_buf_len)

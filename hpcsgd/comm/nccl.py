@@ -54,8 +54,8 @@ from hpcsgd.comm.nccl_setup import (  # noqa: F401  (re-exported: the GPU path's
 )
 from hpcsgd.comm.packing import BoundGrads, GradLayout
 from hpcsgd.comm.reducing import ReducingCommunicator
-from hpcsgd.trace import get_tracer
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.trace import get_tracer
+from hpcsgd.runtime.watchdog import collective
 
 _GPU_STORAGE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 

@@ -21,7 +21,7 @@ import weakref
 
 import numpy as np
 
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.watchdog import collective
 
 INSTALL_HINT = ("pip install 'hpcsgd[gpu]' (CuPy 13 for CUDA 12 with the NCCL and cuDNN wheels; "
                 "docs/gpu.md)")

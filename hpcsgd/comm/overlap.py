@@ -48,8 +48,8 @@ from hpcsgd.comm.bucket_algorithm import raise_if_nonfinite
 from hpcsgd.comm.packing import GradLayout
 from hpcsgd.comm.reducer import GradReducer
 from hpcsgd.errors import ConfigError
-from hpcsgd.trace import get_tracer
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.trace import get_tracer
+from hpcsgd.runtime.watchdog import collective
 
 #: Default bucket size in bytes of float32 gradients; see docs/overlap.md for the measurement.
 DEFAULT_BUCKET_BYTES = 4 << 20

@@ -37,7 +37,7 @@ from hpcsgd.comm import wire_kernels
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.packing import BoundGrads, GradLayout, flat_view
 from hpcsgd.errors import ConfigError
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.watchdog import collective
 
 
 class _Worker:

@@ -33,7 +33,7 @@ from hpcsgd.comm.packing import GradLayout
 from hpcsgd.comm.reducer import GradReducer
 from hpcsgd.comm.wire_kernels import WIRE_FORMATS
 from hpcsgd.errors import ConfigError
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.watchdog import collective
 
 #: options that do not change what an engine computes: changing them keeps the engines
 _ENGINE_NEUTRAL = ("check_finite", "batched_copy")

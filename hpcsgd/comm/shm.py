@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.watchdog import collective
 
 
 class SharedSegments:

@@ -20,7 +20,7 @@ from hpcsgd.data.pipeline import DataWorkerError, SharedSlots, WorkerPool
 from hpcsgd.data.sharding import epoch_permutation, eval_shard, iterations_per_epoch, rank_batch_indices
 from hpcsgd.data.transforms import Identity, Normalize
 from hpcsgd.errors import ConfigError, DataError
-from hpcsgd.trace import get_tracer
+from hpcsgd.runtime.trace import get_tracer
 
 log = logging.getLogger("hpcsgd.data")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from hpcsgd.envvars import env_number
+from hpcsgd.runtime.envvars import env_number
 
 _blas_limiter = None
 _current: int | None = None

@@ -10,7 +10,7 @@ exit status               cause                                               re
 2                         config or data error (``hpcsgd train`` exits 2;     never
                           a rank aborts with 2 on a ``DataError``)
 3                         the collective watchdog aborted a hung collective   yes
-1                         a rank raised (``hpcsgd.abort``: ``MPI_Abort(1)``)  yes
+1                         a rank raised (``hpcsgd.runtime.abort``: ``MPI_Abort(1)``)  yes
 signal N (hydra: N and    a rank was killed (``KILLED BY SIGNAL``, OOM        yes
 "(signal N)"; srun:       killer, a node agent)
 "task R: Killed")
@@ -33,8 +33,8 @@ import re
 from dataclasses import dataclass
 
 CONFIG_EXIT = 2  # hpcsgd train's exit status for a config or data error
-WATCHDOG_EXIT = 3  # hpcsgd.watchdog.ABORT_CODE (not imported: the launcher stays MPI-free)
-ABORT_EXIT = 1  # hpcsgd.abort.EXIT_CODE
+WATCHDOG_EXIT = 3  # hpcsgd.runtime.watchdog.ABORT_CODE (not imported: the launcher stays MPI-free)
+ABORT_EXIT = 1  # hpcsgd.runtime.abort.EXIT_CODE
 
 _SIGNAL_PATTERNS = (
     re.compile(r"EXIT STRING: .*\(signal (\d+)\)"),  # hydra

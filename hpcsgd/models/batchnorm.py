@@ -68,7 +68,7 @@ from chainer import backend
 
 from hpcsgd.errors import ConfigError
 from hpcsgd.models import ops
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.watchdog import collective
 
 MODES = ("batch", "recompute", "running", "sync")
 VAR_COMBINES = ("corrected", "mean")

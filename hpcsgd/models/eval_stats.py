@@ -17,7 +17,7 @@ from chainer import backend
 
 from hpcsgd.errors import ConfigError
 from hpcsgd.models.batchnorm import BatchNorm
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.watchdog import collective
 
 
 def bn_links(model: chainer.Link) -> list[BatchNorm]:

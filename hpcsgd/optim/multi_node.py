@@ -45,7 +45,7 @@ import logging
 import chainer
 
 from hpcsgd.errors import NonFiniteGradientError
-from hpcsgd.trace import get_tracer
+from hpcsgd.runtime.trace import get_tracer
 
 log = logging.getLogger("hpcsgd.optim")
 

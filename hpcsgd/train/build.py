@@ -27,8 +27,8 @@ from hpcsgd.errors import ConfigError
 from hpcsgd.kernels.threads import set_threads
 from hpcsgd.losses import make_loss
 from hpcsgd.models import build_model
+from hpcsgd.runtime.trace import get_tracer
 from hpcsgd.schedules import make_recipe
-from hpcsgd.trace import get_tracer
 from hpcsgd.train.metrics import JsonlLog
 
 
@@ -104,7 +104,7 @@ def setup_compute(cfg: dict, comm, topology: dict) -> int | None:
         return None
     import cupy  # one GPU per rank, from the physical node-local rank (virtual nodes add no GPUs)
 
-    from hpcsgd.topology import select_gpu
+    from hpcsgd.runtime.topology import select_gpu
 
     device = select_gpu(comm.mpi_comm)  # collective; two ranks on one GPU raise on every rank
     cupy.cuda.Device(device).use()

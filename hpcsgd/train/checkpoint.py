@@ -49,8 +49,8 @@ from typing import Any, Callable
 import numpy as np
 
 from hpcsgd.errors import CheckpointError, ParameterMismatchError
+from hpcsgd.runtime.watchdog import collective
 from hpcsgd.train import state_codec
-from hpcsgd.watchdog import collective
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.json$")
 

@@ -22,7 +22,7 @@ import traceback
 # Training and planning modules are imported once the config is known to be good.
 from hpcsgd.blas import launcher_rank, select_coretype
 from hpcsgd.errors import ConfigError, DataError
-from hpcsgd.trace import parse_iter_range
+from hpcsgd.runtime.trace import parse_iter_range
 from hpcsgd.train import config as C
 
 
@@ -115,7 +115,7 @@ def _report_dead_jobs(board_dir: str, rank: int, size: int) -> None:
     this job's ranks from creating their own board before the old ones are gone.
     """
     if rank == 0:
-        from hpcsgd.watchdog import postmortem
+        from hpcsgd.runtime.watchdog import postmortem
 
         for report in postmortem(board_dir, remove=True):
             sys.stderr.write(report + "\n")
@@ -127,25 +127,25 @@ def _report_dead_jobs(board_dir: str, rank: int, size: int) -> None:
 
 def _run_or_abort(cfg: dict, args, timeline_iters: range, rank: int, size: int) -> int:
     """Train; an exception anywhere prints this rank's traceback and aborts the whole job."""
-    import hpcsgd.abort
-    import hpcsgd.watchdog
+    import hpcsgd.runtime.abort
+    import hpcsgd.runtime.watchdog
     from hpcsgd.train.loop import train
 
-    hpcsgd.abort.install()  # an uncaught exception in any thread aborts the whole job
+    hpcsgd.runtime.abort.install()  # an uncaught exception in any thread aborts the whole job
     # Collective watchdog ($HPCSGD_COLLECTIVE_TIMEOUT, default 600 s; 0: off); its board of
     # per-rank states lives in the output directory, which every node sees when checkpoints do.
     board_dir = os.path.join(args.out, "watchdog")
     _report_dead_jobs(board_dir, rank, size)
-    hpcsgd.watchdog.install(board_dir=board_dir)
+    hpcsgd.runtime.watchdog.install(board_dir=board_dir)
     try:
         summary = train(cfg, args.out, resume=args.resume, timeline=args.timeline,
                         timeline_iters=timeline_iters)
-        hpcsgd.watchdog.uninstall()
+        hpcsgd.runtime.watchdog.uninstall()
     except Exception as e:
         sys.stdout.flush()
         code = 2 if isinstance(e, (ConfigError, DataError)) else 1  # 2: hpcsgd launch never restarts it
         if size > 1:  # print this rank's traceback, then MPI_Abort: no rank is left waiting
-            from hpcsgd.abort import abort_job
+            from hpcsgd.runtime.abort import abort_job
 
             abort_job(f"training failed ({type(e).__name__}: {e}); aborting the MPI job",
                       (type(e), e, e.__traceback__), code=code)

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.watchdog import collective
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:

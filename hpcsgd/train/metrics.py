@@ -17,7 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.watchdog import collective
 
 PHASES = ("data_wait", "forward", "backward", "pack", "allreduce", "unpack", "update")
 COMM_PHASES = ("pack", "allreduce", "unpack")

@@ -62,7 +62,9 @@ def dry_run(cfg: dict, args, planned: bool) -> int:
     if planned:
         topo, rank = planned_topology(cfg, args.world_size, args.ranks_per_node), 0
     else:
-        from hpcsgd.topology import create_topology  # imports mpi4py: not for a planned (unlaunched) job
+        from hpcsgd.runtime.topology import (
+            create_topology,  # imports mpi4py: not for a planned (unlaunched) job
+        )
 
         t = create_topology(ranks_per_node=args.ranks_per_node)
         topo, rank = dict(t.describe(), gpus_per_node=t.intra_size if cfg["gpu"] else 0), t.rank

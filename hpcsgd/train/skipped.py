@@ -14,7 +14,7 @@ passes over training images).
 
 from __future__ import annotations
 
-from hpcsgd.watchdog import collective
+from hpcsgd.runtime.watchdog import collective
 
 ROLES = ("train", "val", "bn_recompute")
 

@@ -11,11 +11,11 @@ import os
 import sys
 import time
 
-import hpcsgd.abort
-import hpcsgd.watchdog
+import hpcsgd.runtime.abort
+import hpcsgd.runtime.watchdog
 
-hpcsgd.abort.install()
-hpcsgd.watchdog.install()
+hpcsgd.runtime.abort.install()
+hpcsgd.runtime.watchdog.install()
 from hpcsgd.cli import main  # noqa: E402
 
 rc = main(sys.argv[1:])

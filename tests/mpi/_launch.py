@@ -30,7 +30,7 @@ def _arm(rank: int) -> None:
     def _note_collective() -> None:
         # Runs just before faulthandler fires: name the collective in progress.
         try:
-            from hpcsgd import watchdog
+            from hpcsgd.runtime import watchdog
 
             op = watchdog.current()
             f.write(f"rank {rank}: in collective {op[0] if op else 'none known'}\n")

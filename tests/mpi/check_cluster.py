@@ -1,7 +1,7 @@
 """Rank side of tests/test_cluster.py: topology, gradient mean and training on emulated hosts.
 
 Usage: check_cluster.py MODE [ARGS]
-  topology NODES PER_NODE      -- hpcsgd.topology sees NODES x PER_NODE, hostnames agree within a
+  topology NODES PER_NODE      -- hpcsgd.runtime.topology sees NODES x PER_NODE, hostnames agree within a
                                   node and differ across nodes, a shared-memory window works in the node
   allreduce NAME[:WIRE] ...    -- create_communicator(NAME) gradient mean == float64 reference, for
                                   each NAME (WIRE: allreduce_grad_dtype)
@@ -35,7 +35,7 @@ def missing(name: str) -> bool:
 
 
 def check_topology(nodes: int, per_node: int) -> None:
-    from hpcsgd.topology import create_topology
+    from hpcsgd.runtime.topology import create_topology
 
     t = create_topology()
     assert (t.inter_size, t.intra_size) == (nodes, per_node), (

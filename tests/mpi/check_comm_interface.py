@@ -17,10 +17,10 @@ import chainer.links as L
 import numpy as np
 from mpi4py import MPI
 
-from hpcsgd import watchdog
 from hpcsgd.comm import COMMUNICATORS, create_communicator
 from hpcsgd.comm.mpi_base import MpiCommunicatorBase
 from hpcsgd.errors import ConfigError, ParameterMismatchError
+from hpcsgd.runtime import watchdog
 
 
 class MinimalCommunicator(MpiCommunicatorBase):

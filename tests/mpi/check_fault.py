@@ -1,7 +1,7 @@
 """Rank side of tests/test_faults.py: a training-like loop of collectives, then a fault.
 
 Usage: check_fault.py MODE VICTIM ITER
-  MODE   raise  -- rank VICTIM raises RuntimeError in iteration ITER (hpcsgd.abort must abort the job)
+  MODE   raise  -- rank VICTIM raises RuntimeError in iteration ITER (hpcsgd.runtime.abort must abort the job)
          kill   -- rank VICTIM SIGKILLs itself in iteration ITER, between compute and allreduce
          freeze -- rank VICTIM SIGSTOPs itself in iteration ITER (a hung rank; only the watchdog sees it)
          ok     -- no fault; prints the final sum
@@ -20,12 +20,12 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-import hpcsgd.abort
-from hpcsgd import watchdog
+import hpcsgd.runtime.abort
+from hpcsgd.runtime import watchdog
 
 mode, victim, fault_iter = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 comm = MPI.COMM_WORLD
-hpcsgd.abort.install()
+hpcsgd.runtime.abort.install()
 dog = watchdog.install(comm)
 print(f"rank {comm.rank} pid {os.getpid()} started", flush=True)
 

@@ -8,7 +8,7 @@ virtual node, which is what made two ranks pick the same GPU.
 import pytest
 from mpi4py import MPI
 
-import hpcsgd.topology as T
+import hpcsgd.runtime.topology as T
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

@@ -15,7 +15,7 @@ elif mode == "raise":
         raise RuntimeError(f"deliberate failure on rank {comm.rank}")
     comm.Barrier()
 elif mode == "hang":
-    from hpcsgd.watchdog import collective
+    from hpcsgd.runtime.watchdog import collective
 
     if comm.rank != 0:
         with collective("barrier"):

@@ -23,7 +23,7 @@ from hpcsgd.optim import (
     apply_weight_decay,
     create_multi_node_optimizer,
 )
-from hpcsgd.trace import get_tracer
+from hpcsgd.runtime.trace import get_tracer
 
 comm = make_comm(sys.argv[1])
 R, r = comm.size, comm.rank

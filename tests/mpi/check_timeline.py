@@ -87,7 +87,7 @@ def _loop(out: str, iters_text: str, n_iters: int) -> None:
     import numpy as np
     from mpi4py import MPI
 
-    from hpcsgd.trace import get_tracer, parse_iter_range
+    from hpcsgd.runtime.trace import get_tracer, parse_iter_range
 
     comm = MPI.COMM_WORLD
     tracer = get_tracer()

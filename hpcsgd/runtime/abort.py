@@ -10,8 +10,8 @@ next collective. :func:`install` sets ``sys.excepthook`` and
 
 ``hpcsgd train`` installs it; any script can::
 
-    import hpcsgd.abort
-    hpcsgd.abort.install()
+    import hpcsgd.runtime.abort
+    hpcsgd.runtime.abort.install()
 
 ``python -m mpi4py script.py`` does the same for the main thread; this hook
 adds the rank banner, threads, and an exit code that says why.

@@ -52,7 +52,7 @@ DIR_ENV = "HPCSGD_WATCHDOG_DIR"
 HEARTBEAT_ENV = "HPCSGD_WATCHDOG_HEARTBEAT"
 DEFAULT_TIMEOUT = 600.0  # seconds; generous: rank 0 may write a checkpoint while others wait
 DEFAULT_HEARTBEAT = 1.0  # seconds between board updates
-ABORT_CODE = 3  # MPI_Abort error code of a collective timeout (distinct from hpcsgd.abort's 1)
+ABORT_CODE = 3  # MPI_Abort error code of a collective timeout (distinct from hpcsgd.runtime.abort's 1)
 
 _ops: dict[int, tuple[str, float]] = {}  # thread id -> (collective, start time)
 _detail: dict[int, tuple[int, dict]] = {}  # thread id -> (sequence number, info)
@@ -111,7 +111,7 @@ def _oldest_op() -> tuple[int, str, float, int, dict] | None:
 
 def timeout_from_env(default: float = DEFAULT_TIMEOUT) -> float:
     """``$HPCSGD_COLLECTIVE_TIMEOUT`` in seconds (0 = no timeout); a bad value is a ConfigError."""
-    from hpcsgd.envvars import env_number
+    from hpcsgd.runtime.envvars import env_number
 
     value = env_number(TIMEOUT_ENV, float, 0, "seconds (0 disables the watchdog)")
     return default if value is None else value
@@ -255,7 +255,7 @@ class Watchdog:
         return [r for r, pid in self._peers.items() if not _pid_alive(pid)]
 
     def _expire(self, op, dead: list[int] | None = None) -> None:
-        from hpcsgd.abort import abort_job
+        from hpcsgd.runtime.abort import abort_job
 
         _, name, start, seq, info = op
         try:
@@ -442,7 +442,7 @@ def active() -> Watchdog | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hpcsgd.watchdog DIR``: explain the jobs that died leaving a board in DIR."""
+    """``python -m hpcsgd.runtime.watchdog DIR``: explain the jobs that died leaving a board in DIR."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)

@@ -31,7 +31,7 @@ from typing import Any
 
 from mpi4py import MPI
 
-from hpcsgd.envvars import env_number
+from hpcsgd.runtime.envvars import env_number
 
 RANKS_PER_NODE_ENV = "HPCSGD_RANKS_PER_NODE"
 
