@@ -49,7 +49,8 @@ def config(args) -> dict:
         "dataset": "fashion_mnist", "augment": False, "batch_per_rank": args.batch,
         "recipe": "custom", "optimizer": {"name": "momentum_sgd", "momentum": args.momentum,
                                           "weight_decay": args.weight_decay},
-        "schedule": {"type": "constant", "lr": args.lr}, "epochs": max(args.epochs), "communicator": "flat",
+        "schedule": {"type": "constant", "lr": args.lr}, "epochs": max(max(args.epochs), 0.01),
+        "communicator": "flat",
         "loader_workers": 0, "threads": args.threads, "eval_interval": 0, "progress": False,
         "seed": args.seed, "noise_scale": False,
     }

@@ -69,7 +69,7 @@ def build_run(cfg: dict, out: str, resume: bool = False, timeline: str | None = 
                train_set=train_set, val_set=val_set, loader=loader, val_loader=val_loader, model=model,
                loss_fn=loss_from_config(cfg), recipe=recipe, optimizer=optimizer,
                iters_per_epoch=iters_per_epoch, total_iters=math.ceil(cfg["epochs"] * iters_per_epoch),
-               noise=noise_scale.from_config(cfg, model, recipe.optimizer),
+               noise=noise_scale.from_config(cfg, model, recipe.optimizer, comm),
                noise_reason=noise_scale.disabled_reason(cfg))
 
 

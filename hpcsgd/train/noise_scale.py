@@ -41,6 +41,8 @@ import numpy as np
 
 #: Default EMA decay per optimizer step (time constant ~100 steps).
 DEFAULT_DECAY = 0.99
+#: Take |G_small|^2 from the communicator's pack pass (``comm.last_local_sq_norm``) when it has one.
+USE_PACK_PASS = False
 #: Arrays at least this long use the parallel numba kernels; shorter ones one BLAS dot.
 _NUMBA_MIN = 1 << 15
 
@@ -170,6 +172,30 @@ class DriverLocalNorms:
         return out
 
 
+class PackPassLocalNorms:
+    """|G_small|^2 from the communicator's pack pass (``comm.last_local_sq_norm``), once it provides one.
+
+    The pack kernel reads every local gradient once anyway; summing ``g * g`` in
+    float64 there costs one multiply-add per element and no extra memory pass,
+    and with ``overlap`` it sees the gradients before they are reduced in place.
+    It sees the rank's *accumulated* gradient, so its batch is the rank's whole
+    batch (``batch_per_rank x grad_accumulation``): a valid ``B_small`` for two
+    or more ranks (see :func:`local_source`).
+    """
+
+    def __init__(self, comm) -> None:
+        if not hasattr(comm, "last_local_sq_norm"):
+            raise ValueError(f"{type(comm).__name__} has no last_local_sq_norm: its pack pass does not "
+                             "measure the local gradient norm; use DriverLocalNorms")
+        self.comm = comm
+
+    def after_backward(self, micro: int, accum: int) -> None:
+        """Nothing to do during backward: the pack pass measures."""
+
+    def take(self) -> tuple[float, int]:
+        return float(self.comm.last_local_sq_norm), 1
+
+
 class _EMA:
     """Bias-corrected exponential moving average (linear in its inputs)."""
 
@@ -257,18 +283,31 @@ def disabled_reason(cfg: dict) -> str | None:
         return "noise_scale: false"
     if cfg["world_size"] * cfg["grad_accumulation"] < 2:
         return "1 rank and 1 micro-batch: no second batch size to compare"
-    if cfg["overlap"] and cfg["grad_accumulation"] < 2:
+    if cfg["overlap"] and cfg["grad_accumulation"] < 2 and not USE_PACK_PASS:
         return ("overlap reduces the only micro-batch during its backward; the local norm needs the "
                 "pack pass (or grad_accumulation >= 2)")
     return None
 
 
-def from_config(cfg: dict, model, optimizer) -> NoiseScale | None:
+def local_source(cfg: dict, model, comm=None):
+    """(source of |G_small|^2, B_small in images): the one place that chooses the source.
+
+    Per micro-batch after each backward (:class:`DriverLocalNorms`), unless
+    :data:`USE_PACK_PASS` is set and the communicator's pack pass sums the
+    squares: then, for two or more ranks, :class:`PackPassLocalNorms` with the
+    rank's whole batch as ``B_small``.
+    """
+    if USE_PACK_PASS and comm is not None and cfg["world_size"] > 1:
+        return PackPassLocalNorms(comm), cfg["batch_per_rank"] * cfg["grad_accumulation"]
+    return DriverLocalNorms(model, skip_last=cfg["overlap"]), cfg["batch_per_rank"]
+
+
+def from_config(cfg: dict, model, optimizer, comm=None) -> NoiseScale | None:
     """The run's tracker with its optimizer hook installed, or None (see :func:`disabled_reason`)."""
     if disabled_reason(cfg):
         return None
-    local = DriverLocalNorms(model, skip_last=cfg["overlap"])
-    noise = NoiseScale(cfg["batch_per_rank"], cfg["global_batch"], local, decay=cfg["noise_scale_ema"],
+    local, b_small = local_source(cfg, model, comm)
+    noise = NoiseScale(b_small, cfg["global_batch"], local, decay=cfg["noise_scale_ema"],
                        lag=1 if cfg["double_buffering"] else 0)
     optimizer.add_hook(noise.big_hook, name="noise_scale", timing="pre")
     hooks = getattr(optimizer, "_hookable", None)
