@@ -2,6 +2,7 @@
 
     python benchmarks/noise_scale.py                       # the whole table: epochs 0 .. 7.5 (one core)
     python benchmarks/noise_scale.py --epochs 0 0.1 0.5    # only some points
+    python benchmarks/noise_scale.py --fc-init uniform     # classifier initialized as PyTorch's nn.Linear
     python benchmarks/noise_scale.py --quick               # a 1-minute smoke run on synthetic data
 
 The trajectory: the main job's model (ResNet-8, width 8, ``bn_mode: running``)
@@ -85,6 +86,25 @@ def measure(run, stream, micro: int) -> dict:
     return {"b_noise": ratio(tr, g2), "grad_sq": g2, "trace_sigma": tr, "small_sq": total / n, "big_sq": big}
 
 
+def use_uniform_classifier_init() -> None:
+    """Initialize the classifier as PyTorch's nn.Linear does: W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    B_noise at initialization depends on the initial logits' scale: hpcsgd's N(0, 0.01)
+    classifier starts with logits near zero, a small mean gradient and a large B_noise.
+    """
+    import chainer
+    import chainer.links as L
+
+    import hpcsgd.models.resnet_small as resnet_small
+
+    def fc_layer(in_size, n_classes):
+        bound = in_size ** -0.5
+        return L.Linear(in_size, n_classes, initialW=chainer.initializers.Uniform(bound),
+                        initial_bias=chainer.initializers.Uniform(bound))
+
+    resnet_small.fc_layer = fc_layer
+
+
 def endless(loader):
     epoch = 0
     while True:
@@ -105,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fc-init", choices=("hpcsgd", "uniform"), default="hpcsgd",
+                   help="classifier init: hpcsgd's N(0, 0.01), or U(+-1/sqrt(fan_in)) (PyTorch's default)")
     p.add_argument("--quick", action="store_true", help="synthetic data, for a smoke test of the machinery")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "noise_scale.json"))
     args = p.parse_args(argv)
@@ -116,6 +138,8 @@ def main(argv=None) -> int:
     from hpcsgd.train.build import build_run, make_loader
 
     cfg = config(args)
+    if args.fc_init == "uniform":
+        use_uniform_classifier_init()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(cfg, tmp)
@@ -143,6 +167,7 @@ def main(argv=None) -> int:
 def write(args, cfg, points) -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     doc = {"what": "gradient noise scale B_noise along a batch-128 trajectory (hpcsgd.train.noise_scale)",
+           "fc_init": args.fc_init,
            "b_small": args.batch, "b_big": args.batch * args.micro_batches, "command": sys.argv,
            "config": cfg, "reference": REFERENCE, "points": points}
     with open(args.out, "w") as f:
