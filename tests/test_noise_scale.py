@@ -261,3 +261,20 @@ def test_the_local_norm_source_is_switched_in_one_place(monkeypatch):
     assert local.take() == (2.5, 1)
     with pytest.raises(ValueError, match="no last_local_sq_norm"):
         NS.local_source(cfg, small_net(), object())
+
+
+def test_in_place_accumulation_is_refused_and_untouched_gradients_add_zero():
+    model = small_net()
+    x, t = np.ones((2, 6), np.float32), np.zeros(2, np.int32)
+    F.softmax_cross_entropy(model(x), t).backward()
+    local = DriverLocalNorms(model)
+    local.after_backward(0, 2)
+    with pytest.raises(RuntimeError, match="accumulated in place"):
+        local.after_backward(1, 2)  # no backward in between: every gradient is the same array
+    local = DriverLocalNorms(model)
+    local.after_backward(0, 3)
+    first = local._sum
+    model.l1.W.grad = model.l1.W.grad * 3.0  # only l1.W gets a new contribution (2x its old value)
+    local.after_backward(1, 3)
+    want = float(np.sum((2.0 * model.l1.W.grad.astype(np.float64) / 3.0) ** 2)) * 9
+    assert local._sum - first == pytest.approx(want, rel=1e-5)

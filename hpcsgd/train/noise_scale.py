@@ -153,17 +153,19 @@ class DriverLocalNorms:
             return
         params = [p for p in self.model.params() if p.grad is not None]
         grads = [p.grad for p in params]
-        previous = None
-        if micro > 0:
-            previous = self._prev
-            if previous is None or len(previous) != len(grads):
-                raise RuntimeError("noise scale: the set of gradients changed between micro-batches")
-            if any(g is q for g, q in zip(grads, previous)):
-                raise RuntimeError("noise scale: a gradient was accumulated in place; the per-micro-batch "
-                                   "difference is unavailable (set noise_scale: false)")
-        self._sum += sq_norm(grads, previous) * accum * accum
+        before = self._prev or {}
+        previous = [before.get(id(p)) for p in params]  # None: no gradient before this micro-batch
+        same = [g is q for g, q in zip(grads, previous)]  # untouched by this micro-batch: adds zero
+        if micro > 0 and grads and all(same):
+            raise RuntimeError("noise scale: every gradient is the previous micro-batch's array, so they "
+                               "are accumulated in place and the per-micro-batch difference is "
+                               "unavailable (set noise_scale: false)")
+        fresh = [g for g, q in zip(grads, previous) if q is None]
+        diffs = [(g, q) for g, q, k in zip(grads, previous, same) if q is not None and not k]
+        sq = sq_norm(fresh) + (sq_norm(*zip(*diffs)) if diffs else 0.0)
+        self._sum += sq * accum * accum
         self._n += 1
-        self._prev = None if last else grads
+        self._prev = None if last else {id(p): g for p, g in zip(params, grads)}
 
     def take(self) -> tuple[float, int]:
         """(sum of this step's micro-batch |g|^2, count), and reset for the next step."""
