@@ -168,11 +168,22 @@ def write(args, cfg, points) -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     doc = {"what": "gradient noise scale B_noise along a batch-128 trajectory (hpcsgd.train.noise_scale)",
            "fc_init": args.fc_init,
-           "b_small": args.batch, "b_big": args.batch * args.micro_batches, "command": sys.argv,
+           "b_small": args.batch, "b_big": args.batch * args.micro_batches, "command": command(sys.argv[1:]),
            "config": cfg, "reference": REFERENCE, "points": points}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
     plot(points, args.out.rsplit(".", 1)[0] + ".png")
+
+
+def command(argv: list[str]) -> str:
+    """The command line that reproduces this file, without the machine-specific ``--out``."""
+    keep, skip = [], False
+    for a in argv:
+        if skip or a == "--out" or a.startswith("--out="):
+            skip = a == "--out"
+            continue
+        keep.append(a)
+    return " ".join(["python benchmarks/noise_scale.py", *keep])
 
 
 def plot(points, path) -> None:
