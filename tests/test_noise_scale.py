@@ -279,3 +279,23 @@ def test_in_place_accumulation_is_refused_and_untouched_gradients_add_zero():
     local.after_backward(1, 3)
     want = float(np.sum((2.0 * model.l1.W.grad.astype(np.float64) / 3.0) ** 2)) * 9
     assert local._sum - first == pytest.approx(want, rel=1e-5)
+
+
+def test_curves_plot_b_noise_smoothed_and_raw_skipping_unresolved_records():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hpcsgd.train.metrics import plot_noise_scale
+
+    recs = [{"epoch": 0.5, "b_noise": 100.0, "b_noise_raw": 90.0},
+            {"epoch": 1.0, "b_noise": None, "b_noise_raw": -5.0},
+            {"epoch": 1.5, "b_noise": 200.0, "b_noise_raw": 250.0}]
+    fig, ax = plt.subplots()
+    plot_noise_scale(ax, recs)
+    raw, smooth = ax.get_lines()
+    assert list(raw.get_xdata()) == [0.5, 1.5] and list(raw.get_ydata()) == [90.0, 250.0]
+    assert list(smooth.get_xdata()) == [0.5, 1.5] and list(smooth.get_ydata()) == [100.0, 200.0]
+    assert ax.get_yscale() == "log"
+    plt.close(fig)
