@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from mpi_harness import ROOT
+from mpi_harness import ROOT, mpiexec_path
 
 pytestmark = pytest.mark.mpi
 
@@ -34,10 +34,11 @@ def test_train_logs_the_noise_scale(mpirun, tmp_path, n, env):
     assert res.stdout.count("noise scale checks ok") == n, res.stdout
 
 
-def probe(tmp_path, *args):
+def probe(tmp_path, *args, ranks=None):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
-    return subprocess.run([sys.executable, "-m", "hpcsgd", "noise-scale", str(cfg), *args],
+    launch = [mpiexec_path(), "-n", str(ranks)] if ranks else []
+    return subprocess.run([*launch, sys.executable, "-m", "hpcsgd", "noise-scale", str(cfg), *args],
                           capture_output=True, text=True, timeout=180, cwd=ROOT)
 
 
@@ -54,6 +55,13 @@ def test_probe_prints_the_noise_scale_and_a_recommendation(tmp_path):
     else:
         unit = r["batch_unit"]
         assert r["recommended_max_global_batch"] == max(unit, int(b * 2 // unit) * unit)
+
+
+def test_probe_under_mpiexec_uses_the_ranks_as_the_second_batch_size(tmp_path):
+    p = probe(tmp_path, "--steps", "4", "--json", ranks=2)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)  # printed once, by rank 0
+    assert r["ranks"] == 2 and r["micro_batches"] == 1 and r["b_small"] == 4 and r["b_big"] == 8, r
 
 
 def test_probe_text_output(tmp_path):

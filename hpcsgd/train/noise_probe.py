@@ -95,6 +95,9 @@ def main(args) -> int:
         if rank == 0:
             print(f"hpcsgd noise-scale: config error: {e}", file=sys.stderr)
         return 2
+    import hpcsgd.abort
+
+    hpcsgd.abort.install()  # an exception on one rank aborts the job instead of leaving the others waiting
     out = args.out or tempfile.mkdtemp(prefix="hpcsgd-noise-")
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the run's banner; stdout is the result
