@@ -7,8 +7,9 @@
 :func:`train` is the whole story: :func:`~hpcsgd.train.build.build_run` sets
 everything up, :meth:`Run.resume` loads a checkpoint if asked, :meth:`Run.fit`
 loops over iterations (:meth:`Run.step`; every ``log_interval`` one small
-Allgather of phase timings; :meth:`Run.evaluate` every ``eval_interval``
-epochs; :meth:`Run.checkpoint` every ``checkpoint_interval`` iterations), and
+Allgather of phase timings and one Allreduce of the gradient noise scale's
+norms; :meth:`Run.evaluate` every ``eval_interval`` epochs; :meth:`Run.checkpoint`
+every ``checkpoint_interval`` iterations), and
 :meth:`Run.finish` writes the final evaluation, checkpoint, ``model.npz``,
 ``summary.json``, ``curves.png`` and the timeline.
 """
