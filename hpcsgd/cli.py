@@ -3,6 +3,7 @@
     hpcsgd train CONFIG.yaml [--set key=value ...] --out DIR   (under mpiexec)
     hpcsgd schedule --recipe akiba --global-batch 32768 --epochs 90 --iters-per-epoch 39
     hpcsgd predict --cluster mn1 --gpus 1024 --global-batch 32768 --epochs 90
+    hpcsgd noise-scale CONFIG.yaml [--steps 200]              (B_noise probe; mpiexec optional)
 
 Each subcommand lives in its own module, which provides
 ``add_arguments(parser)`` and ``main(args) -> int``. Modules are imported only
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "launch": ("hpcsgd.launch.cli", "run `train` under mpiexec/srun, restarting it after a fault"),
     "schedule": ("hpcsgd.schedules.cli", "print or plot a learning-rate recipe"),
     "predict": ("hpcsgd.perfmodel.cli", "predict time-to-train on a cluster"),
+    "noise-scale": ("hpcsgd.train.noise_probe", "probe: gradient noise scale, largest useful batch"),
 }
 
 

@@ -7,7 +7,8 @@ trainer, so runs stay bitwise reproducible):
 1. datasets (local I/O: a bad path or option fails before any collective);
 2. communicator (collective) and topology; tracer, threads, kernels, device;
 3. seeds (Python and NumPy: ``seed + rank``), output directory and log;
-4. loaders (train, validation), model, loss, recipe, multi-node optimizer.
+4. loaders (train, validation), model, loss, recipe, multi-node optimizer, and the
+   gradient noise-scale tracker (:mod:`~hpcsgd.train.noise_scale`; local, no RNG).
 
 Resuming from a checkpoint is the Run's own :meth:`~hpcsgd.train.loop.Run.resume`.
 """
@@ -29,6 +30,7 @@ from hpcsgd.losses import make_loss
 from hpcsgd.models import build_model
 from hpcsgd.runtime.trace import get_tracer
 from hpcsgd.schedules import make_recipe
+from hpcsgd.train import noise_scale
 from hpcsgd.train.metrics import JsonlLog
 
 
@@ -66,7 +68,9 @@ def build_run(cfg: dict, out: str, resume: bool = False, timeline: str | None = 
     return Run(cfg=cfg, out=out, comm=comm, topology=topology, tracer=tracer, device=device, log=log,
                train_set=train_set, val_set=val_set, loader=loader, val_loader=val_loader, model=model,
                loss_fn=loss_from_config(cfg), recipe=recipe, optimizer=optimizer,
-               iters_per_epoch=iters_per_epoch, total_iters=math.ceil(cfg["epochs"] * iters_per_epoch))
+               iters_per_epoch=iters_per_epoch, total_iters=math.ceil(cfg["epochs"] * iters_per_epoch),
+               noise=noise_scale.from_config(cfg, model, recipe.optimizer, comm),
+               noise_reason=noise_scale.disabled_reason(cfg))
 
 
 def build_datasets(cfg: dict):

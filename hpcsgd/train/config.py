@@ -112,6 +112,10 @@ SCHEMA: dict[str, Key] = {
     "checkpoint_interval": Key(0, "iterations between checkpoints (0: only at the end)", (int,)),
     "keep_checkpoints": Key(3, "number of most recent checkpoints kept", (int,)),
     "progress": Key(True, "tqdm progress bar on rank 0", (bool,)),
+    "noise_scale": Key(True, "log the gradient noise scale B_noise (runs with > 1 rank or micro-batch; "
+                             "docs/noise_scale.md)", (bool,)),
+    "noise_scale_ema": Key(0.99, "EMA decay per step of the noise-scale norms (time constant "
+                                 "1/(1-decay) steps)", _NUM),
 }
 
 
@@ -270,6 +274,8 @@ def check_combinations(cfg: dict) -> None:
     if cfg["kernels"] and cfg["gpu"]:
         raise ConfigError("config keys 'kernels' and 'gpu': hpcsgd.kernels are CPU kernels; "
                           "set kernels: false (or leave it unset) with gpu: true")
+    if not 0.0 < cfg["noise_scale_ema"] < 1.0:
+        raise ConfigError(f"config key 'noise_scale_ema' must be in (0, 1), got {cfg['noise_scale_ema']!r}")
     if not 0.0 <= cfg["label_smoothing"] < 1.0:
         raise ConfigError(f"config key 'label_smoothing' must be in [0, 1), got {cfg['label_smoothing']!r}")
     if cfg["dataset"] in ("imagenet_folder", "imagenet_list") and cfg["data_path"] is None:

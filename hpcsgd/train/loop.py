@@ -7,8 +7,9 @@
 :func:`train` is the whole story: :func:`~hpcsgd.train.build.build_run` sets
 everything up, :meth:`Run.resume` loads a checkpoint if asked, :meth:`Run.fit`
 loops over iterations (:meth:`Run.step`; every ``log_interval`` one small
-Allgather of phase timings; :meth:`Run.evaluate` every ``eval_interval``
-epochs; :meth:`Run.checkpoint` every ``checkpoint_interval`` iterations), and
+Allgather of phase timings and one Allreduce of the gradient noise scale's
+norms; :meth:`Run.evaluate` every ``eval_interval`` epochs; :meth:`Run.checkpoint`
+every ``checkpoint_interval`` iterations), and
 :meth:`Run.finish` writes the final evaluation, checkpoint, ``model.npz``,
 ``summary.json``, ``curves.png`` and the timeline.
 """
@@ -29,6 +30,7 @@ from hpcsgd.train import checkpoint as ckpt
 from hpcsgd.train.build import build_run, make_loader
 from hpcsgd.train.evaluate import evaluate
 from hpcsgd.train.metrics import COMM_PHASES, PhaseMeter, plot_curves, versions, write_json
+from hpcsgd.train.noise_scale import NoiseScale
 from hpcsgd.train.progress import Progress
 from hpcsgd.train.skipped import SkippedFiles, gather_skipped
 
@@ -47,7 +49,7 @@ def train(cfg: dict, out: str, resume: str | None = None, timeline: str | None =
 
 
 def accumulate_gradients(model, stream, accum: int, optimizer, tracer,
-                         loss_fn=F.softmax_cross_entropy) -> float:
+                         loss_fn=F.softmax_cross_entropy, after_backward=None) -> float:
     """Forward + backward of ``accum`` micro-batches from ``stream``; returns the step's mean loss.
 
     Each micro-batch's mean loss is scaled by ``1/accum`` before backward and
@@ -58,6 +60,8 @@ def accumulate_gradients(model, stream, accum: int, optimizer, tracer,
     every micro-batch were its own worker (the papers' per-worker BN);
     'batch'-mode BN keeps the statistics of all micro-batches of the step.
     Communication overlapped with backward counts as communication, not backward.
+    ``after_backward(micro, accum)``, if given, runs after each micro-batch's
+    backward (the noise scale's local norms; traced as ``noise_scale``).
     """
     model.cleargrads()
     start_step(model)
@@ -70,6 +74,9 @@ def accumulate_gradients(model, stream, accum: int, optimizer, tracer,
         with tracer.span_excluding("backward", COMM_PHASES), \
                 optimizer.backward_scope(last=micro == accum - 1):
             (loss / accum).backward()
+        if after_backward is not None:
+            with tracer.span("noise_scale"):
+                after_backward(micro, accum)
         loss_value += float(loss.array) / accum
     return loss_value
 
@@ -110,6 +117,8 @@ class Run:
     device_random: object = None  # cupy.random on GPU (reseeded per step), else None
     train_seconds: float = 0.0
     meter: PhaseMeter = field(default_factory=PhaseMeter)
+    noise: NoiseScale | None = None  # gradient noise scale tracker (None: not measured, see noise_reason)
+    noise_reason: str | None = None
 
     def __post_init__(self):
         self.rank, self.size = self.comm.rank, self.comm.size
@@ -169,9 +178,13 @@ class Run:
             self.device_random.seed(device_seed(self.cfg["seed"], self.rank, self.iteration))
         self.tracer.start_iteration(self.iteration)
         self.recipe.on_iteration(self.epoch())
+        noise = self.noise
         loss_value = accumulate_gradients(self.model, self._stream, self.cfg["grad_accumulation"],
-                                          self.optimizer, self.tracer, self.loss_fn)
+                                          self.optimizer, self.tracer, self.loss_fn,
+                                          after_backward=noise.local.after_backward if noise else None)
         self.optimizer.update()  # traces pack/allreduce/unpack (communicator) and update (optimizer)
+        if noise is not None:
+            noise.end_step()
         self.iteration += 1
         images = self.cfg["batch_per_rank"] * self.cfg["grad_accumulation"]
         self.meter.add(self.tracer.pop_phases(), loss_value, images)
@@ -183,7 +196,11 @@ class Run:
         lr = self.recipe.hyperparams(self.epoch()).get("lr")
         rec.update(kind="train", iteration=self.iteration, epoch=self.epoch(), lr=lr,
                    skipped_steps=int(getattr(self.optimizer, "skipped_steps", 0)))
-        self.history.append({k: rec[k] for k in ("kind", "iteration", "epoch", "loss", "lr", "images_per_s")})
+        entry = {k: rec[k] for k in ("kind", "iteration", "epoch", "loss", "lr", "images_per_s")}
+        if self.noise is not None:
+            rec["noise_scale"] = self.noise.aggregate(self.comm)
+            entry.update({k: rec["noise_scale"].get(k) for k in ("b_noise", "b_noise_raw")})
+        self.history.append(entry)
         self.log.write("train", local_loss=loss_value, **{k: v for k, v in rec.items() if k != "kind"})
         self.log_skipped()
         self.progress.update(self.iteration, rec["loss"], rec["images_per_s"], lr)
@@ -306,8 +323,18 @@ class Run:
             "skipped_steps": int(getattr(self.optimizer, "skipped_steps", 0)),
             "skipped_files": gather_skipped(self.comm, self.skipped),
             "config": cfg, "topology": self.topology, "versions": versions(), "loadavg": os.getloadavg(),
+            "noise_scale": self.noise_summary(),
             "history": self.history,
         }
+
+    def noise_summary(self) -> dict:
+        """summary.json's noise-scale entry: the run's last smoothed estimate (collective when measured)."""
+        if self.noise is None:
+            return {"measured": False, "reason": self.noise_reason}
+        rec = self.noise.aggregate(self.comm)
+        keep = ("b_noise", "grad_sq", "trace_sigma", "b_small", "b_big", "steps")
+        return {"measured": True, **{k: rec.get(k) for k in keep}, "ema_decay": self.noise.decay,
+                "local_norms": type(self.noise.local).__name__}
 
     def close(self) -> None:
         self.log.close()

@@ -152,7 +152,7 @@ def write_json(path: str, obj: dict) -> None:
 
 
 def plot_curves(history: list[dict], path: str, title: str = "") -> str | None:
-    """Training loss and validation top-1/top-5 versus epoch, to a PNG. Returns the path."""
+    """Training loss, validation top-1/top-5 and (if measured) B_noise versus epoch, to a PNG."""
     train = [h for h in history if h.get("kind") == "train"]
     evals = [h for h in history if h.get("kind") == "eval"]
     if not train and not evals:
@@ -162,7 +162,11 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    noise = [h for h in train if h.get("b_noise") is not None or h.get("b_noise_raw") is not None]
+    fig, axes = plt.subplots(1, 3 if noise else 2, figsize=(15 if noise else 10, 4))
+    ax1, ax2 = axes[:2]
+    if noise:
+        plot_noise_scale(axes[2], noise)
     if train:
         ax1.plot([h["epoch"] for h in train], [h["loss"] for h in train], label="train loss")
         ax1.set_xlabel("epoch")
@@ -183,3 +187,17 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> str | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_noise_scale(ax, records: list[dict]) -> None:
+    """B_noise (images) versus epoch: the smoothed estimate and the per-interval raw ones (log scale)."""
+    def series(key):
+        pts = [(h["epoch"], h[key]) for h in records if h.get(key) is not None and h[key] > 0]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    ax.plot(*series("b_noise_raw"), ".", color="0.6", label="per interval (raw)")
+    ax.plot(*series("b_noise"), "C2-", label="smoothed (EMA)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("gradient noise scale B_noise (images)")
+    ax.set_yscale("log")
+    ax.legend()

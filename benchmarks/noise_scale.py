@@ -1,0 +1,215 @@
+"""The gradient noise scale along the main job's batch-128 trajectory, against the reference table.
+
+    python benchmarks/noise_scale.py                       # the whole table: epochs 0 .. 7.5 (one core)
+    python benchmarks/noise_scale.py --epochs 0 0.1 0.5    # only some points
+    python benchmarks/noise_scale.py --fc-init uniform     # classifier initialized as PyTorch's nn.Linear
+    python benchmarks/noise_scale.py --quick               # a 1-minute smoke run on synthetic data
+
+The trajectory: the main job's model (ResNet-8, width 8, ``bn_mode: running``)
+on Fashion-MNIST (normalized, no augmentation), trained on one rank at batch
+128 with momentum SGD (LR 0.05 constant, momentum 0.9, no weight decay).
+
+At each measurement epoch the training is paused and hpcsgd's estimator
+(:mod:`hpcsgd.train.noise_scale`) measures B_noise exactly as the reference
+did: 32 micro-batches of 128 (``B_small`` = 128) from their own loader, their
+per-micro-batch squared norms averaged (:class:`DriverLocalNorms`, the
+driver's code path) and the squared norm of their average (``B_big`` = 4096).
+Nothing the measurement touches reaches the trajectory: the parameters are
+not updated, the training loader and RNG are untouched, and the BN running
+averages are restored afterwards. ``--repeats R`` measures R independent sets
+of 32 micro-batches per point; their spread is the noise of one measurement.
+
+Writes ``benchmarks/results/noise_scale.json`` and ``noise_scale.png`` (with
+the reference values drawn in the same plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+#: The reference table: (epoch range, B_noise range), measured outside hpcsgd on this trajectory.
+REFERENCE = [((0.0, 0.0), (60, 60)), ((0.1, 2.0), (170, 400)), ((4.3, 4.3), (1000, 1000)),
+             ((7.5, 7.5), (2300, 2300))]
+DEFAULT_EPOCHS = [0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.3, 6.0, 7.5]
+
+
+def config(args) -> dict:
+    from hpcsgd.train import config as C
+
+    raw = {
+        "model": "resnet_small", "model_options": {"depth": 8, "width": 8}, "bn_mode": "running",
+        "dataset": "fashion_mnist", "augment": False, "batch_per_rank": args.batch,
+        "recipe": "custom", "optimizer": {"name": "momentum_sgd", "momentum": args.momentum,
+                                          "weight_decay": args.weight_decay},
+        "schedule": {"type": "constant", "lr": args.lr}, "epochs": max(max(args.epochs), 0.01),
+        "communicator": "flat",
+        "loader_workers": 0, "threads": args.threads, "eval_interval": 0, "progress": False,
+        "seed": args.seed, "noise_scale": False,
+    }
+    if args.quick:
+        raw.update(dataset="synthetic", dataset_options={"shape": [1, 28, 28], "n": 2048, "pool": 256})
+    return C.resolve(C.merge(raw), world_size=1)
+
+
+class _NoComm:
+    def backward_scope(self, last):
+        return contextlib.nullcontext()
+
+
+def measure(run, stream, micro: int) -> dict:
+    """One B_noise measurement at the current parameters from ``micro`` micro-batches of ``stream``."""
+    from hpcsgd.train.loop import accumulate_gradients
+    from hpcsgd.train.noise_scale import DriverLocalNorms, estimate, ratio, sq_norm
+
+    model, b = run.model, run.cfg["batch_per_rank"]
+    saved = {(path, name): copy.deepcopy(getattr(link, name))  # BN running averages
+             for path, link in model.namedlinks() for name in link._persistent}
+    local = DriverLocalNorms(model)
+    accumulate_gradients(model, stream, micro, _NoComm(), run.tracer, run.loss_fn,
+                         after_backward=local.after_backward)
+    total, n = local.take()
+    big = sq_norm([p.grad for p in model.params() if p.grad is not None])
+    links = dict(model.namedlinks())
+    for (path, name), value in saved.items():
+        setattr(links[path], name, value)
+    model.cleargrads()
+    g2, tr = estimate(total / n, big, b, b * micro)
+    return {"b_noise": ratio(tr, g2), "grad_sq": g2, "trace_sigma": tr, "small_sq": total / n, "big_sq": big}
+
+
+def use_uniform_classifier_init() -> None:
+    """Initialize the classifier as PyTorch's nn.Linear does: W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    B_noise at initialization depends on the initial logits' scale: hpcsgd's N(0, 0.01)
+    classifier starts with logits near zero, a small mean gradient and a large B_noise.
+    """
+    import chainer
+    import chainer.links as L
+
+    import hpcsgd.models.resnet_small as resnet_small
+
+    def fc_layer(in_size, n_classes):
+        bound = in_size ** -0.5
+        return L.Linear(in_size, n_classes, initialW=chainer.initializers.Uniform(bound),
+                        initial_bias=chainer.initializers.Uniform(bound))
+
+    resnet_small.fc_layer = fc_layer
+
+
+def endless(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=float, nargs="+", default=DEFAULT_EPOCHS, help="measurement epochs")
+    p.add_argument("--micro-batches", type=int, default=32,
+                   help="micro-batches per measurement (B_big / B_small)")
+    p.add_argument("--repeats", type=int, default=1, help="independent measurements per point")
+    p.add_argument("--batch", type=int, default=128, help="training batch = B_small")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fc-init", choices=("hpcsgd", "uniform"), default="hpcsgd",
+                   help="classifier init: hpcsgd's N(0, 0.01), or U(+-1/sqrt(fan_in)) (PyTorch's default)")
+    p.add_argument("--quick", action="store_true", help="synthetic data, for a smoke test of the machinery")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "noise_scale.json"))
+    args = p.parse_args(argv)
+    if sorted(args.epochs) != args.epochs or args.epochs[0] < 0:
+        p.error("--epochs must be ascending and >= 0")
+
+    import tempfile
+
+    from hpcsgd.train.build import build_run, make_loader
+
+    cfg = config(args)
+    if args.fc_init == "uniform":
+        use_uniform_classifier_init()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_run(cfg, tmp)
+        probe_loader = make_loader(cfg, run.train_set, run.comm, run.device, "recompute")
+        stream = endless(probe_loader)
+        points = []
+        try:
+            for epoch in args.epochs:
+                target = round(epoch * run.iters_per_epoch)
+                while run.iteration < target:
+                    run.step()
+                meas = [measure(run, stream, args.micro_batches) for _ in range(args.repeats)]
+                bn = [m["b_noise"] for m in meas]
+                points.append({"epoch": run.epoch(), "iteration": run.iteration, "measurements": meas,
+                               "b_noise": [x for x in bn], "elapsed_s": time.perf_counter() - t0})
+                shown = ", ".join("n/a" if x is None else f"{x:.0f}" for x in bn)
+                print(f"epoch {run.epoch():5.2f} (iteration {run.iteration:5d}): B_noise {shown}", flush=True)
+                write(args, cfg, points)
+        finally:
+            probe_loader.close()
+            run.close()
+    return 0
+
+
+def write(args, cfg, points) -> None:
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    doc = {"what": "gradient noise scale B_noise along a batch-128 trajectory (hpcsgd.train.noise_scale)",
+           "fc_init": args.fc_init,
+           "b_small": args.batch, "b_big": args.batch * args.micro_batches, "command": command(sys.argv[1:]),
+           "config": cfg, "reference": REFERENCE, "points": points}
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    plot(points, args.out.rsplit(".", 1)[0] + ".png")
+
+
+def command(argv: list[str]) -> str:
+    """The command line that reproduces this file, without the machine-specific ``--out``."""
+    keep, skip = [], False
+    for a in argv:
+        if skip or a == "--out" or a.startswith("--out="):
+            skip = a == "--out"
+            continue
+        keep.append(a)
+    return " ".join(["python benchmarks/noise_scale.py", *keep])
+
+
+def plot(points, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (e0, e1), (b0, b1) in REFERENCE:
+        if e0 == e1:
+            ax.plot([e0], [b0], "ks", mfc="none", label="reference" if e0 == 0 else None)
+        else:
+            ax.add_patch(plt.Rectangle((e0, b0), e1 - e0, b1 - b0, fill=False, ls="--", ec="k"))
+    xs = [(pt["epoch"], b) for pt in points for b in pt["b_noise"] if b is not None and b > 0]
+    if xs:
+        ax.plot(*zip(*xs), "C2o", label="hpcsgd (32 x 128)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("B_noise (images)")
+    ax.set_yscale("log")
+    ax.set_title("ResNet-8 (width 8), Fashion-MNIST, batch 128, LR 0.05")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
