@@ -49,7 +49,7 @@ def test_on_bad_error_stops_naming_the_file(tmp_path, bad_name, write_bad, cause
                    "progress: false\neval_interval: 0\n")
     p = subprocess.run([sys.executable, "-m", "hpcsgd", "train", str(cfg), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])  # a data error: hpcsgd launch never restarts it
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])  # data error: never restarted
     assert f"{root / bad_name}: {cause}" in p.stderr, p.stderr[-2000:]
 
 
