@@ -17,26 +17,11 @@ import random
 
 import numpy as np
 import pytest
+from test_checkpoint import SelfComm  # the one-rank stand-in communicator
 
 from hpcsgd.errors import CheckpointError
 from hpcsgd.train import checkpoint as ckpt
 from hpcsgd.train import state_codec
-
-
-class SelfComm:
-    """A one-rank stand-in for an mpi4py communicator."""
-
-    def Get_rank(self):
-        return 0
-
-    def gather(self, obj, root=0):
-        return [obj]
-
-    def bcast(self, obj, root=0):
-        return obj
-
-    def allgather(self, obj):
-        return [obj]
 
 
 def same(a, b, where="state"):
