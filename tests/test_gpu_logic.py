@@ -294,7 +294,7 @@ def test_pointer_tables_upload_only_when_a_gradient_moved():
 def _comm_standin(uniform: bool, intra_size: int, inter_size: int):
     topo = types.SimpleNamespace(uniform=uniform, intra_size=intra_size, inter_size=inter_size)
     s = types.SimpleNamespace(topology=topo, _mpi_comm="world",
-                              get_config=lambda k: {"bucket_bytes": 1 << 20}[k],
+                              get_config=lambda k: {"bucket_bytes": 1 << 20, "half_scaling": "predivide"}[k],
                               wire_formats=lambda: ("float32", "float16"))
     return s
 
@@ -302,8 +302,8 @@ def _comm_standin(uniform: bool, intra_size: int, inter_size: int):
 @pytest.fixture
 def algorithms(monkeypatch):
     made = []
-    monkeypatch.setattr(gpu, "NcclAllreduceAlgorithm", lambda *a: made.append(("flat", a)) or "flat")
-    monkeypatch.setattr(gpu, "GpuHierarchicalAlgorithm", lambda *a: made.append(("hier", a)) or "hier")
+    for name, kind in (("NcclAllreduceAlgorithm", "flat"), ("GpuHierarchicalAlgorithm", "hier")):
+        monkeypatch.setattr(gpu, name, lambda *a, kind=kind, **k: made.append((kind, a, k)) or kind)
     monkeypatch.setattr(gpu, "current_device", lambda: 6)
     return made
 
@@ -313,7 +313,7 @@ def test_gpu_hierarchical_falls_back_to_one_nccl_allreduce_on_unequal_nodes(algo
     with pytest.warns(RuntimeWarning, match="different numbers of ranks"):
         assert HierarchicalCommunicator.bucket_algorithm(_comm_standin(False, 2, 2), layout) == "flat"
     # all ranks in one NCCL communicator, inter-node wire (the job spans nodes), this rank's device
-    assert algorithms[-1] == ("flat", (layout, "world", "float16", 1 << 20, 6))
+    assert algorithms[-1] == ("flat", (layout, "world", "float16", 1 << 20, 6), {"half_scaling": "predivide"})
 
 
 def test_gpu_hierarchical_one_rank_per_node_is_flat_equal_nodes_are_hierarchical(algorithms):
@@ -324,6 +324,7 @@ def test_gpu_hierarchical_one_rank_per_node_is_flat_equal_nodes_are_hierarchical
         assert HierarchicalCommunicator.bucket_algorithm(_comm_standin(True, 2, 2), layout) == "hier"
         assert HierarchicalCommunicator.bucket_algorithm(_comm_standin(True, 4, 1), layout) == "hier"
     assert algorithms[1][1][-1] == 6 and algorithms[1][1][2:4] == ("float32", "float16")
+    assert all(k == {"half_scaling": "predivide"} for _, _, k in algorithms)  # the config is passed on
 
 
 def test_gpu_hierarchical_algorithm_itself_refuses_unequal_nodes(fake_cupy):

@@ -190,9 +190,12 @@ class HierarchicalCommunicator(ReducingCommunicator):
             from hpcsgd.comm import nccl
 
             bucket_bytes, device = self.get_config("bucket_bytes"), nccl.current_device()
+            scaling = self.get_config("half_scaling")
             if flat:
-                return nccl.NcclAllreduceAlgorithm(layout, self._mpi_comm, wire, bucket_bytes, device)
-            return nccl.GpuHierarchicalAlgorithm(layout, topo, intra, inter, bucket_bytes, device)
+                return nccl.NcclAllreduceAlgorithm(layout, self._mpi_comm, wire, bucket_bytes, device,
+                                                   half_scaling=scaling)
+            return nccl.GpuHierarchicalAlgorithm(layout, topo, intra, inter, bucket_bytes, device,
+                                                 half_scaling=scaling)
         if flat:
             return FlatAlgorithm(layout, self._mpi_comm, wire, self.get_config("bucket_bytes"),
                                  **self.half_wire_options())

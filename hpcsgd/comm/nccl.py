@@ -12,11 +12,14 @@ themselves by ``benchmarks/gpu_validate.sh`` on a GPU machine. See docs/gpu.md.
   ``batched_copy``: a device table of piece pointers, each thread binary-searches
   its piece), ``ncclAllReduce(SUM)`` over all ranks, and a second launch casts back
   and counts non-finite values into one device counter. Non-float32 parameters
-  take per-piece elementwise wire_kernels. Default wire: float32.
+  take per-piece elementwise wire_kernels. Default wire: float32. A float16 wire
+  is scaled by ``2^e`` per bucket, the same on all ranks, instead of ``1 / size``
+  (``half_scaling='chunk'``, the default; :mod:`hpcsgd.comm.half_scale`).
 * :class:`GpuHierarchicalAlgorithm`: ``ncclReduceScatter`` inside the node
   (intra wire), ``ncclAllReduce`` of this rank's shard between nodes among ranks
   with the same ``intra_rank`` (float16 by default), ``ncclAllGather`` inside
-  the node. Needs the same number of ranks on every node (equal shards).
+  the node. Needs the same number of ranks on every node (equal shards). With a
+  float16 wire at either level the packed values are ``grad * 2^e`` as in ``nccl``.
 * :class:`GpuPackOnlyAlgorithm`: ``dummy`` on GPU (pack + unpack, no communication).
 
 Why only the last bucket synchronises: every bucket is only *enqueued* on the
@@ -26,6 +29,9 @@ non-finite counts of all buckets add up in one device counter; the last bucket
 reads it, the one blocking host sync per step, inside ``collective(...)`` so that
 a hung NCCL call (a GPU kernel waiting forever for a peer) is seen and named by
 the watchdog. ``run(i)`` returns 0 for the other buckets, the total for the last.
+A scaled float16 wire adds a second sync, in the first bucket: the host reads the
+step's per-bucket maxima after their MAX allreduce to choose the exponents
+(:class:`~hpcsgd.comm.half_scale.WireScales`, also inside ``collective``).
 
 Every CUDA call runs under ``cupy.cuda.Device(self.device)`` and on the stream
 that was current when the gradients were bound, as CuPy's current device and
@@ -42,6 +48,7 @@ import numpy as np
 
 from hpcsgd.comm import wire_kernels
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
+from hpcsgd.comm.half_scale import NcclOps, WireScales, nccl_mean_bucket, uses_scale
 from hpcsgd.comm.nccl_setup import (  # noqa: F401  (re-exported: the GPU path's set-up)
     INSTALL_HINT,
     _cupy_nccl,
@@ -233,11 +240,12 @@ class GpuPackOnlyAlgorithm(_GpuAlgorithm):
 
 
 class NcclAllreduceAlgorithm(_GpuAlgorithm):
-    """Pack -> ncclAllReduce over all ranks -> unpack, per bucket."""
+    """Pack -> ncclAllReduce over all ranks -> unpack, per bucket (float16: scaled, see half_scale)."""
 
     sync_name = "allreduce_nccl_sync"
 
-    def __init__(self, layout: GradLayout, mpi_comm, wire: str, bucket_bytes: int, device: int):
+    def __init__(self, layout: GradLayout, mpi_comm, wire: str, bucket_bytes: int, device: int,
+                 half_scaling: str = "chunk"):
         import cupy
 
         super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
@@ -245,6 +253,7 @@ class NcclAllreduceAlgorithm(_GpuAlgorithm):
         self.wire_label = wire
         self.low_precision = wire != "float32"
         self._init_device(device)
+        self.scales = WireScales(self.ranges, self.size, uses_scale([wire], half_scaling), cupy)
         self.nccl = nccl_comm_over(mpi_comm, self.device)
         self._comms.append(self.nccl)
         width = max((hi - lo for lo, hi in self.ranges), default=0)
@@ -256,16 +265,11 @@ class NcclAllreduceAlgorithm(_GpuAlgorithm):
         from cupy.cuda import nccl
 
         lo, hi = self.ranges[i]
-        buf = self.buf[: hi - lo]
-        info = {"bytes": int(buf.nbytes), "dtype": self.wire, "bucket": i}
-        stream = cupy.cuda.get_current_stream()
-        with get_tracer().span("pack", **info):
-            self.grads.pack(lo, hi, buf, 1.0 / self.size, self.wire)
-        with get_tracer().span("allreduce", **info), collective("allreduce_nccl", bucket=i):
-            self.nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size, _nccl_dtype(self.wire),
-                                nccl.NCCL_SUM, stream.ptr)
-        with get_tracer().span("unpack", **info):
-            self.grads.unpack(lo, hi, buf, 1.0, self.wire)
+        ops = NcclOps(self.nccl, nccl, cupy.cuda.get_current_stream().ptr)
+        if i == 0:  # every bucket's exponent of this step (scaled float16 only)
+            self.scales.begin_step(self.grads, [ops])
+        nccl_mean_bucket(self.grads, lo, hi, self.buf[: hi - lo], self.wire, self.scales.factors(i), ops,
+                         _nccl_dtype(self.wire), i)
 
 
 class GpuHierarchicalAlgorithm(_GpuAlgorithm):
@@ -274,7 +278,7 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
     sync_name = "allreduce_nccl_hier_sync"
 
     def __init__(self, layout: GradLayout, topology, intra_wire: str, inter_wire: str, bucket_bytes: int,
-                 device: int):
+                 device: int, half_scaling: str = "chunk"):
         import cupy
 
         if not topology.uniform:
@@ -289,6 +293,8 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
         self.intra = nccl_comm_over(topology.intra_comm, self.device)
         self.inter = nccl_comm_over(topology.inter_comm, self.device) if topology.inter_size > 1 else None
         self._comms += [c for c in (self.intra, self.inter) if c is not None]
+        wires = [intra_wire] + ([inter_wire] if self.inter is not None else [])
+        self.scales = WireScales(self.ranges, self.size, uses_scale(wires, half_scaling), cupy)
         width = max((hi - lo for lo, hi in self.ranges), default=0)
         self.chunk_max = -(-width // self.k)
         with cupy.cuda.Device(self.device):
@@ -306,9 +312,12 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
         buf = self.buf[: chunk * self.k]
         info = {"bytes": int(n * buf.itemsize), "dtype": self.intra_wire, "bucket": i}
         stream = cupy.cuda.get_current_stream().ptr
+        if i == 0:  # exponents: max over the node, then between nodes = over all ranks
+            self.scales.begin_step(self.grads, [NcclOps(c, nccl, stream) for c in self._comms])
+        pack_f, unpack_f = self.scales.factors(i)
         with get_tracer().span("pack", **info):
             buf[n:] = 0
-            self.grads.pack(lo, hi, buf, 1.0 / self.size, self.intra_wire)
+            self.grads.pack(lo, hi, buf, pack_f, self.intra_wire)
         with get_tracer().span("allreduce", inter_dtype=self.inter_wire, **info), \
                 collective("allreduce_nccl_hier", bucket=i):
             mine = buf[self.r * chunk:(self.r + 1) * chunk]
@@ -325,7 +334,7 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
                 wire_kernels.cupy_pack_kernel(self.intra_wire)(s32, np.float32(1.0), mine)
             self.intra.allGather(mine.data.ptr, buf.data.ptr, chunk, dt, stream)
         with get_tracer().span("unpack", **info):
-            self.grads.unpack(lo, hi, buf, 1.0, self.intra_wire)
+            self.grads.unpack(lo, hi, buf, unpack_f, self.intra_wire)
 
 
 class NcclCommunicator(ReducingCommunicator):
@@ -345,4 +354,5 @@ class NcclCommunicator(ReducingCommunicator):
             raise ValueError("the 'nccl' communicator reduces CuPy gradients (call model.to_device(...) "
                              "first); for NumPy use 'hierarchical' or 'flat'")
         return NcclAllreduceAlgorithm(layout, self._mpi_comm, self._wire(),
-                                      self.get_config("bucket_bytes"), current_device())
+                                      self.get_config("bucket_bytes"), current_device(),
+                                      half_scaling=self.get_config("half_scaling"))
