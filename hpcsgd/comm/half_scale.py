@@ -131,8 +131,13 @@ class NcclOps:
 
 
 def to_host(a) -> np.ndarray:
-    """A device array's values on the host (blocks until the stream got there); NumPy as is."""
-    return a.get() if hasattr(a, "get") else np.asarray(a)
+    """A device array's values on the host, copied on the current stream (blocks until it got
+    there: CuPy 13's ``get(stream, blocking=True)``); a NumPy array as it is."""
+    if not hasattr(a, "get"):
+        return np.asarray(a)
+    import cupy
+
+    return a.get(stream=cupy.cuda.get_current_stream(), blocking=True)
 
 
 class WireScales:
