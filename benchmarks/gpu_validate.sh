@@ -8,10 +8,12 @@
 # earlier one failed, and each outcome is recorded:
 #   install      pip install -e '.[gpu]' into the venv (HPCSGD_WHEELHOUSE=DIR: offline, from wheels there)
 #   environment  versions (CuPy, CUDA, cuDNN, NCCL, GPU) and the problems of the pair (hpcsgd.gpu_compat)
-#   tests        the GPU tests: tests/test_gpu_*.py, the CuPy kernel tests, every test marked gpu
+#   tests        the GPU tests: tests/test_gpu_*.py, the CuPy kernel tests, every test marked gpu (among
+#                them tests/test_gpu_half_scale.py: the scaled float16 NCCL wire against a NumPy model)
 #   main_job     the README main job on the GPU: 1 rank x 256 images (the same global batch as 2 x 128),
 #                hierarchical communicator, then checks test top-1 >= 88%
-#   allreduce    benchmarks/allreduce.py --gpu: nccl and hierarchical (GPU), float32 and float16, 1 rank
+#   allreduce    benchmarks/allreduce.py --gpu: nccl and hierarchical (GPU), float32 and float16 (the
+#                scaled default: its MAX allreduce and host read are in the timing), 1 rank
 #   resnet50     benchmarks/gpu_resnet50.py: training images/s at batch 32 and 64, float32 and float16
 # Writes $HPCSGD_GPU_OUT (default benchmarks/results/gpu)/gpu_validate.json (all outcomes and numbers),
 # one log per step in logs/, and prints a summary. Without a GPU every step is recorded as skipped,
