@@ -125,6 +125,14 @@ class NcclOps:
         h = _handle(buf)
         self.comm.allReduce(h, h, int(buf.size), dtype, op, self.stream)
 
+    def reduce_scatter(self, buf, mine, dtype, op) -> None:
+        """``mine`` (this rank's ``buf.size / ranks`` slice of ``buf``) = its reduction over ranks."""
+        self.comm.reduceScatter(_handle(buf), _handle(mine), int(mine.size), dtype, op, self.stream)
+
+    def all_gather(self, mine, buf, dtype) -> None:
+        """Every rank's ``mine`` into its place in ``buf`` (rank order)."""
+        self.comm.allGather(_handle(mine), _handle(buf), int(mine.size), dtype, self.stream)
+
     def max_bits(self, bits) -> None:
         """Elementwise MAX over ranks of ``uint32`` bit patterns (keeps nan, see :func:`absmax_bits`)."""
         self.allreduce(bits, self.nccl.NCCL_UINT32, self.nccl.NCCL_MAX)

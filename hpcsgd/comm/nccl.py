@@ -312,8 +312,10 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
         buf = self.buf[: chunk * self.k]
         info = {"bytes": int(n * buf.itemsize), "dtype": self.intra_wire, "bucket": i}
         stream = cupy.cuda.get_current_stream().ptr
+        intra = NcclOps(self.intra, nccl, stream)
+        inter = NcclOps(self.inter, nccl, stream) if self.inter is not None else None
         if i == 0:  # exponents: max over the node, then between nodes = over all ranks
-            self.scales.begin_step(self.grads, [NcclOps(c, nccl, stream) for c in self._comms])
+            self.scales.begin_step(self.grads, [o for o in (intra, inter) if o is not None])
         pack_f, unpack_f = self.scales.factors(i)
         with get_tracer().span("pack", **info):
             buf[n:] = 0
@@ -322,19 +324,23 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
                 collective("allreduce_nccl_hier", bucket=i):
             mine = buf[self.r * chunk:(self.r + 1) * chunk]
             dt = _nccl_dtype(self.intra_wire)
-            self.intra.reduceScatter(buf.data.ptr, mine.data.ptr, chunk, dt, nccl.NCCL_SUM, stream)
-            if self.inter is not None:
-                s32 = self.shard32[:chunk]
-                s32[...] = wire_kernels.cupy_unpack_kernel(self.intra_wire)(mine, np.float32(1.0))[0]
-                sw = self.shard_inter[:chunk]
-                wire_kernels.cupy_pack_kernel(self.inter_wire)(s32, np.float32(1.0), sw)
-                self.inter.allReduce(sw.data.ptr, sw.data.ptr, chunk, _nccl_dtype(self.inter_wire),
-                                     nccl.NCCL_SUM, stream)
-                s32[...] = wire_kernels.cupy_unpack_kernel(self.inter_wire)(sw, np.float32(1.0))[0]
-                wire_kernels.cupy_pack_kernel(self.intra_wire)(s32, np.float32(1.0), mine)
-            self.intra.allGather(mine.data.ptr, buf.data.ptr, chunk, dt, stream)
+            intra.reduce_scatter(buf, mine, dt, nccl.NCCL_SUM)
+            if inter is not None:
+                self._between_nodes(mine, inter)
+            intra.all_gather(mine, buf, dt)
         with get_tracer().span("unpack", **info):
             self.grads.unpack(lo, hi, buf, unpack_f, self.intra_wire)
+
+    def _between_nodes(self, mine, inter: NcclOps) -> None:
+        """This rank's shard (intra wire) summed over the nodes in the inter wire, in place."""
+        chunk = mine.size
+        s32 = self.shard32[:chunk]
+        s32[...] = wire_kernels.cupy_unpack_kernel(self.intra_wire)(mine, np.float32(1.0))[0]
+        sw = self.shard_inter[:chunk]
+        wire_kernels.cupy_pack_kernel(self.inter_wire)(s32, np.float32(1.0), sw)
+        inter.allreduce(sw, _nccl_dtype(self.inter_wire), inter.nccl.NCCL_SUM)
+        s32[...] = wire_kernels.cupy_unpack_kernel(self.inter_wire)(sw, np.float32(1.0))[0]
+        wire_kernels.cupy_pack_kernel(self.intra_wire)(s32, np.float32(1.0), mine)
 
 
 class NcclCommunicator(ReducingCommunicator):
