@@ -177,7 +177,8 @@ def create_communicator(communicator_name: str = "hierarchical", mpi_comm=None,
         batched_copy: pack/unpack all gradients in one fused pass (ChainerMN's option).
         **config: further config options, e.g. ``intra_dtype``, ``inter_dtype``,
             ``bucket_bytes``, ``check_finite``, ``half_scaling`` (float16 wire: 'chunk', a
-            power-of-two scale per message, or 'predivide'); unknown names raise ValueError.
+            power-of-two scale per message, on GPU one per bucket common to all ranks, or
+            'predivide'); unknown names raise ValueError.
     """
     if name is not None:
         if communicator_name not in ("hierarchical", name):

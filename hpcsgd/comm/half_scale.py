@@ -139,13 +139,16 @@ class NcclOps:
 
 
 def to_host(a) -> np.ndarray:
-    """A device array's values on the host, copied on the current stream (blocks until it got
-    there: CuPy 13's ``get(stream, blocking=True)``); a NumPy array as it is."""
+    """A device array's values on the host; a NumPy array as it is.
+
+    ``cupy.asnumpy`` without a stream copies synchronously: on the current stream
+    (CuPy 13), after the MAX allreduce enqueued there, so the host waits for it.
+    """
     if not hasattr(a, "get"):
         return np.asarray(a)
     import cupy
 
-    return a.get(stream=cupy.cuda.get_current_stream(), blocking=True)
+    return cupy.asnumpy(a)
 
 
 class WireScales:

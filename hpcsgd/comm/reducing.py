@@ -44,7 +44,8 @@ class ReducingCommunicator(MpiCommunicatorBase):
 
     #: (intra, inter) wire formats when neither ``allreduce_grad_dtype`` nor the level option is set
     DEFAULT_WIRE = ("float32", "float32")
-    #: float16 wire: ``half_scaling`` 'chunk' (power-of-two scale per message) or 'predivide'
+    #: float16 wire: ``half_scaling`` 'chunk' (power-of-two scale per message; on GPU one per
+    #: bucket, common to all ranks, see half_scale.py) or 'predivide'
     #: (grad / size cast directly); ``wire_ranks`` (study only): divide by this many ranks
     #: instead of the real size before the 16-bit cast and rescale after (see fp16_reduce.py)
     CONFIG_DEFAULTS = {**MpiCommunicatorBase.CONFIG_DEFAULTS, "half_scaling": "chunk", "wire_ranks": None}
