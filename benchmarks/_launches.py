@@ -6,8 +6,9 @@ node), so a single launch's median says little. This driver starts ``K``
 launches one after the other; each runs only ChainerMN ``naive`` and hpcsgd's
 default communicator (``--focus``), interleaved for ``--repeats`` rounds, and
 writes its own JSON. Reported: per-launch medians (ms), the per-launch ratio of
-the default to ChainerMN naive, min/max over launches, the CPUs each rank ran
-on, and a plot (``.png`` next to the JSON).
+the default to ChainerMN naive, min/max over launches, each rank's placement
+(the CPUs it ran on during the rounds, its MB on transparent huge pages) to
+correlate modes with, and a plot (``.png`` next to the JSON).
 """
 
 from __future__ import annotations
@@ -51,11 +52,12 @@ def run_launches(args, script: Path) -> int:
             row = {"launch": i, "wall_s": time.perf_counter() - t0,
                    "median_ms": {k: v["median_ms"] for k, v in res.items()},
                    "ratio": res[DEFAULT_CASE]["ratio_to_chainermn_naive"],
-                   "rank_cpus": data.get("rank_cpus"), "loadavg": data["loadavg_before"][0]}
+                   "placement": data.get("placement") or [], "loadavg": data["loadavg_before"][0]}
             rows.append(row)
             print(f"launch {i}: naive {row['median_ms'][BASE_CASE]:.2f} ms, default "
                   f"{row['median_ms'][DEFAULT_CASE]:.2f} ms, ratio {row['ratio']:.3f}, "
-                  f"cpus {row['rank_cpus']}", flush=True)
+                  f"cpus {[p['cpus'] for p in row['placement']]}, "
+                  f"THP MB {[p['anon_huge_mb'] for p in row['placement']]}", flush=True)
     cases = list(rows[0]["median_ms"])
     summary = {k: {"min_ms": min(r["median_ms"][k] for r in rows),
                    "max_ms": max(r["median_ms"][k] for r in rows),

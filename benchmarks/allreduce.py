@@ -172,13 +172,14 @@ def main() -> int:
         for k, fn in cases.items():
             times[k].append(timed(comm, fn, reset))
             cpus.add(current_cpu())
-    rank_cpus = comm.gather(sorted(cpus), 0)
+    placement = {"cpus": sorted(c for c in cpus if c is not None), "anon_huge_mb": anon_huge_mb()}
+    placement = comm.gather(placement, 0)
     if rank != 0:
         return 0
     meta = {"arrays": len(shapes), "elements": int(sum(int(np.prod(s)) for _, s in shapes)),
             "grad_bytes": int(sum(g.nbytes for g in originals)), "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(), "bucket_bytes": default.get_config("bucket_bytes"),
-            "rank_cpus": rank_cpus, "ranks": comm.Get_size(), "repeats": repeats}
+            "placement": placement, "ranks": comm.Get_size(), "repeats": repeats}
     return report(args, times, set(sweep), osu, meta)
 
 
@@ -188,6 +189,15 @@ def current_cpu() -> int | None:
         with open("/proc/self/stat") as f:
             return int(f.read().rsplit(")", 1)[1].split()[36])
     except (OSError, IndexError, ValueError):
+        return None
+
+
+def anon_huge_mb() -> float | None:
+    """MB of this process's memory on transparent huge pages (``AnonHugePages`` in smaps_rollup)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages")) / 1024
+    except (OSError, StopIteration, ValueError):
         return None
 
 
