@@ -2,8 +2,8 @@
 
 CPU algorithm, per bucket ``[lo, hi)`` of the flat layout, with ``k`` ranks per
 node and node-local rank ``r``; shard ``s`` is the ``s``-th of ``k`` near-equal
-parts of the bucket, cut at multiples of 64 bytes
-(:func:`~hpcsgd.comm.bucket_algorithm.shard_bounds`):
+parts of the bucket, cut at multiples of 16 elements (64 bytes of float32,
+:func:`~hpcsgd.comm.bucket_algorithm.shard_bounds`):
 
 1. pack: rank ``r`` writes ``intra_wire(grad / size)`` of every shard *except*
    its own into its segment of a node-wide MPI-3 shared-memory window
