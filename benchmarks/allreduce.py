@@ -16,6 +16,14 @@ so machine load hits all cases alike):
   (whole and in 4 MiB buckets, without packing), and by hpcsgd's naive / flat /
   hierarchical communicators with float32 and float16 on the wire.
 
+Several launches (the driver starts each one itself, no ``mpiexec`` around it)::
+
+    OPENBLAS_CORETYPE=SkylakeX .venv/bin/python benchmarks/allreduce.py --launches 10 --repeats 25
+
+runs ``--launches`` fresh ``mpiexec -bind-to core -n 2`` launches of ChainerMN naive
+and the default communicator only (``--focus``) and reports per-launch medians and
+ratios with their min/max (``benchmarks/_launches.py``; ``results/allreduce_launches.json``).
+
 Reported per case: median ms (max over ranks of each repeat), algbw = gradient
 bytes (float32) / time and busbw = algbw * 2(n-1)/n (nccl-tests definitions),
 and the ratio to ChainerMN naive. Writes ``benchmarks/results/allreduce.json``
@@ -113,7 +121,19 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default=None, help="JSON path (default results/allreduce.json, _gpu with --gpu)")
     ap.add_argument("--gpu", action="store_true", help="CuPy gradients, NCCL communicators")
+    ap.add_argument("--focus", action="store_true",
+                    help="ResNet-50 only: ChainerMN naive and the default communicator (no sweeps)")
+    ap.add_argument("--launches", type=int, default=0,
+                    help="driver: run this many fresh mpiexec launches with --focus (run without mpiexec)")
+    ap.add_argument("--ranks", type=int, default=2, help="ranks per launch (--launches)")
+    ap.add_argument("--bind", default="core", help="hydra -bind-to of each launch, or 'none' (--launches)")
+    ap.add_argument("--launch-timeout", type=float, default=300, help="seconds per launch (--launches)")
     args = ap.parse_args()
+    if args.launches:
+        from benchmarks._launches import run_launches
+
+        args.out = args.out or str(ROOT / "benchmarks" / "results" / "allreduce_launches.json")
+        return run_launches(args, Path(__file__).resolve())
     if args.gpu:
         from benchmarks._gpu_allreduce import run
 
@@ -124,16 +144,13 @@ def main() -> int:
     import chainer  # noqa: F401
     from mpi4py import MPI
 
-    import hpcsgd
-    from hpcsgd.comm import wire_kernels
-
     comm = MPI.COMM_WORLD
-    rank, n = comm.Get_rank(), comm.Get_size()
+    rank = comm.Get_rank()
     repeats = 3 if args.quick else args.repeats
     load_before = os.getloadavg()
 
     sizes = [4 << k for k in range(0, 25, 2)] if not args.quick else [4, 4096, 1 << 20, 8 << 20]
-    osu = osu_sweep(comm, sizes, max(3, repeats // 3))
+    osu = [] if args.focus else osu_sweep(comm, sizes, max(3, repeats // 3))
 
     shapes = resnet50_shapes()
     if args.quick:
@@ -141,17 +158,63 @@ def main() -> int:
     model = grad_model(shapes, seed=rank)
     params = [p for _, p in sorted(model.namedparams())]
     originals = [p.grad.copy() for p in params]
-    nbytes = sum(g.nbytes for g in originals)
 
     def reset():
         for p, g in zip(params, originals):
             np.copyto(p.grad, g)
 
-    cases = {}
-    import chainermn
+    cases, sweep, default = build_cases(args, comm, model, originals)
+    for fn in cases.values():  # warm-up: JIT, windows, page faults
+        timed(comm, fn, reset)
+    times: dict[str, list] = {k: [] for k in cases}
+    cpus = set()
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            times[k].append(timed(comm, fn, reset))
+            cpus.add(current_cpu())
+    placement = {"cpus": sorted(c for c in cpus if c is not None), "anon_huge_mb": anon_huge_mb()}
+    placement = comm.gather(placement, 0)
+    if rank != 0:
+        return 0
+    meta = {"arrays": len(shapes), "elements": int(sum(int(np.prod(s)) for _, s in shapes)),
+            "grad_bytes": int(sum(g.nbytes for g in originals)), "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(), "bucket_bytes": default.get_config("bucket_bytes"),
+            "placement": placement, "ranks": comm.Get_size(), "repeats": repeats}
+    return report(args, times, set(sweep), osu, meta)
 
+
+def current_cpu() -> int | None:
+    """The CPU this process last ran on (``/proc/self/stat`` field 39), None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def anon_huge_mb() -> float | None:
+    """MB of this process's memory on transparent huge pages (``AnonHugePages`` in smaps_rollup)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def build_cases(args, comm, model, originals) -> tuple[dict, dict, object]:
+    """Timed cases (name -> fn), the bucket-size sweep's subset, and the default communicator."""
+    import chainermn
+    from mpi4py import MPI
+
+    import hpcsgd
+
+    cases = {}
     cmn = chainermn.create_communicator("naive", mpi_comm=comm)
     cases["chainermn naive"] = lambda: cmn.multi_node_mean_grad(model)
+    default = hpcsgd.create_communicator()
+    if args.focus:
+        cases["hpcsgd default (hierarchical)"] = lambda: default.multi_node_mean_grad(model)
+        return cases, {}, default
     packed = np.concatenate([g.reshape(-1) for g in originals])
     cases["MPI Allreduce packed f32 (no pack)"] = lambda: comm.Allreduce(MPI.IN_PLACE, packed, op=MPI.SUM)
     step = (4 << 20) // 4
@@ -160,25 +223,20 @@ def main() -> int:
         for lo in range(0, packed.size, step):
             comm.Allreduce(MPI.IN_PLACE, packed[lo:lo + step], op=MPI.SUM)
 
-    cases["MPI Allreduce 4MiB buckets f32 (no pack)"] = mpi_buckets
-    comms = {}
+    if not args.quick:
+        cases["MPI Allreduce 4MiB buckets f32 (no pack)"] = mpi_buckets
     for name in ("naive", "flat", "hierarchical"):
         for dt in ("float32", "float16"):
             if args.quick and (name == "naive" or dt == "float16"):
                 continue
             c = hpcsgd.create_communicator(name, allreduce_grad_dtype=dt)
-            comms[(name, dt)] = c
             cases[f"hpcsgd {name} {dt}"] = (lambda c=c: c.multi_node_mean_grad(model))
-    default = hpcsgd.create_communicator()
     cases["hpcsgd default (hierarchical)"] = lambda: default.multi_node_mean_grad(model)
-    if args.quick:
-        cases.pop("MPI Allreduce 4MiB buckets f32 (no pack)")
     dummy = hpcsgd.create_communicator("dummy")
     cases["hpcsgd dummy f32 (pack+unpack only)"] = lambda: dummy.multi_node_mean_grad(model)
     dummy16 = hpcsgd.create_communicator("dummy", allreduce_grad_dtype="float16")
     if not args.quick:
         cases["hpcsgd dummy f16 (pack+unpack only)"] = lambda: dummy16.multi_node_mean_grad(model)
-
     sweep = {}
     if not args.quick:  # bucket size: the same algorithm at several sizes, same rounds
         for name in ("flat", "hierarchical"):
@@ -186,16 +244,16 @@ def main() -> int:
                 c = hpcsgd.create_communicator(name, allreduce_grad_dtype="float32", bucket_bytes=mib << 20)
                 sweep[f"{name} f32 bucket {mib} MiB"] = (lambda c=c: c.multi_node_mean_grad(model))
     cases.update(sweep)
-    for fn in cases.values():  # warm-up: JIT, windows, page faults
-        timed(comm, fn, reset)
-    times: dict[str, list] = {k: [] for k in cases}
-    for _ in range(repeats):
-        for k, fn in cases.items():
-            times[k].append(timed(comm, fn, reset))
-    load_after = os.getloadavg()
+    return cases, sweep, default
 
-    if rank != 0:
-        return 0
+
+def report(args, times: dict, sweep: set, osu: list, meta: dict) -> int:
+    """Rank 0: medians, ratios to ChainerMN naive, the JSON, the plot and the printed table."""
+    from mpi4py import MPI
+
+    from hpcsgd.comm import wire_kernels
+
+    n, nbytes = meta["ranks"], meta["grad_bytes"]
     base = float(np.median(times["chainermn naive"]))
     results = {}
     for k, ts in times.items():
@@ -206,23 +264,24 @@ def main() -> int:
                       "ratio_to_chainermn_naive": t / base, "repeats_ms": [x * 1e3 for x in ts]}
     bucket_sweep = {k: results.pop(k) for k in sweep}
     out = {
-        "ranks": n, "quick": args.quick, "repeats": repeats, "arrays": len(shapes),
-        "elements": int(sum(int(np.prod(s)) for _, s in shapes)), "grad_bytes": int(nbytes),
-        "loadavg_before": load_before, "loadavg_after": load_after,
+        **meta, "quick": args.quick, "focus": args.focus,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(), "cpus": os.cpu_count(), "mpi": MPI.Get_library_version().splitlines()[0],
-        "numba_hardware_half": wire_kernels.HARDWARE_HALF, "bucket_bytes": default.get_config("bucket_bytes"),
+        "numba_hardware_half": wire_kernels.HARDWARE_HALF,
         "osu_allreduce_f32": osu, "resnet50": results, "bucket_sweep": bucket_sweep,
         "command": ("mpiexec -n 2 python -m mpi4py benchmarks/allreduce.py"
-                    + (" --quick" if args.quick else "")),
+                    + (" --quick" if args.quick else "") + (" --focus" if args.focus else "")),
     }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
+    if args.focus:  # one launch of --launches: the driver reads the JSON
+        return 0
     plot(out, path.with_suffix(".png"))
     w = max(len(k) for k in results)
-    print(f"ResNet-50 gradients: {len(shapes)} arrays, {nbytes / 1e6:.1f} MB, {n} ranks, "
-          f"load {load_before[0]:.2f}->{load_after[0]:.2f}")
+    la, lb = meta["loadavg_before"][0], meta["loadavg_after"][0]
+    print(f"ResNet-50 gradients: {meta['arrays']} arrays, {nbytes / 1e6:.1f} MB, {n} ranks, "
+          f"load {la:.2f}->{lb:.2f}")
     for k, r in {**results, **bucket_sweep}.items():
         print(f"  {k:<{w}}  {r['median_ms']:8.2f} ms  algbw {r['algbw_GBps']:5.2f} GB/s  "
               f"busbw {r['busbw_GBps']:5.2f} GB/s  x{r['ratio_to_chainermn_naive']:.2f} of ChainerMN naive")

@@ -52,6 +52,33 @@ class BucketAlgorithm(ABC):
         return None
 
 
+#: shard cuts fall on multiples of this many elements (64 bytes of float32: one cache line)
+SHARD_ALIGN = 16
+
+
+def shard_bounds(lo: int, hi: int, k: int, s: int, align: int = SHARD_ALIGN) -> tuple[int, int]:
+    """Elements ``[a, b)`` of shard ``s`` of ``k`` near-equal shards of the bucket ``[lo, hi)``.
+
+    Why aligned: in the hierarchical algorithm each shard is written by a different
+    rank; cutting at absolute flat indices that are multiples of ``align`` (16 float32
+    elements = 64 bytes) keeps every cache line of a 64-byte-aligned segment within
+    one owner's shard. Inner cuts are ``lo + (hi - lo) * s // k`` rounded down to a
+    multiple of ``align`` (clamped to ``[lo, hi]``), so shards differ from equal by
+    less than ``align`` elements, and a bucket smaller than ``align * k`` may leave
+    some shards empty. Used by :mod:`hpcsgd.comm.hierarchical` and replayed by
+    :mod:`hpcsgd.comm.fp16_model`: both must cut the same way.
+    """
+
+    def cut(j: int) -> int:
+        if j <= 0:
+            return lo
+        if j >= k:
+            return hi
+        return min(hi, max(lo, (lo + (hi - lo) * j // k) // align * align))
+
+    return cut(s), cut(s + 1)
+
+
 def raise_if_nonfinite(bad: int, low_precision: bool, wire: str) -> None:
     """Raise the divergence error for ``bad`` non-finite averaged gradient elements (nothing if 0)."""
     if bad <= 0:

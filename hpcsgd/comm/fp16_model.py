@@ -42,6 +42,7 @@ import numpy as np
 
 from hpcsgd.comm import fp16_reduce as F
 from hpcsgd.comm import wire_kernels as kernels
+from hpcsgd.comm.bucket_algorithm import shard_bounds
 
 SCHEMES = ("predivide", "chunk", "float32")
 
@@ -139,7 +140,7 @@ def simulate(grads: list, n_ranks: int, scheme: str, ranks_per_node: int = 8,
     for lo in range(0, total, bucket_elems):
         hi = min(lo + bucket_elems, total)
         for s in range(k):
-            a, b = lo + (hi - lo) * s // k, lo + (hi - lo) * (s + 1) // k
+            a, b = shard_bounds(lo, hi, k, s)
             if b <= a:
                 continue
             accs = [_node_shard(grads, p, k, s, a, b, scale) for p in range(period)]

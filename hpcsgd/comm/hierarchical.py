@@ -1,8 +1,9 @@
 """``hierarchical`` (the default): reduce-scatter in the node, allreduce between nodes, allgather.
 
 CPU algorithm, per bucket ``[lo, hi)`` of the flat layout, with ``k`` ranks per
-node and node-local rank ``r``; shard ``s`` is the ``s``-th of ``k`` equal parts
-of the bucket:
+node and node-local rank ``r``; shard ``s`` is the ``s``-th of ``k`` near-equal
+parts of the bucket, cut at multiples of 16 elements (64 bytes of float32,
+:func:`~hpcsgd.comm.bucket_algorithm.shard_bounds`):
 
 1. pack: rank ``r`` writes ``intra_wire(grad / size)`` of every shard *except*
    its own into its segment of a node-wide MPI-3 shared-memory window
@@ -44,7 +45,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcsgd.comm import wire_kernels
-from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
+from hpcsgd.comm.bucket_algorithm import BucketAlgorithm, shard_bounds
 from hpcsgd.comm.flat import FlatAlgorithm
 from hpcsgd.comm.fp16_reduce import (
     ArraySource,
@@ -76,7 +77,8 @@ class HierarchicalAlgorithm(BucketAlgorithm):
         self.intra = topology.intra_comm.Dup()
         self.inter = topology.inter_comm.Dup() if self.n_nodes > 1 else None
         self.shm = SharedSegments(self.intra, layout.total, wire_kernels.wire_storage_dtype(intra_wire))
-        width = max((hi - lo for lo, hi in self.ranges), default=0) // self.k + 1
+        width = max((b - a for lo, hi in self.ranges for a, b in
+                     (shard_bounds(lo, hi, self.k, s) for s in range(self.k))), default=0)
         self._acc = np.empty(width, np.float32)
         self._lowp = None
         # single node, float32: the owner writes its shard's sum straight into its grads
@@ -92,8 +94,7 @@ class HierarchicalAlgorithm(BucketAlgorithm):
             self._wire16 = np.empty(width, np.uint16)
 
     def _shard(self, lo: int, hi: int, s: int) -> tuple[int, int]:
-        n = hi - lo
-        return lo + n * s // self.k, lo + n * (s + 1) // self.k
+        return shard_bounds(lo, hi, self.k, s)
 
     def _reduce_own(self, a: int, b: int) -> int:
         """Shard ``[a, b)``: own grads / size + the peers' packed values, into this rank's segment.
