@@ -37,6 +37,7 @@ import numpy as np
 from chainer import function_node
 from numba import prange
 
+from hpcsgd.kernels import conv_direct
 from hpcsgd.kernels._numba import kernel
 
 #: Output pixel count below which the batched (one GEMM per layer) layout is used: maps up to
@@ -390,6 +391,13 @@ class Conv2D(function_node.FunctionNode):
 
 
 def conv2d(x, W, b=None, stride=1, pad=0):
-    """ops contract: NCHW convolution of NumPy inputs, a ``chainer.Variable`` out."""
+    """ops contract: NCHW convolution of NumPy inputs, a ``chainer.Variable`` out.
+
+    Stride-1 convolutions with few channels on wide enough maps take the direct
+    kernel of :mod:`hpcsgd.kernels.conv_direct` (no patch matrix); the rest this module's GEMMs.
+    """
     inputs = (x, W) if b is None else (x, W, b)
+    stride, pad = _pair(stride), _pair(pad)
+    if conv_direct.applies(x.shape, W.shape, stride, pad):
+        return conv_direct.DirectConv2D(pad).apply(inputs)[0]
     return Conv2D(stride, pad).apply(inputs)[0]
