@@ -122,7 +122,9 @@ def main() -> None:
     ap.add_argument("--profile-rows", type=int, default=30)
     ap.add_argument("--layers", action="store_true")
     ap.add_argument("--chainer", action="store_true", help="Chainer's functions instead of hpcsgd's kernels")
+    ap.add_argument("--no-type-check", action="store_true", help="chainer.config.type_check = False")
     args = ap.parse_args()
+    chainer.config.type_check = not args.no_type_check
     hpcsgd.kernels.enable(not args.chainer, threads=1)
     (time_layers if args.layers else time_steps)(args)
 
