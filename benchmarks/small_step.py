@@ -68,7 +68,7 @@ def time_steps(args) -> None:
     print(f"step: median {1e3 * statistics.median(times):.1f} ms CPU, min {1e3 * min(times):.1f} ms "
           f"({args.steps} steps, batch {args.batch})")
     if args.profile:
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.process_time)
         prof.enable()
         for _ in range(args.steps):
             step(model, recipe, x, t)

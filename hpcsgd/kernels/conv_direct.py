@@ -1,27 +1,27 @@
-"""Direct (im2col-free) stride-1 convolution for small channel counts, vectorised across images.
+"""Direct (im2col-free) convolution for small channel counts, vectorised across images.
 
-Why: with 8-16 channels a convolution's GEMM has 8-16 rows and does a few FLOPs per
+Why: with 8-32 channels a convolution's GEMM has 8-32 rows and does a few FLOPs per
 byte of its patch matrix, so the im2col path spends its time writing the 9x patch
 matrix and reading it back (forward, weight gradient and col2im alike). This
 module never builds one. Each task takes a block of ``NB`` images and copies it to
 an image-innermost layout ``xb[c, y, x, n]`` (one pass over the activation; the
 block stays in cache). In that layout a tap ``(i, j)`` of output row ``oy`` is one
-contiguous multiply-add of ``Wo * NB`` floats::
+contiguous multiply-add of ``Wo * NB`` floats (stride 1)::
 
     yb[co, oy, lo:hi, :] += W[co, ci, i, j] * xb[ci, oy + i - ph, lo + j - pw : hi + j - pw, :]
 
-(a long SAXPY that vectorises whatever the map width: no 28- or 14-float rows to
-split into SIMD lanes, no padding copy: the row range ``[lo, hi)`` skips the taps
-that fall into the zero padding). The input gradient of a stride-1 convolution is
-the same operation on ``gy`` with the flipped, transposed kernel and pad
-``k - 1 - p``; the weight gradient is a dot product of the same contiguous rows
-(two loads per multiply-add, no stores). Tasks run in parallel over image blocks;
-each keeps its own weight-gradient partial sum, summed at the end.
+(a long SAXPY that vectorises whatever the map width: no 28-, 14- or 7-float rows
+to split into SIMD lanes, no padding copy: the column range ``[lo, hi)`` skips the
+taps that fall into the zero padding). At stride 2 the block stores even and odd
+input columns as two phases, ``xb[c, y, x % 2, x // 2, n]``, so each tap again reads
+one contiguous run. The input gradient at stride 1 is the same operation on
+``gy`` with the flipped, transposed kernel and pad ``k - 1 - p``; at stride 2 it is
+the adjoint scatter (contiguous too); the weight gradient is a dot product of the
+same rows (two loads per multiply-add, no stores). Tasks run in parallel over
+image blocks; each keeps its own weight-gradient partial sum, summed at the end.
 
-Only stride 1 is implemented: at stride 2 the tap rows are no longer contiguous and
-the im2col path measured 2-4x faster. :func:`applies` says which calls
-:func:`hpcsgd.kernels.conv.conv2d` routes here (see ``docs/kernels.md``, measured per
-layer with ``benchmarks/small_step.py --layers``).
+:func:`applies` says which calls :func:`hpcsgd.kernels.conv.conv2d` routes here
+(see ``docs/kernels.md``; measured per layer with ``benchmarks/small_step.py --layers``).
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def _backward(x, gy, W, Wflip, gx, gW_parts, s, ph, pw, need_gx, need_gW):
 
 
 class DirectConv2D(function_node.FunctionNode):
-    """``y = conv2d(x, W) + b``, stride 1, NCHW NumPy arrays, through the block layout above."""
+    """``y = conv2d(x, W) + b``, equal strides of 1 or 2, NCHW NumPy arrays, via the block layout above."""
 
     def __init__(self, stride, pad):
         self.s = stride[0]
@@ -284,7 +284,7 @@ class DirectConv2D(function_node.FunctionNode):
         gx = np.empty_like(x) if need_gx else np.empty((1, 1, 1, 1), dtype=x.dtype)
         n_blocks = (x.shape[0] + NB - 1) // NB
         parts = np.empty((n_blocks if need_gW else 1,) + W.shape, dtype=x.dtype)
-        Wflip = np.ascontiguousarray(W.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        Wflip = np.ascontiguousarray(W.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # used at stride 1
         _backward(x, gy, W, Wflip, gx, parts, self.s, self.ph, self.pw, need_gx, need_gW)
         out = {0: gx, 1: parts.sum(axis=0) if need_gW else None, 2: gy.sum(axis=(0, 2, 3))}
         return tuple(chainer.Variable(out[i]) for i in indexes)
