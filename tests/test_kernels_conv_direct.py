@@ -122,3 +122,32 @@ def test_dispatch_limits(monkeypatch):
     assert not ok((8, 8, 28, 28), (16, 8, 3, 3), (1, 2), (1, 1))     # unequal strides
     monkeypatch.setattr(conv_direct, "DIRECT_MAX_CH", 0)
     assert not ok((8, 8, 28, 28), (8, 8, 3, 3), (1, 1), (1, 1))      # switched off
+
+
+def test_resnet8_same_loss_and_grads_with_and_without_kernels():
+    """The main job's model end to end; the fixture routes all its convolutions to the direct path."""
+    import hpcsgd.kernels
+    from hpcsgd.models import build_model, ops
+
+    saved = dict(ops.CPU_IMPL)
+    try:
+        np.random.seed(0)
+        model = build_model("resnet_small", 10, in_channels=1, depth=8, width=8)
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal((5, 1, 28, 28)).astype(np.float32)
+        t = rng.integers(0, 10, 5).astype(np.int32)
+        results = []
+        for on in (False, True):
+            hpcsgd.kernels.enable(on)
+            model.cleargrads()
+            with chainer.using_config("train", True):
+                loss = F.softmax_cross_entropy(model(x), t)
+            loss.backward()
+            results.append((float(loss.array), {n: p.grad.copy() for n, p in model.namedparams()}))
+    finally:
+        ops.CPU_IMPL.clear()
+        ops.CPU_IMPL.update(saved)
+    (ref_loss, ref), (loss, got) = results
+    assert abs(loss - ref_loss) < 1e-5
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-3, atol=1e-4, err_msg=name)
