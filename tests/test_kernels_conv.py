@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from chainer import gradient_check
 
-from hpcsgd.kernels import conv
+from hpcsgd.kernels import conv, conv_direct
 
 # (N, Cin, H, W, Cout, k, stride, pad)
 SHAPES = [
@@ -35,6 +35,7 @@ def layout(request, monkeypatch):
     monkeypatch.setattr(conv, "BATCHED_BELOW", 10**9 if "batched" in request.param else 0)
     monkeypatch.setattr(conv, "SMALL_COUT", 10**6 if "blocked" in request.param else 0)
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1)  # blocked: one image per block
+    monkeypatch.setattr(conv_direct, "DIRECT_MAX_CH", 0)  # GEMM paths only (direct: test_kernels_conv_direct)
     return request.param
 
 

@@ -25,7 +25,10 @@ reading it back, in forward, weight gradient and col2im alike. The blocked
 variant runs im2col, GEMM and col2im over blocks of images whose patch matrix
 fits ``CHUNK_BYTES`` (one buffer reused by every block, so it stays in cache)
 and does not keep ``col``: backward recomputes each block's im2col, which
-costs less than a round trip of the whole matrix through memory.
+costs less than a round trip of the whole matrix through memory. Since the
+direct kernels of :mod:`hpcsgd.kernels.conv_direct` took over the 2-32-channel
+3x3 convolutions, the blocked variant serves the rest (1-channel stems, shapes
+outside ``conv_direct.applies``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 from chainer import function_node
 from numba import prange
 
+from hpcsgd.kernels import conv_direct
 from hpcsgd.kernels._numba import kernel
 
 #: Output pixel count below which the batched (one GEMM per layer) layout is used: maps up to
@@ -390,6 +394,14 @@ class Conv2D(function_node.FunctionNode):
 
 
 def conv2d(x, W, b=None, stride=1, pad=0):
-    """ops contract: NCHW convolution of NumPy inputs, a ``chainer.Variable`` out."""
+    """ops contract: NCHW convolution of NumPy inputs, a ``chainer.Variable`` out.
+
+    Convolutions larger than 1x1 at stride 1 or 2 with 2-32 channels take the
+    direct kernel of :mod:`hpcsgd.kernels.conv_direct` (no patch matrix; see its
+    ``applies``); the rest this module's GEMMs.
+    """
     inputs = (x, W) if b is None else (x, W, b)
+    stride, pad = _pair(stride), _pair(pad)
+    if conv_direct.applies(x.shape, W.shape, stride, pad):
+        return conv_direct.DirectConv2D(stride, pad).apply(inputs)[0]
     return Conv2D(stride, pad).apply(inputs)[0]
