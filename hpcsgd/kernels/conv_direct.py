@@ -286,5 +286,7 @@ class DirectConv2D(function_node.FunctionNode):
         parts = np.empty((n_blocks if need_gW else 1,) + W.shape, dtype=x.dtype)
         Wflip = np.ascontiguousarray(W.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # used at stride 1
         _backward(x, gy, W, Wflip, gx, parts, self.s, self.ph, self.pw, need_gx, need_gW)
-        out = {0: gx, 1: parts.sum(axis=0) if need_gW else None, 2: gy.sum(axis=(0, 2, 3))}
+        out = {0: gx, 1: parts.sum(axis=0) if need_gW else None}
+        if 2 in indexes:  # the bias gradient only when there is a bias (a strided pass over gy)
+            out[2] = gy.sum(axis=(0, 2, 3))
         return tuple(chainer.Variable(out[i]) for i in indexes)
