@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/small_step.py [--steps 20] [--profile]
     python benchmarks/small_step.py --layers        # per-convolution-layer table
+    python benchmarks/small_step.py --kernels       # step time inside each numba kernel vs the rest
 
 Why: ``hpcsgd train`` on the main job (ResNet-8 width 8, Fashion-MNIST 28x28x1, batch 128
 per rank) spends its time in one rank's forward + backward + update; communication is
@@ -11,13 +12,19 @@ seeded data, the Goyal recipe's optimizer as ``hpcsgd train`` builds it) with
 over ``--steps`` timed steps after 3 warm-up steps, and with ``--profile`` a cProfile summary.
 ``--layers`` times forward, backward-data and backward-weight of each distinct convolution
 shape of the model (median ms of process CPU time per call, batch 128) for the hpcsgd kernel in
-force (``--chainer`` for Chainer's own functions).
+force (``--chainer`` for Chainer's own functions). ``--kernels`` splits the step, without a
+profiler (cProfile inflates Chainer's Python several times over), into the process CPU time
+inside each numba kernel (mean ms per step) and everything else: Chainer's graph, NumPy glue,
+BLAS GEMMs of the stem/projection/linear layers, the loss and the optimizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
+import importlib
+import pkgutil
 import pstats
 import statistics
 import time
@@ -76,6 +83,44 @@ def time_steps(args) -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile_rows)
 
 
+def time_kernels(args) -> None:
+    """Mean process CPU ms per step inside each numba kernel of hpcsgd.kernels, and the rest."""
+    import numba
+
+    spent, calls = collections.Counter(), collections.Counter()
+
+    def timed(name, fn):
+        def run(*a, **k):
+            t0 = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.process_time() - t0
+                calls[name] += 1
+        return run
+
+    for info in pkgutil.iter_modules(hpcsgd.kernels.__path__):
+        mod = importlib.import_module(f"hpcsgd.kernels.{info.name}")
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, numba.core.registry.CPUDispatcher):  # called via module globals
+                setattr(mod, name, timed(f"{info.name}.{name}", obj))
+    model, recipe, x, t = build(args.batch)
+    recipe.on_iteration(0.5)
+    for _ in range(3):
+        step(model, recipe, x, t)
+    spent.clear()
+    calls.clear()
+    t0 = time.process_time()
+    for _ in range(args.steps):
+        step(model, recipe, x, t)
+    total = 1e3 * (time.process_time() - t0) / args.steps
+    inside = 1e3 * sum(spent.values()) / args.steps
+    print(f"step: mean {total:.1f} ms CPU ({args.steps} steps, batch {args.batch}); numba kernels "
+          f"{inside:.1f} ms, everything else {total - inside:.1f} ms")
+    for name, sec in spent.most_common():
+        print(f"  {1e3 * sec / args.steps:6.2f} ms  {calls[name] // args.steps:3d} calls/step  {name}")
+
+
 def _median_cpu(fn, repeats: int) -> float:
     fn()
     ts = []
@@ -121,12 +166,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-rows", type=int, default=30)
     ap.add_argument("--layers", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="time inside each numba kernel per step")
     ap.add_argument("--chainer", action="store_true", help="Chainer's functions instead of hpcsgd's kernels")
     ap.add_argument("--no-type-check", action="store_true", help="chainer.config.type_check = False")
     args = ap.parse_args()
     chainer.config.type_check = not args.no_type_check
     hpcsgd.kernels.enable(not args.chainer, threads=1)
-    (time_layers if args.layers else time_steps)(args)
+    (time_layers if args.layers else time_kernels if args.kernels else time_steps)(args)
 
 
 if __name__ == "__main__":
