@@ -73,7 +73,7 @@ def accumulate_gradients(model, stream, accum: int, optimizer, tracer,
             loss = loss_fn(model(x), t)
         with tracer.span_excluding("backward", COMM_PHASES), \
                 optimizer.backward_scope(last=micro == accum - 1):
-            (loss / accum).backward()
+            (loss / accum if accum > 1 else loss).backward()  # no Div node (exact) at accum 1
         if after_backward is not None:
             with tracer.span("noise_scale"):
                 after_backward(micro, accum)
