@@ -139,3 +139,25 @@ def test_keep_freed_memory_opt_out_and_effect():
         "assert after < before / 10, (before, after)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_small_resnet_forked_joins_bitwise_unchanged(restore_ops):
+    """ResNet-8's forking joins (the next block's branches' gradients summed in the join's backward)
+    give bitwise the loss and gradients of the same model with every join unforked."""
+    from hpcsgd.models import build_model
+
+    kernels.enable(True)
+    rng = np.random.default_rng(5)
+    np.random.seed(0)
+    model = build_model("resnet_small", 10, in_channels=1, depth=14, width=4)
+    x = rng.standard_normal((6, 1, 12, 12)).astype(np.float32)
+    t = rng.integers(0, 10, 6).astype(np.int32)
+    forks = [b for stage in (model.stage1, model.stage2, model.stage3) for b in stage if b.fork_output]
+    assert len(forks) == 5  # 2 blocks per stage: within each stage, and stage1 -> 2 -> 3
+    loss, got = _loss_and_grads(model, x, t)
+    for b in forks:
+        b.fork_output = False
+    ref_loss, ref = _loss_and_grads(model, x, t)
+    assert loss == ref_loss
+    for name in ref:
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)

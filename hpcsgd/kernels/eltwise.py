@@ -36,6 +36,12 @@ def _relu_backward(y, gy, gx):
         gx[i] = gy[i] if y[i] > 0 else 0
 
 
+@kernel
+def _relu_backward2(y, gy1, gy2, gx):
+    for i in prange(y.size):
+        gx[i] = gy1[i] + gy2[i] if y[i] > 0 else 0
+
+
 def _flat(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(-1)
 
@@ -63,7 +69,16 @@ class ReLU(function_node.FunctionNode):
 
 
 class AddReLU(function_node.FunctionNode):
-    """``max(a + b, 0)``: the residual join of a ResNet block, one pass, no temporary."""
+    """``max(a + b, 0)``: the residual join of a ResNet block, one pass, no temporary.
+
+    ``fork=True``: the output twice (the same array), for a next block that feeds it to
+    both its branches. Chainer would sum the two branches' gradients in a separate ``Add``
+    node (a new array: two reads and a write); here the backward sums them inside the
+    ReLU mask pass, with the same float32 addition, so the gradients are bitwise Chainer's.
+    """
+
+    def __init__(self, fork: bool = False):
+        self.fork = bool(fork)
 
     def forward_cpu(self, inputs):
         a, b = inputs
@@ -72,11 +87,17 @@ class AddReLU(function_node.FunctionNode):
         y = np.empty(a.shape, dtype=np.result_type(a.dtype, b.dtype))
         _add_relu_forward(_flat(a), _flat(b), y.reshape(-1))
         self.retain_outputs((0,))
-        return (y,)
+        return (y, y) if self.fork else (y,)
 
     def backward(self, indexes, grad_outputs):
-        (y,) = self.get_retained_outputs()
-        g = chainer.Variable(relu_backward(y.array, grad_outputs[0].array))
+        y = self.get_retained_outputs()[0].array
+        gys = [g.array for g in grad_outputs if g is not None]
+        if len(gys) == 2:
+            gx = np.empty(y.shape, dtype=gys[0].dtype)
+            _relu_backward2(_flat(y), _flat(gys[0]), _flat(gys[1]), gx.reshape(-1))
+        else:
+            gx = relu_backward(y, gys[0])
+        g = chainer.Variable(gx)
         return tuple(g for _ in indexes)
 
 
@@ -85,6 +106,7 @@ def relu(x):
     return ReLU().apply((x,))[0]
 
 
-def add_relu(a, b):
-    """``relu(a + b)`` on NumPy inputs."""
-    return AddReLU().apply((a, b))[0]
+def add_relu(a, b, fork=False):
+    """``relu(a + b)`` on NumPy inputs; ``fork``: two outputs (see :class:`AddReLU`)."""
+    out = AddReLU(fork).apply((a, b))
+    return out if fork else out[0]

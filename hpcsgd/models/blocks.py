@@ -57,10 +57,16 @@ class BasicBlock(chainer.Chain):
             else:
                 self.shortcut = None
 
+    #: Return the output twice (``ops.add_relu(fork=True)``) for a next BasicBlock, which then
+    #: feeds one to each branch: the two branches' gradients are summed inside the join's
+    #: backward instead of in a separate Chainer ``Add`` (set by :class:`Stage`).
+    fork_output = False
+
     def forward(self, x):
+        x, xs = x if isinstance(x, tuple) else (x, x)  # (main branch, shortcut) from a forking block
         h = self.b(self.a(x), relu=False)
-        s = x if self.shortcut is None else self.shortcut(x, relu=False)
-        return ops.add_relu(h, s)
+        s = xs if self.shortcut is None else self.shortcut(xs, relu=False)
+        return ops.add_relu(h, s, fork=self.fork_output)
 
 
 class Bottleneck(chainer.Chain):
@@ -96,6 +102,20 @@ class Stage(chainer.ChainList):
         for i in range(n):
             self.add_link(block(in_ch if i == 0 else width * block.expansion, width,
                                 stride if i == 0 else 1, **kw))
+        if block is BasicBlock:
+            for b in list(self)[:-1]:
+                b.fork_output = True
+
+    @property
+    def fork_output(self) -> bool:
+        """Whether the last block forks its output (True only when a BasicBlock Stage follows)."""
+        return self[-1].fork_output
+
+    @fork_output.setter
+    def fork_output(self, value: bool) -> None:
+        if not isinstance(self[-1], BasicBlock):
+            raise ValueError("only a BasicBlock stage can fork its output")
+        self[-1].fork_output = bool(value)
 
     def forward(self, x):
         for block in self:

@@ -13,7 +13,9 @@ Contract (every backend must keep it):
   mode with batch statistics; ``mean`` and ``var`` are plain arrays (biased
   variance, per channel) for the link to keep; ``relu`` fuses max(0, .).
 * ``fixed_batch_norm(x, gamma, beta, mean, var, eps, relu)`` -> y: inference.
-* ``add_relu(a, b)`` -> relu(a + b), the residual join.
+* ``add_relu(a, b, fork=False)`` -> relu(a + b), the residual join; ``fork=True`` -> the
+  output twice ``(y1, y2)``, for a consumer that uses it in two branches (a backend may sum
+  their gradients itself; values and gradients are those of ``y`` used twice).
 * ``relu(x)`` -> y.
 * ``max_pool2d(x, ksize, stride=None, pad=0)`` -> y, floor mode
   (``cover_all=False``: the ResNet stem's 3x3/2 pad-1 pooling); added for the
@@ -48,8 +50,9 @@ def _chainer_fixed_batch_norm(x, gamma, beta, mean, var, eps=2e-5, relu=False):
     return F.relu(y) if relu else y
 
 
-def _chainer_add_relu(a, b):
-    return F.relu(a + b)
+def _chainer_add_relu(a, b, fork=False):
+    y = F.relu(a + b)
+    return (y, y) if fork else y
 
 
 def _chainer_max_pool2d(x, ksize, stride=None, pad=0):
@@ -88,8 +91,8 @@ def fixed_batch_norm(x, gamma, beta, mean, var, eps=2e-5, relu=False):
     return _impl("fixed_batch_norm", x)(x, gamma, beta, mean, var, eps, relu)
 
 
-def add_relu(a, b):
-    return _impl("add_relu", a)(a, b)
+def add_relu(a, b, fork=False):
+    return _impl("add_relu", a)(a, b, fork)
 
 
 def relu(x):

@@ -37,6 +37,7 @@ class SmallResNet(chainer.Chain):
             self.stage2 = Stage(BasicBlock, n, width, 2 * width, 2, **zi)
             self.stage3 = Stage(BasicBlock, n, 2 * width, 4 * width, 2, **zi)
             self.fc = fc_layer(4 * width, n_classes)
+        self.stage1.fork_output = self.stage2.fork_output = True  # each feeds a BasicBlock stage
 
     def forward(self, x):
         h = self.stage3(self.stage2(self.stage1(self.stem(x))))
