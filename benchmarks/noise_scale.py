@@ -158,6 +158,20 @@ def use_uniform_classifier_init() -> None:
     resnet_small.fc_layer = fc_layer
 
 
+def use_pytorch_default_init() -> None:
+    """Initialize every layer as PyTorch's defaults do: conv and classifier weights U(+-1/sqrt(fan_in)).
+
+    PyTorch's ``nn.Conv2d`` uses kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)), where
+    hpcsgd uses He normal (fan_out); BN starts at gamma = 1, beta = 0 in both.
+    """
+    import chainer
+
+    import hpcsgd.models.blocks as blocks
+
+    use_uniform_classifier_init()
+    blocks.he_normal = lambda: chainer.initializers.LeCunUniform(scale=3 ** -0.5)
+
+
 def endless(loader):
     epoch = 0
     while True:
@@ -178,8 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--fc-init", choices=("hpcsgd", "uniform"), default="hpcsgd",
-                   help="classifier init: hpcsgd's N(0, 0.01), or U(+-1/sqrt(fan_in)) (PyTorch's default)")
+    p.add_argument("--fc-init", choices=("hpcsgd", "uniform", "pytorch"), default="hpcsgd",
+                   help="classifier init: hpcsgd's N(0, 0.01), or U(+-1/sqrt(fan_in)) (PyTorch's default); "
+                        "pytorch: also the convolutions as PyTorch's default")
     p.add_argument("--bn-eval", action="store_true",
                    help="also measure with BN in eval mode (running averages)")
     p.add_argument("--save-dir", help="save the model (npz) at each measurement point here")
@@ -196,6 +211,8 @@ def main(argv=None) -> int:
     cfg = config(args)
     if args.fc_init == "uniform":
         use_uniform_classifier_init()
+    elif args.fc_init == "pytorch":
+        use_pytorch_default_init()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(cfg, tmp)
