@@ -6,6 +6,9 @@ engine is driven (blocking, overlap on and off, double buffering's async mean)
 must publish this rank's float64 |g_local|^2 (the NumPy reference, taken from a
 copy of the local gradients before the reduction), and the averaged gradients
 must be bitwise those of the same reduction with the measurement off.
+Through the optimizers (plain and double buffering), ``NoiseScale`` with the
+pack-pass source at ``lag=0`` pairs each applied average with the local norm of
+the step that produced it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import copy
 import gc
 
+import chainer
 import chainer.functions as F
 import numpy as np
 from mpi4py import MPI
@@ -21,6 +25,8 @@ from hpcsgd.comm import create_communicator
 from hpcsgd.comm.overlap import OverlappedReducer
 from hpcsgd.comm.packing import LOCAL_SQ_NORM
 from hpcsgd.models import build_model
+from hpcsgd.optim.multi_node import create_multi_node_optimizer
+from hpcsgd.train.noise_scale import NoiseScale, PackPassLocalNorms
 
 ACCUM = 2
 
@@ -110,7 +116,38 @@ def run_case(name, wire, rank):
     comm.finalize()
 
 
+def check_pairing(rank, **mode):
+    """Step t's applied average (t-1's with double buffering) is paired with that step's local norm."""
+    comm = create_communicator("flat")
+    model = build_model("resnet_small", 10, depth=8, width=4, bn_mode="batch")
+    opt = create_multi_node_optimizer(chainer.optimizers.SGD(lr=0.05), comm, **mode)
+    opt.setup(model)
+    noise = NoiseScale(4, 4 * comm.size, PackPassLocalNorms(), decay=0.5, lag=0)
+    opt.add_hook(noise.big_hook, name="noise_scale", timing="pre")
+    stale = bool(mode.get("double_buffering"))
+    refs = []
+    for step in range(4):
+        model.cleargrads()
+        x, t = batch(rank, 10 + step)
+        F.softmax_cross_entropy(model(x), t).backward()
+        refs.append(f64_sq(grads(model)))
+        opt.update()
+        before = noise.int_small
+        noise.end_step()
+        if stale and step == 0:
+            assert noise.int_n == 0, "double buffering applies nothing at step 0"
+            continue
+        want = refs[step - 1] if stale else refs[step]
+        got = noise.int_small - before
+        assert abs(got - want) <= 1e-12 * want, f"{mode} step {step}: paired {got!r}, want {want!r}"
+    assert noise.int_n == (3 if stale else 4), (mode, noise.int_n)
+    opt.finalize()
+    comm.finalize()
+
+
 rank = MPI.COMM_WORLD.Get_rank()
+for mode in ({}, {"double_buffering": True}):
+    check_pairing(rank, **mode)
 for name in ("naive", "flat", "hierarchical"):
     for wire in ("float32", "float16"):
         run_case(name, wire, rank)
