@@ -10,10 +10,15 @@ on Fashion-MNIST (normalized, no augmentation), trained on one rank at batch
 128 with momentum SGD (LR 0.05 constant, momentum 0.9, no weight decay).
 
 At each measurement epoch the training is paused and hpcsgd's estimator
-(:mod:`hpcsgd.train.noise_scale`) measures B_noise exactly as the reference
-did: 32 micro-batches of 128 (``B_small`` = 128) from their own loader, their
-per-micro-batch squared norms averaged (:class:`DriverLocalNorms`, the
-driver's code path) and the squared norm of their average (``B_big`` = 4096).
+(:func:`hpcsgd.train.noise_scale.estimate`) measures B_noise exactly as the
+reference did: 32 micro-batches of 128 (``B_small`` = 128) from their own
+loader, each micro-batch's gradient by its own backward pass, their squared
+norms averaged and the squared norm of their average (``B_big`` = 4096).
+From the same gradients it also gives the jackknife standard error over the
+micro-batches (``b_noise_jk_se``) and the estimate of a 1-rank, 2-micro-batch
+``hpcsgd train`` run (``b_noise_pairs``: B_big = 256, norms averaged over the
+16 pairs); ``--bn-eval`` measures the same micro-batches with BN in eval mode,
+``--save-dir`` keeps the model at each point.
 Nothing the measurement touches reaches the trajectory: the parameters are
 not updated, the training loader and RNG are untouched, and the BN running
 averages are restored afterwards. ``--repeats R`` measures R independent sets
