@@ -10,10 +10,15 @@ on Fashion-MNIST (normalized, no augmentation), trained on one rank at batch
 128 with momentum SGD (LR 0.05 constant, momentum 0.9, no weight decay).
 
 At each measurement epoch the training is paused and hpcsgd's estimator
-(:mod:`hpcsgd.train.noise_scale`) measures B_noise exactly as the reference
-did: 32 micro-batches of 128 (``B_small`` = 128) from their own loader, their
-per-micro-batch squared norms averaged (:class:`DriverLocalNorms`, the
-driver's code path) and the squared norm of their average (``B_big`` = 4096).
+(:func:`hpcsgd.train.noise_scale.estimate`) measures B_noise exactly as the
+reference did: 32 micro-batches of 128 (``B_small`` = 128) from their own
+loader, each micro-batch's gradient by its own backward pass, their squared
+norms averaged and the squared norm of their average (``B_big`` = 4096).
+From the same gradients it also gives the jackknife standard error over the
+micro-batches (``b_noise_jk_se``) and the estimate of a 1-rank, 2-micro-batch
+``hpcsgd train`` run (``b_noise_pairs``: B_big = 256, norms averaged over the
+16 pairs); ``--bn-eval`` measures the same micro-batches with BN in eval mode,
+``--save-dir`` keeps the model at each point.
 Nothing the measurement touches reaches the trajectory: the parameters are
 not updated, the training loader and RNG are untouched, and the BN running
 averages are restored afterwards. ``--repeats R`` measures R independent sets
@@ -26,12 +31,13 @@ the reference values drawn in the same plot).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
 import sys
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -60,30 +66,82 @@ def config(args) -> dict:
     return C.resolve(C.merge(raw), world_size=1)
 
 
-class _NoComm:
-    def backward_scope(self, last):
-        return contextlib.nullcontext()
+def micro_gradients(run, batches, train: bool = True) -> np.ndarray:
+    """(micro, n_params) float64: each micro-batch's gradient at the current parameters, by its own backward.
 
+    ``train=False`` evaluates BN with its running averages (eval mode) instead of the
+    micro-batch's statistics. The parameters are not updated; BN running averages are restored.
+    """
+    import chainer
+    import chainer.functions as F
 
-def measure(run, stream, micro: int) -> dict:
-    """One B_noise measurement at the current parameters from ``micro`` micro-batches of ``stream``."""
-    from hpcsgd.train.loop import accumulate_gradients
-    from hpcsgd.train.noise_scale import DriverLocalNorms, estimate, ratio, sq_norm
-
-    model, b = run.model, run.cfg["batch_per_rank"]
+    model = run.model
     saved = {(path, name): copy.deepcopy(getattr(link, name))  # BN running averages
              for path, link in model.namedlinks() for name in link._persistent}
-    local = DriverLocalNorms(model)
-    accumulate_gradients(model, stream, micro, _NoComm(), run.tracer, run.loss_fn,
-                         after_backward=local.after_backward)
-    total, n = local.take()
-    big = sq_norm([p.grad for p in model.params() if p.grad is not None])
+    out = []
+    with chainer.using_config("train", train):
+        for x, t in batches:
+            model.cleargrads()
+            F.softmax_cross_entropy(model(x), t).backward()
+            out.append(np.concatenate([p.grad.ravel() for _, p in sorted(model.namedparams())]))
     links = dict(model.namedlinks())
     for (path, name), value in saved.items():
         setattr(links[path], name, value)
     model.cleargrads()
-    g2, tr = estimate(total / n, big, b, b * micro)
-    return {"b_noise": ratio(tr, g2), "grad_sq": g2, "trace_sigma": tr, "small_sq": total / n, "big_sq": big}
+    return np.asarray(out, np.float64)
+
+
+def estimates(g: np.ndarray, b: int) -> dict:
+    """B_noise from per-micro-batch gradients ``g`` (micro, n) of ``b`` images each, three ways.
+
+    ``b_noise``: the reference protocol (B_small = b, B_big = micro x b, one big gradient);
+    ``b_noise_jk_se``: its jackknife standard error over the micro-batches;
+    ``b_noise_pairs``: the in-training estimator of a 1-rank, 2-micro-batch run (B_big = 2b),
+    the ratio of the estimates from the norms averaged over the micro // 2 pairs.
+    """
+    from hpcsgd.train.noise_scale import estimate, ratio
+
+    n = len(g)
+    sq = np.einsum("ij,ij->i", g, g)
+    total = g.sum(0)
+    small, mean = sq.mean(), total / n
+    g2, tr = estimate(small, float(mean @ mean), b, b * n)
+    loo = []
+    for j in range(n):
+        m = (total - g[j]) / (n - 1)
+        g2j, trj = estimate((sq.sum() - sq[j]) / (n - 1), float(m @ m), b, b * (n - 1))
+        loo.append(trj / g2j)
+    loo = np.asarray(loo)
+    pairs = (g[0:n - n % 2:2] + g[1:n - n % 2:2]) / 2
+    g2p, trp = estimate(small, float(np.einsum("ij,ij->i", pairs, pairs).mean()), b, 2 * b)
+    se = float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
+    return {"b_noise": ratio(tr, g2), "grad_sq": g2, "trace_sigma": tr, "small_sq": small,
+            "big_sq": float(mean @ mean), "b_noise_jk_se": se,
+            "b_noise_pairs": ratio(trp, g2p), "grad_sq_pairs": g2p, "trace_sigma_pairs": trp}
+
+
+def measure(run, stream, micro: int, bn_eval: bool = False) -> dict:
+    """One B_noise measurement at the current parameters from ``micro`` micro-batches of ``stream``.
+
+    Each micro-batch's gradient comes from its own backward pass (the same values as
+    :class:`DriverLocalNorms`' differences, tested in tests/test_noise_scale.py).
+    ``bn_eval``: also measure the same micro-batches with BN in eval mode (``*_bn_eval``).
+    """
+    b = run.cfg["batch_per_rank"]
+    batches = [next(stream) for _ in range(micro)]
+    out = estimates(micro_gradients(run, batches), b)
+    if bn_eval:
+        ev = estimates(micro_gradients(run, batches, train=False), b)
+        out.update({f"{k}_bn_eval": v for k, v in ev.items() if k in ("b_noise", "grad_sq", "trace_sigma",
+                                                                        "b_noise_jk_se")})
+    return out
+
+
+def save_checkpoint(run, path: str) -> None:
+    """The parameters and BN averages at this point (npz), to remeasure without retraining."""
+    import chainer
+
+    chainer.serializers.save_npz(path, run.model)
 
 
 def use_uniform_classifier_init() -> None:
@@ -103,6 +161,20 @@ def use_uniform_classifier_init() -> None:
                         initial_bias=chainer.initializers.Uniform(bound))
 
     resnet_small.fc_layer = fc_layer
+
+
+def use_pytorch_default_init() -> None:
+    """Initialize every layer as PyTorch's defaults do: conv and classifier weights U(+-1/sqrt(fan_in)).
+
+    PyTorch's ``nn.Conv2d`` uses kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)), where
+    hpcsgd uses He normal (fan_out); BN starts at gamma = 1, beta = 0 in both.
+    """
+    import chainer
+
+    import hpcsgd.models.blocks as blocks
+
+    use_uniform_classifier_init()
+    blocks.he_normal = lambda: chainer.initializers.LeCunUniform(scale=3 ** -0.5)
 
 
 def endless(loader):
@@ -125,8 +197,12 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--fc-init", choices=("hpcsgd", "uniform"), default="hpcsgd",
-                   help="classifier init: hpcsgd's N(0, 0.01), or U(+-1/sqrt(fan_in)) (PyTorch's default)")
+    p.add_argument("--fc-init", choices=("hpcsgd", "uniform", "pytorch"), default="hpcsgd",
+                   help="classifier init: hpcsgd's N(0, 0.01), or U(+-1/sqrt(fan_in)) (PyTorch's default); "
+                        "pytorch: also the convolutions as PyTorch's default")
+    p.add_argument("--bn-eval", action="store_true",
+                   help="also measure with BN in eval mode (running averages)")
+    p.add_argument("--save-dir", help="save the model (npz) at each measurement point here")
     p.add_argument("--quick", action="store_true", help="synthetic data, for a smoke test of the machinery")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "noise_scale.json"))
     args = p.parse_args(argv)
@@ -140,6 +216,8 @@ def main(argv=None) -> int:
     cfg = config(args)
     if args.fc_init == "uniform":
         use_uniform_classifier_init()
+    elif args.fc_init == "pytorch":
+        use_pytorch_default_init()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(cfg, tmp)
@@ -149,14 +227,23 @@ def main(argv=None) -> int:
         try:
             for epoch in args.epochs:
                 target = round(epoch * run.iters_per_epoch)
+                losses = []
                 while run.iteration < target:
-                    run.step()
-                meas = [measure(run, stream, args.micro_batches) for _ in range(args.repeats)]
+                    losses.append(run.step())
+                if args.save_dir:
+                    os.makedirs(args.save_dir, exist_ok=True)
+                    save_checkpoint(run, os.path.join(args.save_dir, f"iter{run.iteration:05d}.npz"))
+                meas = [measure(run, stream, args.micro_batches, args.bn_eval) for _ in range(args.repeats)]
                 bn = [m["b_noise"] for m in meas]
                 points.append({"epoch": run.epoch(), "iteration": run.iteration, "measurements": meas,
-                               "b_noise": [x for x in bn], "elapsed_s": time.perf_counter() - t0})
+                               "b_noise": [x for x in bn], "elapsed_s": time.perf_counter() - t0,
+                               "train_loss_since_last": float(np.mean(losses)) if losses else None})
                 shown = ", ".join("n/a" if x is None else f"{x:.0f}" for x in bn)
-                print(f"epoch {run.epoch():5.2f} (iteration {run.iteration:5d}): B_noise {shown}", flush=True)
+                extra = ", ".join(f"{k} {m[k]:.0f}" for m in meas for k in ("b_noise_jk_se", "b_noise_pairs",
+                                                                             "b_noise_bn_eval")
+                                  if m.get(k) is not None)
+                print(f"epoch {run.epoch():5.2f} (iteration {run.iteration:5d}): B_noise {shown} ({extra})",
+                      flush=True)
                 write(args, cfg, points)
         finally:
             probe_loader.close()

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from hpcsgd.runtime.trace import get_tracer
-from hpcsgd.train import noise_scale as NS
 from hpcsgd.train.loop import accumulate_gradients
 from hpcsgd.train.noise_scale import DriverLocalNorms, NoiseScale, estimate, ratio, sq_norm
 
@@ -245,22 +244,6 @@ def test_double_buffering_pairs_the_applied_gradient_with_its_own_step():
     local.value, noise._big = 20.0, 3.0
     noise.end_step()          # step 1 applies step 0's averaged gradient: paired with 10.0
     assert noise.steps == 1 and noise.int_small == 10.0 and noise.int_big == 3.0
-
-
-def test_the_local_norm_source_is_switched_in_one_place(monkeypatch):
-    cfg = {"world_size": 2, "batch_per_rank": 8, "grad_accumulation": 3, "overlap": False}
-
-    class PackingComm:
-        last_local_sq_norm = 2.5
-
-    local, b_small = NS.local_source(cfg, small_net(), PackingComm())
-    assert isinstance(local, DriverLocalNorms) and b_small == 8
-    monkeypatch.setattr(NS, "USE_PACK_PASS", True)
-    local, b_small = NS.local_source(cfg, small_net(), PackingComm())
-    assert isinstance(local, NS.PackPassLocalNorms) and b_small == 24  # the rank's whole batch
-    assert local.take() == (2.5, 1)
-    with pytest.raises(ValueError, match="no last_local_sq_norm"):
-        NS.local_source(cfg, small_net(), object())
 
 
 def test_in_place_accumulation_is_refused_and_untouched_gradients_add_zero():

@@ -12,6 +12,13 @@ slot) and packs/unpacks any flat range with the fused kernels of
 :mod:`hpcsgd.comm.wire_kernels`: ``pack`` scales by ``1/size`` and casts in one pass,
 ``unpack`` casts back and counts non-finite values in the same pass.
 
+:data:`LOCAL_SQ_NORM` (for the gradient noise scale, :mod:`hpcsgd.train.noise_scale`):
+while a consumer is subscribed, :class:`~hpcsgd.comm.reducer.GradReducer` sums the
+float64 squares of each bucket's *local* gradient values (:meth:`BoundGrads.sq_norm`)
+on the bucket's own pass, right before its algorithm packs it (so before any
+division by the world size or 16-bit cast, whatever the algorithm), and publishes
+the step's total when the reduction is waited for.
+
 Why pack at all instead of keeping gradients as views of the flat buffer?
 Chainer 7.8.1 never writes a gradient in place: backward computes each
 parameter's gradient as a new array and *replaces* ``param.grad`` with it
@@ -26,11 +33,15 @@ cache-sized buckets right before they are reduced.
 from __future__ import annotations
 
 import bisect
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from hpcsgd.comm import wire_kernels
+from hpcsgd.kernels._numba import FASTMATH
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,26 @@ class BoundGrads:
         for i, a, b in self.layout.pieces(lo, hi):
             wire_kernels.pack_into(self.piece(i, a, b), dst[a - lo:b - lo], scale, wire)
 
+    def sq_norm(self, lo: int, hi: int) -> float:
+        """sum_k flat[lo + k]^2 for ``k < hi - lo`` in float64: the local values, as they are now.
+
+        Why here: the reduction engine calls it per bucket right before the bucket's
+        algorithm reads the same (cache-hot) elements to pack them; CuPy pieces are
+        reduced on the device with one synchronization per call.
+        """
+        total, device = 0.0, None
+        for i, a, b in self.layout.pieces(lo, hi):
+            v = self.piece(i, a, b)
+            if isinstance(v, np.ndarray) and v.dtype in (np.float32, np.float64):
+                total += float(_sum_sq(v))
+            elif isinstance(v, np.ndarray):  # float16 parameters: numba has no half type
+                w = v.astype(np.float64)
+                total += float(w @ w)
+            else:
+                part = (v.astype("float64") ** 2).sum()
+                device = part if device is None else device + part
+        return total + (float(device) if device is not None else 0.0)
+
     def unpack(self, lo: int, hi: int, src: np.ndarray, scale: float, wire: str) -> int:
         """``flat[lo + k] = float(src[k]) * scale``; returns the number of non-finite results."""
         bad = 0
@@ -157,3 +188,56 @@ def unpack_all(layout: GradLayout, params: list, buffer: np.ndarray, scale: floa
                wire: str = "float32") -> int:
     """Unpack ``buffer`` into every gradient; returns the non-finite count."""
     return BoundGrads(layout, params).unpack(0, layout.total, buffer, scale, wire)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _sum_sq(a):  # serial: it runs on the reduction's worker thread, next to the serial pack kernels
+    s = 0.0
+    for i in range(a.size):
+        v = np.float64(a[i])
+        s += v * v
+    return s
+
+
+class LocalSqNorm:
+    """The last completed reduction's local squared gradient norm, |g_local|^2 (float64, unscaled).
+
+    Why process-wide rather than a communicator attribute: double buffering and overlap
+    reduce on private clones of the training communicator, so the engine that sees the
+    local gradient is not the object the training loop holds. One process is one rank,
+    and one gradient reduction completes per optimizer step.
+
+    A consumer :meth:`subscribe`\\ s (held weakly: measuring stops once every consumer is
+    gone); engines then measure each step (:meth:`armed`) and :meth:`publish` its total
+    at ``wait()``; a consumer :meth:`read`\\ s ``(value, serial)`` and compares the serial
+    with the last one it used, so a step without a completed reduction reads as nothing.
+    Units: (gradient units)^2, summed over every reduced element of this rank.
+    """
+
+    def __init__(self) -> None:
+        self._consumers: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._value, self._serial = float("nan"), 0
+
+    def subscribe(self, consumer) -> int:
+        """Start measuring for ``consumer`` (weakly held); returns the current serial."""
+        with self._lock:
+            self._consumers.add(consumer)
+            return self._serial
+
+    def armed(self) -> bool:
+        """True while any consumer is subscribed: engines measure the next step."""
+        return len(self._consumers) > 0
+
+    def publish(self, value: float) -> None:
+        with self._lock:
+            self._value, self._serial = float(value), self._serial + 1
+
+    def read(self) -> tuple[float, int]:
+        """(last published |g_local|^2, its serial); serial 0: nothing published yet."""
+        with self._lock:
+            return self._value, self._serial
+
+
+#: The process's pack-pass local squared norm (see :class:`LocalSqNorm`).
+LOCAL_SQ_NORM = LocalSqNorm()

@@ -35,7 +35,7 @@ import numpy as np
 
 from hpcsgd.comm import wire_kernels
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
-from hpcsgd.comm.packing import BoundGrads, GradLayout, flat_view
+from hpcsgd.comm.packing import LOCAL_SQ_NORM, BoundGrads, GradLayout, flat_view
 from hpcsgd.errors import ConfigError
 from hpcsgd.runtime.watchdog import collective
 
@@ -133,6 +133,7 @@ class GradReducer:
         self._inplace: dict[int, object] = {}  # slot -> gradient array reduced in place
         self._worker: _Worker | None = None
         self.launch_times: list[float] = []
+        self._sq: float | None = None  # this step's local squared norm, while LOCAL_SQ_NORM is armed
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -157,6 +158,7 @@ class GradReducer:
         self._inplace = {}
         self.grads.vectors[:] = [None] * len(self.layout)
         self.launch_times = []
+        self._sq = 0.0 if LOCAL_SQ_NORM.armed() else None
 
     def bind(self, params: list) -> None:
         """Use ``[(name, param)]`` (layout order) as this step's gradients, reduced in place."""
@@ -193,6 +195,8 @@ class GradReducer:
 
     # -- running ---------------------------------------------------------------------------
     def _run(self, i: int) -> None:
+        if self._sq is not None:  # the local values, before the algorithm scales, casts or reduces them
+            self._sq += self.grads.sq_norm(*self.algorithm.ranges[i])
         self._bad[i] = self.algorithm.run(i)
 
     def launch(self, i: int) -> None:
@@ -221,10 +225,14 @@ class GradReducer:
     def wait(self) -> int:
         """Wait for every launched bucket; returns the non-finite count (same on all ranks).
 
-        Re-raises an error of the worker thread.
+        Re-raises an error of the worker thread. When every bucket ran and
+        ``LOCAL_SQ_NORM`` was armed at :meth:`begin`, publishes the step's local squared norm.
         """
         if self._worker is not None:
             self._worker.wait()
+        if self._sq is not None and self._launched == self.n_buckets:  # once per step, when complete
+            LOCAL_SQ_NORM.publish(self._sq)
+            self._sq = None
         return sum(self._bad)
 
     def write_back(self, params: dict, skip=()) -> None:

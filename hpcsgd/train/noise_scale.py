@@ -25,11 +25,12 @@ EMA are linear, so each rank smooths its own ``|G_small|^2`` and the rank mean
 is taken only when a record is logged: one ``Allreduce`` of three float64 per
 ``log_interval``, no per-step collective.
 
-The local squared norms come from :class:`DriverLocalNorms` (a fused pass over
-the gradients after each micro-batch's backward, see :func:`sq_norm`); a
-communicator that computes them in its pack pass replaces that one object
-(``NoiseScale.local``). Units: squared gradient norms in (loss units /
-parameter unit)^2, batch sizes and B_noise in images.
+The local squared norms come from one of two sources, chosen in :func:`local_source`:
+with two or more ranks and one micro-batch, the gradient reduction's own bucket
+pass (:class:`PackPassLocalNorms`, :data:`hpcsgd.comm.packing.LOCAL_SQ_NORM`);
+with micro-batches, :class:`DriverLocalNorms` (a pass over the gradients after
+each micro-batch's backward, see :func:`sq_norm`). Units: squared gradient
+norms in (loss units / parameter unit)^2, batch sizes and B_noise in images.
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ import numpy as np
 
 #: Default EMA decay per optimizer step (time constant ~100 steps).
 DEFAULT_DECAY = 0.99
-#: Take |G_small|^2 from the communicator's pack pass (``comm.last_local_sq_norm``) when it has one.
-USE_PACK_PASS = False
 #: Arrays at least this long use the parallel numba kernels; shorter ones one BLAS dot.
 _NUMBA_MIN = 1 << 15
 
@@ -137,7 +136,7 @@ class DriverLocalNorms:
 
     ``skip_last``: with ``overlap`` the last micro-batch's gradients are packed
     and reduced during its backward, so only the micro-batches before it are
-    measured (any subset is unbiased); the pack pass is the place for the rest.
+    measured (any subset is unbiased).
     """
 
     def __init__(self, model, skip_last: bool = False) -> None:
@@ -175,27 +174,37 @@ class DriverLocalNorms:
 
 
 class PackPassLocalNorms:
-    """|G_small|^2 from the communicator's pack pass (``comm.last_local_sq_norm``), once it provides one.
+    """|G_small|^2 from the gradient reduction's bucket pass (:data:`~hpcsgd.comm.packing.LOCAL_SQ_NORM`).
 
-    The pack kernel reads every local gradient once anyway; summing ``g * g`` in
-    float64 there costs one multiply-add per element and no extra memory pass,
-    and with ``overlap`` it sees the gradients before they are reduced in place.
-    It sees the rank's *accumulated* gradient, so its batch is the rank's whole
-    batch (``batch_per_rank x grad_accumulation``): a valid ``B_small`` for two
-    or more ranks (see :func:`local_source`).
+    Why: the reduction engine reads every local gradient right before packing it;
+    summing the float64 squares there (per bucket, before any division by the
+    world size or 16-bit cast) replaces the separate per-micro-batch pass, and with
+    ``overlap`` it sees the gradients before they are reduced in place. It sees the
+    rank's *accumulated* gradient, the mean of its micro-batches' gradients, so its
+    batch is the rank's whole batch (``batch_per_rank x grad_accumulation``).
+
+    The value is published when the reduction is waited for, which is before the
+    optimizer's pre-update hook of the step that applies it, also with double
+    buffering (the reduction of step t-1 is waited for in step t): so this source
+    pairs with ``lag=0``. A step without a completed reduction reads as no sample.
     """
 
-    def __init__(self, comm) -> None:
-        if not hasattr(comm, "last_local_sq_norm"):
-            raise ValueError(f"{type(comm).__name__} has no last_local_sq_norm: its pack pass does not "
-                             "measure the local gradient norm; use DriverLocalNorms")
-        self.comm = comm
+    def __init__(self) -> None:
+        from hpcsgd.comm.packing import LOCAL_SQ_NORM
+
+        self._sink = LOCAL_SQ_NORM
+        self._seen = self._sink.subscribe(self)
 
     def after_backward(self, micro: int, accum: int) -> None:
-        """Nothing to do during backward: the pack pass measures."""
+        """Nothing to do during backward: the reduction measures."""
 
     def take(self) -> tuple[float, int]:
-        return float(self.comm.last_local_sq_norm), 1
+        """(last completed reduction's |g_local|^2, 1); (0.0, 0) if none completed since the last take."""
+        value, serial = self._sink.read()
+        if serial == self._seen:
+            return 0.0, 0
+        self._seen = serial
+        return value, 1
 
 
 class _EMA:
@@ -218,8 +227,9 @@ class NoiseScale:
     Per step: ``local.after_backward`` (via ``accumulate_gradients``), the
     optimizer pre-hook :meth:`big_hook` (only when an update is applied), then
     :meth:`end_step`. Per log interval: :meth:`aggregate` (collective).
-    ``lag=1`` for double buffering, whose update applies the previous step's
-    averaged gradients: those are paired with that step's local norms.
+    ``lag=1`` for double buffering with a source that measures during the step
+    (:class:`DriverLocalNorms`): its update applies the previous step's averaged
+    gradients, which are paired with that step's local norms.
     """
 
     def __init__(self, b_small: int, b_big: int, local, decay: float = DEFAULT_DECAY, lag: int = 0) -> None:
@@ -285,32 +295,42 @@ def disabled_reason(cfg: dict) -> str | None:
         return "noise_scale: false"
     if cfg["world_size"] * cfg["grad_accumulation"] < 2:
         return "1 rank and 1 micro-batch: no second batch size to compare"
-    if cfg["overlap"] and cfg["grad_accumulation"] < 2 and not USE_PACK_PASS:
-        return ("overlap reduces the only micro-batch during its backward; the local norm needs the "
-                "pack pass (or grad_accumulation >= 2)")
     return None
 
 
-def local_source(cfg: dict, model, comm=None):
-    """(source of |G_small|^2, B_small in images): the one place that chooses the source.
+def uses_pack_pass(cfg: dict) -> bool:
+    """True when |G_small|^2 comes from the reduction's bucket pass (two or more ranks, one micro-batch).
 
-    Per micro-batch after each backward (:class:`DriverLocalNorms`), unless
-    :data:`USE_PACK_PASS` is set and the communicator's pack pass sums the
-    squares: then, for two or more ranks, :class:`PackPassLocalNorms` with the
-    rank's whole batch as ``B_small``.
+    Why not with micro-batches: the reduction sees only each rank's accumulated
+    gradient (B_small = ``batch_per_rank x grad_accumulation``, ``world_size``
+    samples per step), while the per-micro-batch source has B_small =
+    ``batch_per_rank`` and ``world_size x grad_accumulation`` samples. For
+    noise-dominated norms the standard error of tr(Sigma) is about
+    sqrt(grad_accumulation) times smaller with the latter (docs/noise_scale.md),
+    so accumulating runs keep it. One rank has no reduction to measure in.
     """
-    if USE_PACK_PASS and comm is not None and cfg["world_size"] > 1:
-        return PackPassLocalNorms(comm), cfg["batch_per_rank"] * cfg["grad_accumulation"]
-    return DriverLocalNorms(model, skip_last=cfg["overlap"]), cfg["batch_per_rank"]
+    return cfg["world_size"] > 1 and cfg["grad_accumulation"] == 1
+
+
+def local_source(cfg: dict, model):
+    """(source of |G_small|^2, B_small in images, lag): the one place that chooses the source.
+
+    ``lag`` is the :class:`NoiseScale` pairing lag: 1 for double buffering with the
+    per-micro-batch source (its norms are taken a step before their average is
+    applied), 0 otherwise (see :class:`PackPassLocalNorms`).
+    """
+    if uses_pack_pass(cfg):
+        return PackPassLocalNorms(), cfg["batch_per_rank"], 0
+    lag = 1 if cfg["double_buffering"] else 0
+    return DriverLocalNorms(model, skip_last=cfg["overlap"]), cfg["batch_per_rank"], lag
 
 
 def from_config(cfg: dict, model, optimizer, comm=None) -> NoiseScale | None:
     """The run's tracker with its optimizer hook installed, or None (see :func:`disabled_reason`)."""
     if disabled_reason(cfg):
         return None
-    local, b_small = local_source(cfg, model, comm)
-    noise = NoiseScale(b_small, cfg["global_batch"], local, decay=cfg["noise_scale_ema"],
-                       lag=1 if cfg["double_buffering"] else 0)
+    local, b_small, lag = local_source(cfg, model)
+    noise = NoiseScale(b_small, cfg["global_batch"], local, decay=cfg["noise_scale_ema"], lag=lag)
     optimizer.add_hook(noise.big_hook, name="noise_scale", timing="pre")
     hooks = getattr(optimizer, "_hookable", None)
     pre = getattr(hooks, "_pre_update_hooks", None)

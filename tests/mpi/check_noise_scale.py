@@ -4,8 +4,10 @@
 
 Cases by world size (each a short `hpcsgd train` on synthetic data):
 
-* 2 ranks: one micro-batch; two micro-batches with overlap (only the first
-  micro-batch is measured locally); double buffering (one-step-stale pairing);
+* 2 ranks: one micro-batch (the local norm from the reduction's pack pass), also
+  with overlap and with double buffering (one-step-stale gradients, paired with the
+  reduction that produced them); two micro-batches with overlap (per micro-batch:
+  only the first is measured locally);
 * 1 rank: two micro-batches (measured); one micro-batch (nothing to compare:
   nothing logged, summary says why).
 
@@ -65,7 +67,7 @@ def records(out):
         return [json.loads(x) for x in f if json.loads(x)["kind"] == "train"]
 
 
-def check_measured(out, accum, applied):
+def check_measured(out, accum, applied, source):
     recs = records(out)
     assert len(recs) == ITERS // 2, recs
     noise = [r["noise_scale"] for r in recs]
@@ -82,7 +84,7 @@ def check_measured(out, accum, applied):
         s = json.load(open(os.path.join(out, "summary.json")))
         ns = s["noise_scale"]
         assert ns["measured"] and ns["steps"] == applied and ns["b_big"] == B * size * accum, ns
-        assert ns["trace_sigma"] > 0 and ns["local_norms"] == "DriverLocalNorms", ns
+        assert ns["trace_sigma"] > 0 and ns["local_norms"] == source, ns
         train_hist = [h for h in s["history"] if h["kind"] == "train"]
         assert all("b_noise" in h and "b_noise_raw" in h for h in train_hist), train_hist
         assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
@@ -90,14 +92,16 @@ def check_measured(out, accum, applied):
 
 if size >= 2:
     train(os.path.join(base, "r2"), 1)
-    check_measured(os.path.join(base, "r2"), 1, ITERS)
+    check_measured(os.path.join(base, "r2"), 1, ITERS, "PackPassLocalNorms")
+    train(os.path.join(base, "r2ov1"), 1, "--set", "overlap=true")
+    check_measured(os.path.join(base, "r2ov1"), 1, ITERS, "PackPassLocalNorms")
     train(os.path.join(base, "r2ov"), 2, "--set", "overlap=true")
-    check_measured(os.path.join(base, "r2ov"), 2, ITERS)
+    check_measured(os.path.join(base, "r2ov"), 2, ITERS, "DriverLocalNorms")
     train(os.path.join(base, "r2db"), 1, "--set", "double_buffering=true")
-    check_measured(os.path.join(base, "r2db"), 1, ITERS - 1)  # the first step applies nothing
+    check_measured(os.path.join(base, "r2db"), 1, ITERS - 1, "PackPassLocalNorms")  # step 0 applies nothing
 elif size == 1:
     train(os.path.join(base, "r1acc"), 2)
-    check_measured(os.path.join(base, "r1acc"), 2, ITERS)
+    check_measured(os.path.join(base, "r1acc"), 2, ITERS, "DriverLocalNorms")
     train(os.path.join(base, "r1"), 1)
     assert all("noise_scale" not in r for r in records(os.path.join(base, "r1")))
     s = json.load(open(os.path.join(base, "r1", "summary.json")))
