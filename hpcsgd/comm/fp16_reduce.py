@@ -256,7 +256,8 @@ class ScaledHalfAllreduce:
     Speed: the exponent of each chunk (and of each sum) is remembered per source key
     and range; the next call packs with it while it takes the maximum, in one pass, and
     packs again only where the maximum moved to another binade (:func:`encode_chunk`,
-    :func:`sum_and_encode`). The bits never depend on the guess.
+    :func:`sum_and_encode`). A sent chunk is guessed only when its last two exponents
+    agreed. The bits never depend on the guess.
     """
 
     def __init__(self, comm):
@@ -265,7 +266,7 @@ class ScaledHalfAllreduce:
         self._buf = np.empty(0, np.uint16)
         self._rows = np.empty(0, np.uint16)
         self._acc = np.empty(0, np.float32)
-        self._last: dict = {}  # (source key, a, b) -> the exponent it got last time (a guess)
+        self._last: dict = {}  # (source key, range) -> the last exponent(s) it got (a guess)
 
     def _buffers(self, counts: np.ndarray, mine: int):
         k = self.size
@@ -294,8 +295,11 @@ class ScaledHalfAllreduce:
         last = self._last if src.key is not None else {}
 
         def encode(a, b, out):
+            # guess only for a chunk whose last two exponents agreed: a wrong guess costs
+            # more than the two-pass encode (about 1.3x), a right one saves about 0.2x
             key = (src.key, a, b)
-            last[key] = encode_chunk(src, a, b, out, last.get(key))
+            prev, e = last.get(key, (None, None))
+            last[key] = (e, encode_chunk(src, a, b, out, e if prev == e else None))
 
         with collective("allreduce16", nbytes=int(2 * n), stage="reduce_scatter"):
             for step in range(1, k):
@@ -303,7 +307,7 @@ class ScaledHalfAllreduce:
                 encode(int(displs[dst]), int(displs[dst] + counts[dst]), slot(dst))
                 self.comm.Sendrecv([slot(dst), t], dst, 18, [rows[frm], t], frm, 18)
         encode(lo, lo + mine, rows[r])
-        key = (src.key, "sum", lo, mine)
+        key = (src.key, "sum", lo, mine)  # a wrong guess for the sum costs little: always guess
         last[key] = sum_and_encode(rows, acc, slot(r), last.get(key))
         with collective("allreduce16", nbytes=int(2 * n), stage="allgather"):
             for step in range(1, k):
