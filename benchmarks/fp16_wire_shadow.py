@@ -9,10 +9,10 @@ returned, parameter by parameter. Recorded per step and parameter: relative L2
 error, signed bias along the reference (``<got - ref, ref> / |ref|^2``: negative
 means the wire shrinks the gradient), values flushed to zero, non-finite values;
 per step: the chunk headers (exponents) of every message, the communicator's
-non-finite count; per run: how often rank 0's exponent guesses (fp16_reduce's
-speculative encode) were right. Also recorded: the algorithm class, wire and bucket ranges the
-communicator built (so a float32 and a float16 run can be compared for everything
-but the wire).
+non-finite count, whether the ranks hold the same mean and parameters; per run: how
+often rank 0's exponent guesses (fp16_reduce's speculative encode) were right. Also
+recorded: the algorithm class, wire and bucket ranges the communicator built (so a
+float32 and a float16 run can be compared for everything but the wire).
 
     python benchmarks/fp16_wire_shadow.py --set "wire_dtype=float16" \
         --set "communicator_options={half_scaling: chunk, wire_ranks: 4096}" --epochs 1 \
@@ -24,6 +24,7 @@ Errors are dimensionless (relative to the float64 mean gradient of the same step
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -86,6 +87,11 @@ def install_shadow(log: dict) -> None:
         headers.clear()
         orig_mean(self, model, zero_fill)
         got = np.concatenate([p.grad.astype(np.float64).ravel() for _, p in params])
+        # every rank must hold the same mean (and, before it, the same parameters)
+        weights = np.concatenate([p.array.astype(np.float64).ravel() for _, p in params])
+        digests = self.mpi_comm.allgather((hashlib.sha256(got.tobytes()).hexdigest(),
+                                           hashlib.sha256(weights.tobytes()).hexdigest()))
+        log["rank_mismatch"] = log.get("rank_mismatch", 0) + int(len(set(digests)) != 1)
         if "names" not in log:
             log["names"] = names
             log["sizes"] = [int(p.grad.size) for _, p in params]
@@ -152,6 +158,7 @@ def summarize(log: dict, summary: dict) -> dict:
         "bias_param_mean_over_steps": {"min": float(P[:, :, 1].mean(axis=0).min()),
                                        "max": float(P[:, :, 1].mean(axis=0).max())},
         "exponent_guesses_rank0": log.get("guesses"),
+        "steps_ranks_differ": log.get("rank_mismatch"),  # mean gradient or parameters differ
         "flushed_total": int(P[:, :, 2].sum()), "nonfinite_total": int(P[:, :, 3].sum()),
         "comm_nonfinite": int(sum(s["nonfinite"] for s in log["steps"])),
         "headers_at": {str(i): log["steps"][i]["headers"] for i in q},

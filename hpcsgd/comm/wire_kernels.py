@@ -18,7 +18,10 @@ CPU kernels (numba, ``nogil`` so a worker thread can overlap them with Python):
 * :func:`sum_rows_to_wire`: float32 accumulation of ``k`` 16-bit rows, rounded
   once to the wire format (the bfloat16 and pre-divided float16 reductions);
   :func:`sum_scaled_rows`: the same for scaled float16 chunks, each row carrying
-  its power-of-two exponent.
+  its power-of-two exponent, with the sum's maximum from the same pass
+  (:func:`sum_scaled_rows_pack` also casts the sum with a guessed scale);
+  :func:`pack_f16_absmax`: :func:`pack_into` and :func:`absmax` in one pass (the
+  speculative encode of :mod:`hpcsgd.comm.fp16_reduce`).
 * :func:`reduce_shards`: ``dst = (a + b + ...) * scale`` over float32 shared-memory
   segments, counting non-finite results.
 
