@@ -33,6 +33,7 @@ import tempfile
 
 import numpy as np
 
+PERTURB_SEED = int(os.environ.get("HPCSGD_SHADOW_PERTURB_SEED", "0"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "jobs", "configs", "fashion_mnist.yaml")
 
@@ -47,7 +48,7 @@ def _param_stats(got: np.ndarray, ref: np.ndarray) -> tuple[float, float, int, i
             int((~np.isfinite(got)).sum()))
 
 
-def install_shadow(log: dict) -> None:
+def install_shadow(log: dict, perturb: float = 0.0) -> None:
     """Wrap ``ReducingCommunicator.multi_node_mean_grad`` and the chunk encoder to fill ``log``."""
     from hpcsgd.comm import fp16_reduce, wire_kernels
     from hpcsgd.comm.packing import select_params
@@ -86,6 +87,10 @@ def install_shadow(log: dict) -> None:
         ref = np.mean(every, axis=0)
         headers.clear()
         orig_mean(self, model, zero_fill)
+        if perturb:  # the control: the same relative noise on every rank (seeded by step)
+            rng = np.random.default_rng([PERTURB_SEED, len(log["steps"])])
+            for _, p in params:
+                p.grad *= (1.0 + perturb * rng.standard_normal(p.grad.shape)).astype(p.grad.dtype)
         got = np.concatenate([p.grad.astype(np.float64).ravel() for _, p in params])
         # every rank must hold the same mean (and, before it, the same parameters)
         weights = np.concatenate([p.array.astype(np.float64).ravel() for _, p in params])
@@ -127,9 +132,9 @@ def rank_main(argv: list[str]) -> None:
 
     from hpcsgd.cli import main as cli
 
-    out_json, train_args = argv[0], argv[1:]
+    out_json, perturb, train_args = argv[0], float(argv[1]), argv[2:]
     log: dict = {"steps": []}
-    install_shadow(log)
+    install_shadow(log, perturb)
     rc = cli(["train", *train_args])
     if MPI.COMM_WORLD.Get_rank() == 0:
         with open(out_json, "w") as f:
@@ -147,6 +152,8 @@ def summarize(log: dict, summary: dict) -> dict:
         "algorithm": log.get("algorithm"), "wire": log.get("wire"), "ranges": log.get("ranges"),
         "steps": len(log["steps"]), "params": len(log["names"]),
         "top1": summary.get("top1"), "skipped_steps": summary.get("skipped_steps"),
+        "final_loss_mean5": float(np.mean([h["loss"] for h in summary.get("history", [])
+                                           if h.get("kind") == "train"][-5:])),
         "rel_l2_total": {"median": float(np.median(tot[:, 0])), "max": float(tot[:, 0].max()),
                          "first_10": float(np.median(tot[:10, 0])),
                          "last_10": float(np.median(tot[-10:, 0]))},
@@ -175,14 +182,20 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", default="benchmarks/results/fp16_wire_shadow.json")
     p.add_argument("--label", default=None, help="key of this run in --out (default: the --set list)")
+    p.add_argument("--perturb", type=float, default=0.0,
+                   help="control: multiply each mean gradient element by 1 + PERTURB z, z ~ N(0, 1) "
+                        "(seeded, the same on every rank): a run that differs from float32 only by "
+                        "noise of the float16 wire's size, to tell trajectory divergence from bias")
+    p.add_argument("--perturb-seed", type=int, default=0)
     a = p.parse_args(argv)
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               HPCSGD_RANKS_PER_NODE="1")
+               HPCSGD_RANKS_PER_NODE="1", HPCSGD_SHADOW_PERTURB_SEED=str(a.perturb_seed))
     with tempfile.TemporaryDirectory(prefix="hpcsgd-fp16-shadow-") as tmp:
         raw, run_dir = os.path.join(tmp, "shadow.json"), os.path.join(tmp, "run")
         cmd = [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", str(a.ranks), sys.executable,
-               "-m", "mpi4py", os.path.abspath(__file__), "--rank-side", raw, CONFIG, "--out", run_dir,
+               "-m", "mpi4py", os.path.abspath(__file__), "--rank-side", raw, str(a.perturb), CONFIG,
+               "--out", run_dir,
                "--set", f"epochs={a.epochs}", "--set", "checkpoint_interval=0"]
         for s in a.set:
             cmd += ["--set", s]
@@ -195,6 +208,7 @@ def main(argv=None) -> None:
             summary = json.load(f)
     res = summarize(log, summary)
     res["sets"], res["loadavg"] = a.set, os.getloadavg()
+    res["perturb"], res["perturb_seed"], res["epochs"] = a.perturb, a.perturb_seed, a.epochs
     old = {}
     if os.path.exists(a.out):
         with open(a.out) as f:
