@@ -154,6 +154,7 @@ def summarize(log: dict, summary: dict) -> dict:
         "top1": summary.get("top1"), "skipped_steps": summary.get("skipped_steps"),
         "final_loss_mean5": float(np.mean([h["loss"] for h in summary.get("history", [])
                                            if h.get("kind") == "train"][-5:])),
+        "loss": [(h["iteration"], h["loss"]) for h in summary.get("history", []) if h.get("kind") == "train"],
         "rel_l2_total": {"median": float(np.median(tot[:, 0])), "max": float(tot[:, 0].max()),
                          "first_10": float(np.median(tot[:10, 0])),
                          "last_10": float(np.median(tot[-10:, 0]))},
