@@ -11,8 +11,10 @@ Run with one rank per (virtual) node so the float16 stage is on the path::
     HPCSGD_RANKS_PER_NODE=1 mpiexec -n 2 python -m mpi4py benchmarks/fp16_wire_cost.py [--repeats 15]
     HPCSGD_RANKS_PER_NODE=2 mpiexec -n 4 python -m mpi4py benchmarks/fp16_wire_cost.py   # 2 x 2
 
-Writes ``benchmarks/results/fp16_wire_cost.json`` (``--quick``: a small gradient set,
-3 rounds, into a temporary file).
+Also reported: the slowest rank's process CPU time (a steer under load, where wall time is
+not), and flat float16 chunk with the exponent guess off (the two-pass encode of every
+message, as before the speculative encode). Writes ``benchmarks/results/fp16_wire_cost.json``
+(``--quick``: a small gradient set, 3 rounds, into a temporary file).
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ CASES = (
 )
 
 
+class _NoGuesses(dict):
+    """An exponent memory that never remembers (the encode without a guess)."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=15)
@@ -59,29 +68,45 @@ def main(argv=None) -> None:
             a.out = os.path.join(tempfile.gettempdir(), "fp16_wire_cost_quick.json")
     model = grad_model(shapes, seed=world.rank)
     saved = [p.grad.copy() for _, p in sorted(model.namedparams())]
-    comms = [(label, hpcsgd.create_communicator(name, **cfg)) for label, name, cfg in CASES]
+    cases = CASES + (("flat float16 chunk, no exponent guess", "flat",
+                      {"allreduce_grad_dtype": "float16", "half_scaling": "chunk", "_no_guess": True}),)
+    comms = []
+    for label, name, cfg in cases:
+        cfg = dict(cfg)
+        no_guess = cfg.pop("_no_guess", False)
+        comm = hpcsgd.create_communicator(name, **cfg)
+        if no_guess:  # the two-pass encode every time: what the speculative encode saves
+            comm.multi_node_mean_grad(model)
+            for reducer in comm._reducers.values():
+                reducer.algorithm._scaled._last = _NoGuesses()
+        comms.append((label, comm))
     times = {label: [] for label, _ in comms}
+    cpu = {label: [] for label, _ in comms}
     load0 = os.getloadavg()
     for r in range(a.repeats + 1):  # round 0 warms up (numba, buffers, windows)
         for label, comm in comms:
             for (_, prm), g in zip(sorted(model.namedparams()), saved):
                 prm.grad[...] = g
             world.Barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             comm.multi_node_mean_grad(model)
             dt = world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            dc = world.allreduce(time.process_time() - c0, op=MPI.MAX)
             if r:
                 times[label].append(dt)
+                cpu[label].append(dc)
     nbytes = 4 * sum(int(np.prod(s)) for _, s in shapes)
     res = {"ranks": world.size, "nodes": comms[-1][1].inter_size, "bytes_float32": nbytes,
            "repeats": a.repeats, "loadavg": [load0, os.getloadavg()],
-           "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}}
+           "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+           "median_cpu_ms": {k: 1e3 * statistics.median(v) for k, v in cpu.items()}}
     for _, comm in comms:
         comm.finalize()
     if world.rank == 0:
         base = res["median_ms"]["flat float32"]
         for k, v in res["median_ms"].items():
-            print(f"{k:38s} {v:9.1f} ms  x{v / base:.2f} of flat float32")
+            print(f"{k:38s} {v:9.1f} ms  x{v / base:.2f} of flat float32  "
+                  f"(process CPU {res['median_cpu_ms'][k]:.1f} ms)")
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

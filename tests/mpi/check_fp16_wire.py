@@ -4,6 +4,8 @@ For naive, flat and hierarchical with a float16 wire, under both ``half_scaling`
 schemes, on gradients spanning 1e-9 .. 1e1 (every rank different, seeded):
 
 * every rank holds bitwise the same result (sha256 over all gradients);
+* three rounds on one communicator (no exponent guesses yet, guesses right, guesses
+  right and wrong: the speculative encode of fp16_reduce) all give the model's bits;
 * the result equals, bit for bit, :func:`hpcsgd.comm.fp16_model.simulate` of the same
   job (flat: one rank per node; hierarchical: the topology's ranks per node), which
   is what the large-N study relies on;
@@ -69,12 +71,22 @@ def wire_config(name):
 def check(name, scheme):
     comm = hpcsgd.create_communicator(name, bucket_bytes=BUCKET_BYTES, half_scaling=scheme,
                                       **wire_config(name))
-    k, nodes = comm.intra_size, comm.inter_size
-    label = f"{name}/{scheme} n={size} nodes={nodes}x{k}"
+    label = f"{name}/{scheme} n={size} nodes={comm.inter_size}x{comm.intra_size}"
     model = make_model()
-    mine = fill(model, 100 + rank, scale=1.0 / size)
-    grads = world.allgather(mine)
-    comm.multi_node_mean_grad(model)
+    # rounds on one communicator: the first encodes without exponent guesses, the second
+    # guesses every sum's exponent right (same gradients), the third guesses sent chunks'
+    # and sums' exponents from the first two, for other gradients (some right, some wrong)
+    for seed in (100, 100, 200):
+        mine = fill(model, seed + rank, scale=1.0 / size)
+        grads = world.allgather(mine)
+        comm.multi_node_mean_grad(model)
+        check_round(comm, name, scheme, label + f" seed={seed}", model, grads)
+    comm.finalize()
+    return label
+
+
+def check_round(comm, name, scheme, label, model, grads):
+    k, nodes = comm.intra_size, comm.inter_size
     got = flat(model)
     assert len(set(world.allgather(digest(model)))) == 1, f"{label}: ranks disagree"
     wired = name != "hierarchical" or nodes > 1  # hierarchical on one node: float32 only
@@ -95,8 +107,6 @@ def check(name, scheme):
         err = np.abs(got - ref)
         worst = int(np.argmax(err / np.maximum(tol, 1e-300)))
         assert (err <= tol).all(), f"{label}: element {worst} off by {err[worst]:.3g} > {tol[worst]:.3g}"
-    comm.finalize()
-    return label
 
 
 def check_adversarial(name):
