@@ -256,3 +256,26 @@ def test_debug_mode_raises_chainermn_divergence_error():
     finally:
         chainer.set_debug(False)
     comm.finalize()
+
+
+def test_hierarchical_grad_dtype_sets_the_wire_between_nodes_only():
+    """``allreduce_grad_dtype`` (``wire_dtype`` in training) leaves the node stage float32.
+
+    A float16 node stage casts ``grad / size`` unscaled, so it would flush small gradients
+    at 1024+ ranks; ``intra_dtype`` still selects it explicitly. ``flat`` has one level:
+    there the option sets the wire itself.
+    """
+    import hpcsgd
+
+    comm = hpcsgd.create_communicator("hierarchical", allreduce_grad_dtype="float16")
+    try:
+        assert comm.wire_formats() == ("float32", "float16")
+        comm.set_config("intra_dtype", "float16")
+        assert comm.wire_formats() == ("float16", "float16")
+    finally:
+        comm.finalize()
+    flat = hpcsgd.create_communicator("flat", allreduce_grad_dtype="float16")
+    try:
+        assert flat.wire_formats() == ("float16", "float16")
+    finally:
+        flat.finalize()

@@ -171,6 +171,11 @@ class HierarchicalCommunicator(ReducingCommunicator):
     """Two-level allreduce: shared memory inside a node, MPI (float16 by default) between nodes."""
 
     DEFAULT_WIRE = ("float32", "float16")
+    #: ``allreduce_grad_dtype`` (and so ``hpcsgd train``'s ``wire_dtype``) sets the wire
+    #: between nodes only. Why: the node stage sums in shared memory, where halving the
+    #: bytes gains little, and a 16-bit node stage casts ``grad / size`` without a scale,
+    #: which flushes small gradients at 1024+ ranks. ``intra_dtype`` still selects it.
+    GRAD_DTYPE_LEVELS = ("inter_dtype",)
     #: shared-memory buckets are fenced twice each: fewer, larger buckets (MPI messages
     #: between nodes are bucket / ranks-per-node, still in MPI's fast range)
     CONFIG_DEFAULTS = {**ReducingCommunicator.CONFIG_DEFAULTS, "bucket_bytes": 16 << 20}

@@ -78,12 +78,15 @@ class ReducingCommunicator(MpiCommunicatorBase):
             self._stale.append(self._async_clone)
             self._async_clone = None
 
+    #: the levels whose wire ``allreduce_grad_dtype`` sets (a level option still wins)
+    GRAD_DTYPE_LEVELS = ("intra_dtype", "inter_dtype")
+
     def wire_formats(self) -> tuple[str, str]:
         """(intra-node, inter-node) wire format in effect (level option > allreduce_grad_dtype > default)."""
         common = self._configs["allreduce_grad_dtype"]
         out = []
         for level, default in zip(("intra_dtype", "inter_dtype"), self.DEFAULT_WIRE):
-            w = self._configs[level] or common or default
+            w = self._configs[level] or (common if level in self.GRAD_DTYPE_LEVELS else None) or default
             if w not in WIRE_FORMATS:
                 raise ConfigError(f"config {level!r}: {type(self).__name__} supports wire formats "
                                   f"{WIRE_FORMATS}, got {w!r}")
