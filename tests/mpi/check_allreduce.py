@@ -324,7 +324,10 @@ def main():
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["naive", "flat", "hierarchical"]
     for name in names:
         for wire in ("float32", "float16", "bfloat16"):
-            comm = hpcsgd.create_communicator(name, allreduce_grad_dtype=wire, bucket_bytes=1536)
+            # hierarchical's allreduce_grad_dtype sets the wire between nodes only: name both
+            # levels so its node stage is checked in every wire format too
+            levels = {"intra_dtype": wire, "inter_dtype": wire} if name == "hierarchical" else {}
+            comm = hpcsgd.create_communicator(name, allreduce_grad_dtype=wire, bucket_bytes=1536, **levels)
             label = f"{name}/{wire} n={size} nodes={comm.inter_size}x{comm.intra_size}"
             check_mean(comm, label, wire, seed=1)
             check_mean(comm, label + " zero_fill", wire, zero_fill=True, skip=("/a_b",) if rank == 0 else (),
