@@ -12,8 +12,7 @@ Run with one rank per (virtual) node so the float16 stage is on the path::
     HPCSGD_RANKS_PER_NODE=2 mpiexec -n 4 python -m mpi4py benchmarks/fp16_wire_cost.py   # 2 x 2
 
 Also reported: the slowest rank's process CPU time (a steer under load, where wall time is
-not), and flat float16 chunk with the exponent guess off (the two-pass encode of every
-message, as before the speculative encode). Writes ``benchmarks/results/fp16_wire_cost.json``
+not). Writes ``benchmarks/results/fp16_wire_cost.json``
 (``--quick``: a small gradient set, 3 rounds, into a temporary file).
 """
 
@@ -47,13 +46,6 @@ CASES = (
 )
 
 
-class _NoGuesses(dict):
-    """An exponent memory that never remembers (the encode without a guess)."""
-
-    def __setitem__(self, key, value):
-        pass
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=15)
@@ -68,18 +60,7 @@ def main(argv=None) -> None:
             a.out = os.path.join(tempfile.gettempdir(), "fp16_wire_cost_quick.json")
     model = grad_model(shapes, seed=world.rank)
     saved = [p.grad.copy() for _, p in sorted(model.namedparams())]
-    cases = CASES + (("flat float16 chunk, no exponent guess", "flat",
-                      {"allreduce_grad_dtype": "float16", "half_scaling": "chunk", "_no_guess": True}),)
-    comms = []
-    for label, name, cfg in cases:
-        cfg = dict(cfg)
-        no_guess = cfg.pop("_no_guess", False)
-        comm = hpcsgd.create_communicator(name, **cfg)
-        if no_guess:  # the two-pass encode every time: what the speculative encode saves
-            comm.multi_node_mean_grad(model)
-            for reducer in comm._reducers.values():
-                reducer.algorithm._scaled._last = _NoGuesses()
-        comms.append((label, comm))
+    comms = [(label, hpcsgd.create_communicator(name, **cfg)) for label, name, cfg in CASES]
     times = {label: [] for label, _ in comms}
     cpu = {label: [] for label, _ in comms}
     load0 = os.getloadavg()

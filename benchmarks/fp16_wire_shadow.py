@@ -9,8 +9,7 @@ returned, parameter by parameter. Recorded per step and parameter: relative L2
 error, signed bias along the reference (``<got - ref, ref> / |ref|^2``: negative
 means the wire shrinks the gradient), values flushed to zero, non-finite values;
 per step: the chunk headers (exponents) of every message, the communicator's
-non-finite count, whether the ranks hold the same mean and parameters; per run: how
-often rank 0's exponent guesses (fp16_reduce's speculative encode) were right. Also
+non-finite count, whether the ranks hold the same mean and parameters. Also
 recorded: the algorithm class, wire and bucket ranges the communicator built (so a
 float32 and a float16 run can be compared for everything but the wire).
 
@@ -64,20 +63,6 @@ def install_shadow(log: dict, perturb: float = 0.0) -> None:
         return e
 
     fp16_reduce.wire_kernels = _Proxy(wire_kernels, half_exponent=half_exponent)
-    guesses = log.setdefault("guesses", {})
-
-    def counted(fn, at, kind):
-        count = guesses.setdefault(kind, {"right": 0, "wrong": 0, "none": 0})
-
-        def wrapped(*args):
-            e = fn(*args)
-            g = args[at] if len(args) > at else None
-            count["none" if g is None else "right" if g == e else "wrong"] += 1
-            return e
-        return wrapped
-
-    fp16_reduce.encode_chunk = counted(fp16_reduce.encode_chunk, 4, "encode")
-    fp16_reduce.sum_and_encode = counted(fp16_reduce.sum_and_encode, 3, "sum")
 
     def shadow(self, model, zero_fill=False):
         params = select_params(model, zero_fill)
@@ -165,7 +150,6 @@ def summarize(log: dict, summary: dict) -> dict:
                        "max_abs": float(np.abs(tot[:, 1]).max())},
         "bias_param_mean_over_steps": {"min": float(P[:, :, 1].mean(axis=0).min()),
                                        "max": float(P[:, :, 1].mean(axis=0).max())},
-        "exponent_guesses_rank0": log.get("guesses"),
         "steps_ranks_differ": log.get("rank_mismatch"),  # mean gradient or parameters differ
         "flushed_total": int(P[:, :, 2].sum()), "nonfinite_total": int(P[:, :, 3].sum()),
         "comm_nonfinite": int(sum(s["nonfinite"] for s in log["steps"])),

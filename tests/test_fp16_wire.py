@@ -90,59 +90,6 @@ def test_sum_scaled_rows_is_exact_scaling_plus_float32_sums():
     assert m == np.abs(ref).max()
 
 
-def _ref_exponent(m: float) -> int:
-    """NumPy reference of half_exponent for a normal float32 maximum: 2^14 <= m 2^e < 2^15."""
-    return 14 - (int(np.frexp(np.float64(m))[1]) - 1)
-
-
-def test_pack_absmax_is_pack_and_max_in_one_pass():
-    rng = np.random.default_rng(6)
-    x = (rng.standard_normal(1003) * 1e-3).astype(np.float32)
-    x[[3, 7]] = np.nan, -np.float32(0.25)
-    dst = np.empty(x.size, np.uint16)
-    m = K.pack_f16_absmax(x, dst, 2.0 ** 10)
-    assert m == np.float32(0.25)  # nan ignored
-    with np.errstate(invalid="ignore"):
-        ref = (x.astype(np.float64) * 2.0 ** 10).astype(np.float16).view(np.uint16)
-    assert (dst == ref).all()
-    x64 = x.astype(np.float64)[:100]  # other dtypes take the two-pass path, same answer
-    assert K.pack_f16_absmax(x64, dst[:100], 2.0 ** 10) == np.float32(0.25)
-    assert (dst[:100] == ref[:100]).all()
-
-
-@pytest.mark.parametrize("shift", [None, 0, 1, -1, 5])
-def test_encode_with_a_guessed_exponent_gives_the_reference_bits(shift):
-    """A right or wrong guess of the exponent changes the passes, never the bits."""
-    rng = np.random.default_rng(7)
-    x = (rng.standard_normal(999) * 3e-4).astype(np.float32)
-    x[5] = np.nan
-    e = _ref_exponent(np.nanmax(np.abs(x)) * np.float32(2.0 ** -11))  # pre = 2^-11 (ranks)
-    with np.errstate(invalid="ignore"):
-        ref = (x.astype(np.float64) * 2.0 ** (e - 11)).astype(np.float16).view(np.uint16)
-    slot = np.empty(x.size + 1, np.uint16)
-    got = F.encode_chunk(F.ArraySource(x, 2.0 ** -11), 0, x.size, slot, None if shift is None else e + shift)
-    assert got == e and K.exponent_of(slot[0]) == e
-    assert (slot[1:] == ref).all()
-
-
-@pytest.mark.parametrize("shift", [None, 0, 2, -3])
-def test_sum_and_encode_with_a_guess_gives_the_reference_bits(shift):
-    rng = np.random.default_rng(8)
-    rows = np.empty((3, 501), np.uint16)
-    ref = np.zeros(500, np.float32)
-    for j, ej in enumerate((20, 17, 23)):
-        vals = (rng.standard_normal(500) * 2.0 ** 12).astype(np.float16)
-        rows[j, 0] = K.exponent_bits(ej)
-        rows[j, 1:] = vals.view(np.uint16)
-        ref = ref + (vals.astype(np.float64) * 2.0 ** -ej).astype(np.float32)  # exact product, f32 sum
-    e = _ref_exponent(np.abs(ref).max())
-    acc, slot = np.empty(500, np.float32), np.empty(501, np.uint16)
-    got = F.sum_and_encode(rows, acc, slot, None if shift is None else e + shift)
-    assert got == e and K.exponent_of(slot[0]) == e
-    assert (acc.view(np.uint32) == ref.view(np.uint32)).all()
-    assert (slot[1:] == (ref.astype(np.float64) * 2.0 ** e).astype(np.float16).view(np.uint16)).all()
-
-
 def test_config_rejects_bad_values():
     from hpcsgd.errors import ConfigError
 

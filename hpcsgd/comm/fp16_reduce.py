@@ -122,16 +122,12 @@ class ArraySource:
     """A float32 1-D array as the input and output of :class:`ScaledHalfAllreduce` (in place).
 
     ``pre`` multiplies the values before they are scaled and cast, ``post`` the sums
-    after they are decoded (both float32, 1 by default). ``key``: names what the array
-    holds from call to call (e.g. a bucket's offset), so that :class:`ScaledHalfAllreduce`
-    can guess each chunk's exponent from the previous call with the same key; None (the
-    default) never guesses (two passes per encode, as a reused scratch buffer should).
+    after they are decoded (both float32, 1 by default).
     """
 
-    def __init__(self, x: np.ndarray, pre: float = 1.0, post: float = 1.0, key=None):
+    def __init__(self, x: np.ndarray, pre: float = 1.0, post: float = 1.0):
         self.x, self.n = x, int(x.size)
         self.pre, self.post = np.float32(pre), np.float32(post)
-        self.key = key
 
     def absmax(self, a: int, b: int) -> float:
         # the packed value is fl(x * pre) * 2^e: rounding is monotonic, so fl(max * pre) bounds it
@@ -140,26 +136,17 @@ class ArraySource:
     def pack(self, a: int, b: int, dst: np.ndarray, scale: float) -> None:
         wire_kernels.pack_into(self.x[a:b], dst, np.float32(self.pre * np.float32(scale)), "float16")
 
-    def pack_absmax(self, a: int, b: int, dst: np.ndarray, scale: float) -> float:
-        """:meth:`pack` and :meth:`absmax` in one pass over the values."""
-        m = wire_kernels.pack_f16_absmax(self.x[a:b], dst, np.float32(self.pre * np.float32(scale)))
-        return float(np.float32(m) * self.pre)
-
     def unpack(self, a: int, b: int, src: np.ndarray, scale: float) -> int:
         factor = np.float32(self.post * np.float32(scale))
         return wire_kernels.unpack_from(src, self.x[a:b], factor, "float16")
 
 
 class GradSource(ArraySource):
-    """Flat range ``[lo, lo + n)`` of bound gradients (:class:`~hpcsgd.comm.packing.BoundGrads`).
-
-    Its key is ``lo``: the same bucket of the same model from step to step.
-    """
+    """Flat range ``[lo, lo + n)`` of bound gradients (:class:`~hpcsgd.comm.packing.BoundGrads`)."""
 
     def __init__(self, grads, lo: int, n: int, pre: float = 1.0, post: float = 1.0):
         self.grads, self.lo, self.n = grads, int(lo), int(n)
         self.pre, self.post = np.float32(pre), np.float32(post)
-        self.key = ("grads", self.lo)
 
     def absmax(self, a: int, b: int) -> float:
         m = 0.0
@@ -169,12 +156,6 @@ class GradSource(ArraySource):
 
     def pack(self, a: int, b: int, dst: np.ndarray, scale: float) -> None:
         self.grads.pack(self.lo + a, self.lo + b, dst, np.float32(self.pre * np.float32(scale)), "float16")
-
-    def pack_absmax(self, a: int, b: int, dst: np.ndarray, scale: float) -> float:
-        s, m, lo = np.float32(self.pre * np.float32(scale)), 0.0, self.lo + a
-        for i, pa, pb in self.grads.layout.pieces(lo, self.lo + b):
-            m = max(m, wire_kernels.pack_f16_absmax(self.grads.piece(i, pa, pb), dst[pa - lo:pb - lo], s))
-        return float(np.float32(m) * self.pre)
 
     def unpack(self, a: int, b: int, src: np.ndarray, scale: float) -> int:
         return self.grads.unpack(self.lo + a, self.lo + b, src, np.float32(self.post * np.float32(scale)),
@@ -186,22 +167,11 @@ def pow2(e: int) -> np.float32:
     return np.float32(np.ldexp(np.float32(1.0), e))
 
 
-def encode_chunk(src, a: int, b: int, slot: np.ndarray, guess: int | None = None) -> int:
-    """``slot = [e, float16(src[a:b] * 2^e)]`` with ``e`` from the chunk's largest magnitude; returns ``e``.
-
-    ``guess``: a likely ``e`` (the last one for this chunk). The values are then packed
-    with it while the maximum is taken in the same pass, and packed again only if the
-    maximum gives another ``e``: one pass instead of two when the guess holds, the same
-    bits either way.
-    """
-    if guess is None:
-        e = wire_kernels.half_exponent(src.absmax(a, b))
-    else:
-        e = wire_kernels.half_exponent(src.pack_absmax(a, b, slot[1:], pow2(guess)))
+def encode_chunk(src, a: int, b: int, slot: np.ndarray) -> None:
+    """``slot = [e, float16(src[a:b] * 2^e)]`` with ``e`` from the chunk's largest magnitude."""
+    e = wire_kernels.half_exponent(src.absmax(a, b))
     slot[0] = wire_kernels.exponent_bits(e)
-    if e != guess:
-        src.pack(a, b, slot[1:], pow2(e))
-    return e
+    src.pack(a, b, slot[1:], pow2(e))
 
 
 def encode_sum(acc: np.ndarray, m: float, slot: np.ndarray) -> None:
@@ -209,23 +179,6 @@ def encode_sum(acc: np.ndarray, m: float, slot: np.ndarray) -> None:
     e = wire_kernels.half_exponent(m)
     slot[0] = wire_kernels.exponent_bits(e)
     wire_kernels.pack_into(acc, slot[1:], pow2(e), "float16")
-
-
-def sum_and_encode(rows: np.ndarray, acc: np.ndarray, slot: np.ndarray, guess: int | None = None) -> int:
-    """``acc`` = the rows' float32 sum (:func:`wire_kernels.sum_scaled_rows`), then
-    :func:`encode_sum` into ``slot``; returns the exponent.
-
-    ``guess``: a likely exponent; the sum's pass then also packs with it, and the sum
-    is packed again only if its maximum gives another one (same bits either way).
-    """
-    if guess is None:
-        e = wire_kernels.half_exponent(wire_kernels.sum_scaled_rows(rows, acc))
-    else:
-        e = wire_kernels.half_exponent(wire_kernels.sum_scaled_rows_pack(rows, acc, slot[1:], pow2(guess)))
-    slot[0] = wire_kernels.exponent_bits(e)
-    if e != guess:
-        wire_kernels.pack_into(acc, slot[1:], pow2(e), "float16")
-    return e
 
 
 def decode_chunk(dst, a: int, b: int, slot: np.ndarray) -> int:
@@ -252,12 +205,6 @@ class ScaledHalfAllreduce:
 
     Each message is ``count + 1`` ``uint16`` (2 bytes of header). Args: ``comm``, an
     mpi4py communicator.
-
-    Speed: the exponent of each chunk (and of each sum) is remembered per source key
-    and range; the next call packs with it while it takes the maximum, in one pass, and
-    packs again only where the maximum moved to another binade (:func:`encode_chunk`,
-    :func:`sum_and_encode`). A sent chunk is guessed only when its last two exponents
-    agreed. The bits never depend on the guess.
     """
 
     def __init__(self, comm):
@@ -266,7 +213,6 @@ class ScaledHalfAllreduce:
         self._buf = np.empty(0, np.uint16)
         self._rows = np.empty(0, np.uint16)
         self._acc = np.empty(0, np.float32)
-        self._last: dict = {}  # (source key, range) -> the last exponent(s) it got (a guess)
 
     def _buffers(self, counts: np.ndarray, mine: int):
         k = self.size
@@ -292,23 +238,14 @@ class ScaledHalfAllreduce:
         rows, acc = self._buffers(counts, mine)
         lo = int(displs[r])
         t = MPI.UINT16_T
-        last = self._last if src.key is not None else {}
-
-        def encode(a, b, out):
-            # guess only for a chunk whose last two exponents agreed: a wrong guess costs
-            # more than the two-pass encode (about 1.3x), a right one saves about 0.2x
-            key = (src.key, a, b)
-            prev, e = last.get(key, (None, None))
-            last[key] = (e, encode_chunk(src, a, b, out, e if prev == e else None))
-
         with collective("allreduce16", nbytes=int(2 * n), stage="reduce_scatter"):
             for step in range(1, k):
                 dst, frm = (r + step) % k, (r - step) % k
-                encode(int(displs[dst]), int(displs[dst] + counts[dst]), slot(dst))
+                encode_chunk(src, int(displs[dst]), int(displs[dst] + counts[dst]), slot(dst))
                 self.comm.Sendrecv([slot(dst), t], dst, 18, [rows[frm], t], frm, 18)
-        encode(lo, lo + mine, rows[r])
-        key = (src.key, "sum", lo, mine)  # a wrong guess for the sum costs little: always guess
-        last[key] = sum_and_encode(rows, acc, slot(r), last.get(key))
+        encode_chunk(src, lo, lo + mine, rows[r])
+        m = wire_kernels.sum_scaled_rows(rows, acc)
+        encode_sum(acc, m, slot(r))
         with collective("allreduce16", nbytes=int(2 * n), stage="allgather"):
             for step in range(1, k):
                 dst, frm = (r + step) % k, (r - step) % k

@@ -18,10 +18,7 @@ CPU kernels (numba, ``nogil`` so a worker thread can overlap them with Python):
 * :func:`sum_rows_to_wire`: float32 accumulation of ``k`` 16-bit rows, rounded
   once to the wire format (the bfloat16 and pre-divided float16 reductions);
   :func:`sum_scaled_rows`: the same for scaled float16 chunks, each row carrying
-  its power-of-two exponent, with the sum's maximum from the same pass
-  (:func:`sum_scaled_rows_pack` also casts the sum with a guessed scale);
-  :func:`pack_f16_absmax`: :func:`pack_into` and :func:`absmax` in one pass (the
-  speculative encode of :mod:`hpcsgd.comm.fp16_reduce`).
+  its power-of-two exponent.
 * :func:`reduce_shards`: ``dst = (a + b + ...) * scale`` over float32 shared-memory
   segments, counting non-finite results.
 
@@ -387,84 +384,27 @@ def _half_exponent(m):
     return min(max(e, HALF_EXP_MIN), HALF_EXP_MAX)
 
 
-@njit(inline="always")
-def _magnitude_bits(x):
-    """``|x|`` as float32 bits, 0 for nan (integer order = magnitude order, inf largest)."""
-    b = _f32_bits(x) & np.uint32(0x7FFFFFFF)
-    return b * np.uint32(b <= np.uint32(0x7F800000))  # branch-free so LLVM vectorizes
-
-
-@njit(inline="always")
-def _row_scale(header):
-    """``2^-e`` (exact float32) for a chunk header holding ``e`` as int16 bits."""
-    e = np.int32(header)
-    if e >= 32768:
-        e -= 65536
-    return _bits_f32(np.uint32(127 - e) << np.uint32(23))
-
-
 @njit(nogil=True, cache=True)
-def _pack_f16_absmax_bits(src, dst, scale):
-    """``dst = float16(src * scale)`` and, in the same pass, :func:`_absmax_bits` of ``src``.
-
-    For a speculative encode: the caller packs with a guessed scale and repacks only
-    if the true maximum asks for another exponent, so the bits are those of the
-    two-pass encode either way.
-    """
-    m = np.uint32(0)
-    for i in range(src.size):
-        x = src[i]
-        dst[i] = _to_f16(x * scale)
-        m = max(m, _magnitude_bits(x))
-    return m
-
-
-@njit(nogil=True, cache=True)
-def _sum_scaled_rows_max_f16(rows, acc, dst, scale, pack):
-    """``acc = sum_j float32(rows[j, 1:]) * 2^-e_j`` in row order; returns max ``|acc|`` as bits.
+def _sum_scaled_rows_f16(rows, acc):
+    """``acc = sum_j float32(rows[j, 1:]) * 2^-e_j`` in row order.
 
     ``rows[j, 0]`` holds ``e_j`` as int16 bits. The products are exact (power-of-two
-    scalings of float16 values inside float32's range); only the additions round. The
-    maximum (:func:`_absmax_bits` semantics) is taken in the last row's pass, and with
-    ``pack`` that pass also writes ``dst = float16(acc * scale)`` (a speculative encode).
+    scalings of float16 values inside float32's range); only the additions round.
     """
     k, w = rows.shape
     n = w - 1
-    for j in range(k - 1):
-        s, rj = _row_scale(rows[j, 0]), rows[j]
+    for j in range(k):
+        e = np.int32(rows[j, 0])
+        if e >= 32768:
+            e -= 65536
+        s = _bits_f32(np.uint32(127 - e) << np.uint32(23))  # 2^-e, exact
+        rj = rows[j]
         if j == 0:
             for i in range(n):
                 acc[i] = _from_f16(rj[i + 1]) * s
         else:
             for i in range(n):
                 acc[i] += _from_f16(rj[i + 1]) * s
-    # the last row: finish the sums and take their maximum in the same pass (loops written
-    # out per case: a branch inside the loop keeps LLVM from vectorizing it)
-    s, rl = _row_scale(rows[k - 1, 0]), rows[k - 1]
-    m = np.uint32(0)
-    if k == 1 and not pack:
-        for i in range(n):
-            v = _from_f16(rl[i + 1]) * s
-            acc[i] = v
-            m = max(m, _magnitude_bits(v))
-    elif k == 1:
-        for i in range(n):
-            v = _from_f16(rl[i + 1]) * s
-            acc[i] = v
-            dst[i] = _to_f16(v * scale)
-            m = max(m, _magnitude_bits(v))
-    elif not pack:
-        for i in range(n):
-            v = acc[i] + _from_f16(rl[i + 1]) * s
-            acc[i] = v
-            m = max(m, _magnitude_bits(v))
-    else:
-        for i in range(n):
-            v = acc[i] + _from_f16(rl[i + 1]) * s
-            acc[i] = v
-            dst[i] = _to_f16(v * scale)
-            m = max(m, _magnitude_bits(v))
-    return m
 
 
 def absmax(x: np.ndarray) -> float:
@@ -499,43 +439,14 @@ def exponent_of(bits) -> int:
     return b - 65536 if b >= 32768 else b
 
 
-_NO_DST = np.empty(0, np.uint16)
-
-
-def _bits_to_float(m) -> float:
-    return float(np.array([m], dtype=np.uint32).view(np.float32)[0])
-
-
 def sum_scaled_rows(rows: np.ndarray, acc: np.ndarray) -> float:
     """``acc = sum_j float32(rows[j, 1:]) * 2^-rows[j, 0]`` (float16 rows, row order); max |acc|.
 
     ``rows`` is a C-contiguous 2-D ``uint16`` array, one scaled chunk per row with its
-    exponent in column 0 (see :mod:`hpcsgd.comm.fp16_reduce`); ``acc`` float32. The
-    maximum (nan ignored) comes from the last row's pass, not a pass of its own.
+    exponent in column 0 (see :mod:`hpcsgd.comm.fp16_reduce`); ``acc`` float32.
     """
-    if acc.size == 0:
-        return 0.0
-    rows = np.ascontiguousarray(rows)
-    return _bits_to_float(_sum_scaled_rows_max_f16(rows, acc, _NO_DST, np.float32(1), False))
-
-
-def sum_scaled_rows_pack(rows: np.ndarray, acc: np.ndarray, dst: np.ndarray, scale: float) -> float:
-    """:func:`sum_scaled_rows`, also writing ``dst = float16(acc * scale)`` in the same pass."""
-    if acc.size == 0:
-        return 0.0
-    rows = np.ascontiguousarray(rows)
-    return _bits_to_float(_sum_scaled_rows_max_f16(rows, acc, dst, np.float32(scale), True))
-
-
-def pack_f16_absmax(src: np.ndarray, dst: np.ndarray, scale: float) -> float:
-    """``dst = float16(src * scale)`` and :func:`absmax` of ``src``, in one pass for float32 ``src``."""
-    if src.size == 0:
-        return 0.0
-    if src.dtype != np.float32:
-        m = absmax(src)
-        pack_into(src, dst, scale, "float16")
-        return m
-    return _bits_to_float(_pack_f16_absmax_bits(src, dst, np.float32(scale)))
+    _sum_scaled_rows_f16(np.ascontiguousarray(rows), acc)
+    return absmax(acc)
 
 
 _PACK = {"float32": _pack_f32, "float16": _pack_f16, "bfloat16": _pack_bf16}

@@ -4,8 +4,8 @@ For naive, flat and hierarchical with a float16 wire, under both ``half_scaling`
 schemes, on gradients spanning 1e-9 .. 1e1 (every rank different, seeded):
 
 * every rank holds bitwise the same result (sha256 over all gradients);
-* three rounds on one communicator (no exponent guesses yet, guesses right, guesses
-  right and wrong: the speculative encode of fp16_reduce) all give the model's bits;
+* three rounds on one communicator (fresh, the same gradients again, other gradients:
+  cached buffers and engines must not leak state between calls) all give the model's bits;
 * the result equals, bit for bit, :func:`hpcsgd.comm.fp16_model.simulate` of the same
   job (flat: one rank per node; hierarchical: the topology's ranks per node), which
   is what the large-N study relies on;
@@ -73,9 +73,7 @@ def check(name, scheme):
                                       **wire_config(name))
     label = f"{name}/{scheme} n={size} nodes={comm.inter_size}x{comm.intra_size}"
     model = make_model()
-    # rounds on one communicator: the first encodes without exponent guesses, the second
-    # guesses every sum's exponent right (same gradients), the third guesses sent chunks'
-    # and sums' exponents from the first two, for other gradients (some right, some wrong)
+    # rounds on one communicator: fresh, the same gradients again, other gradients
     for seed in (100, 100, 200):
         mine = fill(model, seed + rank, scale=1.0 / size)
         grads = world.allgather(mine)
