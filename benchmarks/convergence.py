@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence_study import design as D  # noqa: E402
 from convergence_study import parts as P  # noqa: E402
 from convergence_study import report as R  # noqa: E402
-from convergence_study.runner import ROOT, Study  # noqa: E402
+from convergence_study.runner import ROOT, Study, StudyAborted  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -111,6 +111,9 @@ def main(argv=None) -> int:
             flush=True,
         )
         return 130
+    except StudyAborted as e:
+        print(f"[convergence] study stopped: {e}", flush=True)
+        return 2
     cost, plan = st.cost(), st.plan_cost()
     if mode == "plan":
         print(json.dumps(plan, indent=1))

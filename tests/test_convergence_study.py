@@ -279,3 +279,37 @@ def test_attempt_seconds_add_up_over_interrupted_attempts(tmp_path):
 
     assert _add_seconds(tmp_path, 30.0) == 30.0
     assert _add_seconds(tmp_path, 12.5) == 42.5  # the cost of a resumed run includes the cut attempt
+
+
+def test_a_config_error_stops_the_study_instead_of_failing_every_run(tmp_path):
+    """Exit 2 of ``hpcsgd train`` (config error) would repeat in every run: the study stops at once."""
+    from convergence_study.runner import StudyAborted
+
+    d = D.quick(D.Design())
+    st = Study(d, tmp_path, mode="run", log=lambda *a: None)
+    bad = dict(D.run_settings(d, "sgd", 128, 0, 0.05, 0.05), no_such_key=1)
+    with pytest.raises(StudyAborted, match="config error"):
+        st.run("baseline", bad, "budget-check")
+    assert st.failures and st.failures[0]["exit_code"] == 2
+    assert "no_such_key" in st.failures[0]["tail"]
+
+
+def test_failures_in_a_row_stop_the_study(tmp_path, monkeypatch):
+    """Runs that fail for another reason: the study stops after MAX_FAILURES_IN_A_ROW of them."""
+    from convergence_study import runner
+
+    monkeypatch.setattr(runner, "mpiexec", lambda: "false")  # every launch exits 1 at once
+    d = D.quick(D.Design())
+    st = Study(d, tmp_path, mode="run", log=lambda *a: None)
+    for seed in range(runner.MAX_FAILURES_IN_A_ROW - 1):
+        assert st.run("baseline", D.run_settings(d, "sgd", 128, seed, 0.05, 0.05), "p") is None
+    with pytest.raises(runner.StudyAborted, match="failures in a row"):
+        st.run("baseline", D.run_settings(d, "sgd", 128, 9, 0.05, 0.05), "p")
+
+
+def test_code_version_names_the_commit():
+    from convergence_study.runner import code_version
+
+    v = code_version()
+    assert v["commit"] is None or len(v["commit"]) == 40
+    assert isinstance(v["hpcsgd_dirty"], bool)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,28 @@ from convergence_study.analysis import CHANCE_ERROR
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_CONFIG = ROOT / "jobs" / "configs" / "fashion_mnist.yaml"
+
+
+#: exit code of ``hpcsgd train`` for a config error: every later run would fail the same way
+CONFIG_ERROR_EXIT = 2
+#: failed runs in a row after which the study stops (something is wrong with the machine or code)
+MAX_FAILURES_IN_A_ROW = 3
+
+
+class StudyAborted(RuntimeError):
+    """A failure that every later run would repeat (config error, or several failures in a row)."""
+
+
+def code_version() -> dict:
+    """The commit the runs execute, and whether ``hpcsgd/`` has uncommitted changes."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD").strip() or None,
+            "hpcsgd_dirty": bool(git("status", "--porcelain", "--", "hpcsgd").strip())}
 
 
 def mpiexec() -> str:
@@ -51,6 +74,12 @@ def _dedupe(records: list[dict]) -> list[dict]:
     for r in records:
         by_it[r["iteration"]] = r
     return [by_it[k] for k in sorted(by_it)]
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished (waited-for) child processes."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def read_run(work: Path) -> dict:
@@ -146,6 +175,7 @@ class Study:
             rec = json.loads(p.read_text())
             self.cache[rec["key"]] = rec
         self.planned, self.failures, self.used = {}, [], {}
+        self._failed_in_a_row = 0
 
     def run(self, label: str, settings: dict, part: str) -> dict | None:
         """The run's record: cached, or executed now (mode 'run'); None if not available."""
@@ -190,6 +220,7 @@ class Study:
             cmd += ["--set", f"{key}={json.dumps(value)}"]
         timeout = 4 * D.run_cost_seconds(self.d, settings) + 600
         load0, t0 = os.getloadavg(), time.perf_counter()
+        cpu0 = _children_cpu_seconds()
         self.log(
             f"[convergence] {name}: lr {settings['recipe_options']['lr']}, {settings['epochs']:g} epochs "
             f"(load {load0[0]:.2f})"
@@ -215,6 +246,7 @@ class Study:
                     raise
                 rc = -1
         elapsed, load1 = time.perf_counter() - t0, os.getloadavg()
+        cpu_share = (_children_cpu_seconds() - cpu0) / max(elapsed * self.d.ranks, 1e-9)
         elapsed = _add_seconds(work, elapsed)  # earlier, interrupted attempts count too
         launcher = (work / "launcher.log").read_text()
         tail = launcher[-4000:]
@@ -225,7 +257,14 @@ class Study:
             self.log(
                 f"[convergence] {name} FAILED (exit {rc}); kept {work} for a resume; tail:\n{tail[-1500:]}"
             )
+            self._failed_in_a_row += 1
+            if rc == CONFIG_ERROR_EXIT or self._failed_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                why = ("a config error" if rc == CONFIG_ERROR_EXIT
+                       else f"{self._failed_in_a_row} failures in a row")
+                raise StudyAborted(f"{name} failed with {why}; every later run would fail alike "
+                                   f"(see the tail above and {work / 'launcher.log'})")
             return None
+        self._failed_in_a_row = 0
         rec.update(
             key=D.run_key(settings),
             name=name,
@@ -244,6 +283,10 @@ class Study:
             cpu_model=cpu_model(),
             cpus=os.cpu_count(),
             loaded=load1[1] > self.max_load,
+            # CPU seconds of the job's processes / (wall seconds x ranks): below ~0.9 the ranks
+            # did not have their cores (another job, or the study paused with SIGSTOP)
+            cpu_share=round(cpu_share, 3),
+            code=code_version(),
             finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         rec["final_error"] = final_error(rec)
