@@ -240,7 +240,7 @@ def build_cases(args, comm, model, originals) -> tuple[dict, dict, object]:
     sweep = {}
     if not args.quick:  # bucket size: the same algorithm at several sizes, same rounds
         for name in ("flat", "hierarchical"):
-            for mib in (1, 4, 16, 64):
+            for mib in (1, 2, 4, 16, 64):
                 c = hpcsgd.create_communicator(name, allreduce_grad_dtype="float32", bucket_bytes=mib << 20)
                 sweep[f"{name} f32 bucket {mib} MiB"] = (lambda c=c: c.multi_node_mean_grad(model))
     cases.update(sweep)

@@ -22,10 +22,21 @@ parts of the bucket, cut at multiples of 16 elements (64 bytes of float32,
 
 No MPI message carries intra-node data: peers read each other's segments
 directly. Every shard is computed once, so all ranks get bitwise identical
-gradients. A segment region written in step 1 of a call is only read by
-peers in step 3 of the same call, and the owner-written region of step 3
-only in step 6; the fence after step 1 of the next call orders it after
-every peer's step 6, so two fences per bucket suffice.
+gradients.
+
+Staging ring: a rank's segment is not as long as the model but two *slots*, each
+as long as the largest bucket, used in turn by consecutive buckets
+(:data:`RING_SLOTS`; the count runs on across calls). Why: every byte staged in a
+model-sized segment goes to DRAM and comes back, while a bucket-sized slot that
+is reused stays in the shared L3 cache; with small buckets the node stage then
+costs about what packing alone costs (docs/comm_algorithms.md has the numbers).
+Why two: a slot region is written in step 1 (peers' shards) or step 3 (own
+shard) and read by peers in step 3 or step 6 of the same bucket. A rank reaches
+step 1 of bucket ``j + 2`` only after the first fence of bucket ``j + 1``, which
+every peer enters only after its step 6 of bucket ``j``; so writes into the slot
+of bucket ``j`` never overtake a peer's reads of it, and two fences per bucket
+suffice. With one slot, bucket ``j + 1``'s step 1 could overwrite what a slow
+peer still reads in step 6 of bucket ``j`` (tests/mpi/check_hier_ring.py shows it).
 
 Defaults: float32 inside a node (shared memory moves bytes at memory speed;
 casting costs more than the bytes saved), float16 between nodes. Nodes must
@@ -45,7 +56,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcsgd.comm import wire_kernels
-from hpcsgd.comm.bucket_algorithm import BucketAlgorithm, shard_bounds
+from hpcsgd.comm.bucket_algorithm import SHARD_ALIGN, BucketAlgorithm, shard_bounds
 from hpcsgd.comm.flat import FlatAlgorithm
 from hpcsgd.comm.fp16_reduce import (
     ArraySource,
@@ -59,6 +70,9 @@ from hpcsgd.comm.reducing import ReducingCommunicator
 from hpcsgd.comm.shm import SharedSegments
 from hpcsgd.runtime.trace import get_tracer
 from hpcsgd.runtime.watchdog import collective
+
+#: staging slots per rank, used in turn by consecutive buckets (two suffice; module docstring)
+RING_SLOTS = 2
 
 
 class HierarchicalAlgorithm(BucketAlgorithm):
@@ -76,7 +90,13 @@ class HierarchicalAlgorithm(BucketAlgorithm):
             f"{intra_wire}/{inter_wire}"
         self.intra = topology.intra_comm.Dup()
         self.inter = topology.inter_comm.Dup() if self.n_nodes > 1 else None
-        self.shm = SharedSegments(self.intra, layout.total, wire_kernels.wire_storage_dtype(intra_wire))
+        # two slots of the largest bucket (see the module docstring: staging ring)
+        span = max((hi - lo // SHARD_ALIGN * SHARD_ALIGN for lo, hi in self.ranges), default=0)
+        self._slot_len = -(-span // SHARD_ALIGN) * SHARD_ALIGN
+        self._calls = 0  # buckets reduced so far: the slot of the next one is _calls % RING_SLOTS
+        self._base = 0  # flat index at the start of the current bucket's slot, minus the slot offset
+        self.shm = SharedSegments(self.intra, RING_SLOTS * self._slot_len,
+                                  wire_kernels.wire_storage_dtype(intra_wire))
         width = max((b - a for lo, hi in self.ranges for a, b in
                      (shard_bounds(lo, hi, self.k, s) for s in range(self.k))), default=0)
         self._acc = np.empty(width, np.float32)
@@ -103,25 +123,26 @@ class HierarchicalAlgorithm(BucketAlgorithm):
         (one pass), and the non-finite count of the shard is returned; otherwise 0
         and the shard is unpacked with the others.
         """
-        segs, r = self.shm.segments, self.r
+        segs, r, o = self.shm.segments, self.r, self._base
         peers = [s for s in range(self.k) if s != r]
         scale = 1.0 / self.size
         f32 = self.intra_wire == "float32"
-        acc = segs[r][a:b] if f32 else self._acc[: b - a]
+        acc = segs[r][a - o:b - o] if f32 else self._acc[: b - a]
         bad = 0
         for i, pa, pb in self.layout.pieces(a, b):
             g = self.grads.piece(i, pa, pb)
             out = acc[pa - a:pb - a]
+            staged = [segs[s][pa - o:pb - o] for s in peers]
             if self._direct and g.dtype == np.float32:
-                bad += wire_kernels.scaled_plus_into_both(g, scale, [segs[s][pa:pb] for s in peers], out)
+                bad += wire_kernels.scaled_plus_into_both(g, scale, staged, out)
             elif f32:
-                wire_kernels.scaled_plus(g, scale, [segs[s][pa:pb] for s in peers], out)
+                wire_kernels.scaled_plus(g, scale, staged, out)
                 if self._direct:
                     bad += wire_kernels.unpack_from(out, g, 1.0, "float32")
             else:
                 wire_kernels.scaled_plus(g, scale, [], out)
-                for s in peers:
-                    wire_kernels.accumulate(out, segs[s][pa:pb], self.intra_wire)
+                for x in staged:
+                    wire_kernels.accumulate(out, x, self.intra_wire)
         if self.inter is not None and b > a:
             with collective("allreduce_inter", nbytes=int(acc.nbytes)):
                 if self._scaled is not None:  # non-finite sums are counted at unpack
@@ -134,19 +155,22 @@ class HierarchicalAlgorithm(BucketAlgorithm):
                 else:
                     self.inter.Allreduce(MPI.IN_PLACE, [acc, MPI.FLOAT], op=MPI.SUM)
         if not f32:
-            wire_kernels.pack_into(acc, segs[r][a:b], 1.0, self.intra_wire)
+            wire_kernels.pack_into(acc, segs[r][a - o:b - o], 1.0, self.intra_wire)
         return bad
 
     def run(self, i: int) -> int:
         lo, hi = self.ranges[i]
         tracer = get_tracer()
         segs, mine = self.shm.segments, self.shm.mine
+        slot = self._calls % RING_SLOTS
+        self._calls += 1
+        self._base = o = lo // SHARD_ALIGN * SHARD_ALIGN - slot * self._slot_len
         info = {"bytes": int((hi - lo) * mine.itemsize), "dtype": self.intra_wire, "bucket": i}
         with tracer.span("pack", **info):
             for s in range(self.k):
                 if s != self.r:
                     a, b = self._shard(lo, hi, s)
-                    self.grads.pack(a, b, mine[a:b], 1.0 / self.size, self.intra_wire)
+                    self.grads.pack(a, b, mine[a - o:b - o], 1.0 / self.size, self.intra_wire)
         with tracer.span("allreduce", inter_dtype=self.inter_wire, **info):
             self.shm.fence("allreduce_intra", bucket=i, stage="reduce_scatter")
             bad = self._reduce_own(*self._shard(lo, hi, self.r))
@@ -155,7 +179,7 @@ class HierarchicalAlgorithm(BucketAlgorithm):
             for s in range(self.k):
                 if s != self.r or not self._direct:
                     a, b = self._shard(lo, hi, s)
-                    bad += self.grads.unpack(a, b, segs[s][a:b], 1.0, self.intra_wire)
+                    bad += self.grads.unpack(a, b, segs[s][a - o:b - o], 1.0, self.intra_wire)
         return bad
 
     def free(self) -> None:
