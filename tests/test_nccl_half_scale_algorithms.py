@@ -94,7 +94,7 @@ def test_nccl_communicator_passes_half_scaling_on(monkeypatch):
     made = []
     monkeypatch.setattr(gpu, "NcclAllreduceAlgorithm", lambda *a, **k: made.append(k))
     monkeypatch.setattr(gpu, "current_device", lambda: 0)
-    s = types.SimpleNamespace(_mpi_comm="world", _wire=lambda: "float16",
+    s = types.SimpleNamespace(_mpi_comm="world", single_wire=lambda: "float16",
                               get_config=lambda k: {"bucket_bytes": 1 << 20, "half_scaling": "predivide"}[k])
     gpu.NcclCommunicator.bucket_algorithm(s, GradLayout([], gpu=True))
     assert made == [{"half_scaling": "predivide"}]

@@ -347,14 +347,10 @@ class NcclCommunicator(ReducingCommunicator):
     def _topology_kwargs(self) -> dict:
         return {"use_gpu": True}
 
-    def _wire(self) -> str:
-        intra, inter = self.wire_formats()
-        return inter if self.inter_size > 1 else intra
-
     def bucket_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         if not layout.gpu and len(layout):
             raise ValueError("the 'nccl' communicator reduces CuPy gradients (call model.to_device(...) "
                              "first); for NumPy use 'hierarchical' or 'flat'")
-        return NcclAllreduceAlgorithm(layout, self._mpi_comm, self._wire(),
+        return NcclAllreduceAlgorithm(layout, self._mpi_comm, self.single_wire(),
                                       self.get_config("bucket_bytes"), current_device(),
                                       half_scaling=self.get_config("half_scaling"))
