@@ -85,3 +85,19 @@ if RECORD:
 def mpirun():
     """``mpirun(script, n, args=(), env=None, timeout=None)`` -> MPIResult; see mpi_harness."""
     return run_mpi
+
+
+@pytest.fixture
+def installed():
+    """``installed(name)`` -> bool: communicator ``name`` is registered and its module imports, so a
+    test of a communicator that has not landed yet can skip rather than fail."""
+    from hpcsgd.comm import communicator_class
+
+    def installed(name: str) -> bool:
+        try:
+            communicator_class(name)
+        except ValueError:
+            return False
+        return True
+
+    return installed

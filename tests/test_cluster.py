@@ -25,16 +25,6 @@ def _on_hosts(mpirun, cluster, args, timeout=90):
                   mpiexec_args=cluster.mpiexec_args(ranks_per_host=2))
 
 
-def _installed(name: str) -> bool:
-    from hpcsgd.comm import communicator_class
-
-    try:
-        communicator_class(name)
-    except ValueError:
-        return False
-    return True
-
-
 def test_two_hosts_are_two_nodes(mpirun, two_hosts):
     before = two_hosts.link_bytes(0)
     res = _on_hosts(mpirun, two_hosts, ["topology", "2", "2"])
@@ -48,8 +38,8 @@ def test_two_hosts_are_two_nodes(mpirun, two_hosts):
 SPECS = ["hierarchical:", "hierarchical:float32", "naive:", "flat:", "flat:float16"]
 
 
-def test_gradient_mean_across_hosts_matches_float64(mpirun, two_hosts):
-    specs = [s for s in SPECS if _installed(s.split(":")[0])]
+def test_gradient_mean_across_hosts_matches_float64(mpirun, two_hosts, installed):
+    specs = [s for s in SPECS if installed(s.split(":")[0])]
     if not specs:
         pytest.skip(f"none of the communicators {SPECS} has landed yet")
     res = _on_hosts(mpirun, two_hosts, ["allreduce", *specs])
@@ -57,13 +47,13 @@ def test_gradient_mean_across_hosts_matches_float64(mpirun, two_hosts):
         assert res.stdout.count(f"{spec} allreduce ok") == 4, (spec, res.stdout)
 
 
-def test_training_across_hosts_equals_one_host(mpirun, two_hosts, tmp_path):
+def test_training_across_hosts_equals_one_host(mpirun, two_hosts, tmp_path, installed):
     """20 iterations on 2 hosts x 2 ranks == 20 iterations of the same 4 ranks on one host.
 
     On one host the ranks are split into the same 2 x 2 virtual nodes, so the reduction order
     is the same and the parameters must be bitwise equal.
     """
-    if not _installed("hierarchical"):
+    if not installed("hierarchical"):
         pytest.skip("the hierarchical communicator has not landed yet")
     across = tmp_path / "across.npz"
     _on_hosts(mpirun, two_hosts, ["train", "hierarchical", str(across), "20"], timeout=120)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from data_fixtures import index_images, smooth_rgb
+from gpu_skip import require_cuda
 from PIL import Image
 
 from hpcsgd.data import Loader, RandomResizedCrop, build_dataset
@@ -80,10 +81,8 @@ def test_simplejpeg_and_pillow_decoders_agree(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not cuda_available(), reason="needs CUDA and CuPy")
 def test_device_batches_match_host_batches():  # pragma: no cover - no GPU on the CI machine
-    import cupy
-
+    cupy = require_cuda()
     ds = small()
     host = list(Loader(ds, 8, workers=0, seed=2))
     with Loader(ds, 8, workers=1, seed=2, dtype="uint8", device=0) as loader:

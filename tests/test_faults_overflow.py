@@ -8,19 +8,9 @@ from cluster.faultlog import record
 pytestmark = pytest.mark.mpi
 
 
-def _installed(name: str) -> bool:
-    from hpcsgd.comm import communicator_class
-
-    try:
-        communicator_class(name)
-    except ValueError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("name", ["hierarchical", "flat"])
-def test_fp16_overflow_skips_the_step(mpirun, request, name):
-    if not _installed(name):
+def test_fp16_overflow_skips_the_step(mpirun, request, name, installed):
+    if not installed(name):
         pytest.skip(f"communicator {name!r} has not landed yet")
     res = mpirun("tests/mpi/check_fault_overflow.py", 4, [name], timeout=120,
                  env={"HPCSGD_RANKS_PER_NODE": "2"})

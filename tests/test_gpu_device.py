@@ -9,13 +9,11 @@ import threading
 
 import numpy as np
 import pytest
+from gpu_skip import require_cuda
 
-cupy = pytest.importorskip("cupy")
-try:
-    N_GPUS = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # CuPy without a driver/device
-    N_GPUS = 0
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(N_GPUS == 0, reason="no CUDA device")]
+cupy = require_cuda()
+N_GPUS = cupy.cuda.runtime.getDeviceCount()
+pytestmark = pytest.mark.gpu
 
 import chainer  # noqa: E402
 

@@ -10,13 +10,10 @@ Run by ``benchmarks/gpu_validate.sh`` (its ``tests`` step runs every ``gpu`` tes
 
 import numpy as np
 import pytest
+from gpu_skip import require_cuda
 
-cupy = pytest.importorskip("cupy")
-try:
-    N_GPUS = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # CuPy without a driver/device
-    N_GPUS = 0
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(N_GPUS == 0, reason="no CUDA device")]
+cupy = require_cuda()
+pytestmark = pytest.mark.gpu
 
 import chainer  # noqa: E402
 

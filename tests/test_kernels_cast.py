@@ -1,7 +1,7 @@
 """Fused cast kernels vs NumPy: bit-exact float16 (incl. ties, subnormals, inf, nan), bfloat16, counts."""
 
 import numpy as np
-import pytest
+from gpu_skip import require_cuda
 from numba import njit
 
 from hpcsgd.comm import wire_kernels as K
@@ -142,11 +142,7 @@ def test_non_float32_gradients_take_the_numpy_path():
 
 
 def test_cupy_kernels_match_cpu():
-    cupy = pytest.importorskip("cupy")
-    try:
-        cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        pytest.skip("no CUDA device")
+    cupy = require_cuda()
     x = tricky_f32()
     x = x[np.isfinite(x)]
     for wire in ("float32", "float16", "bfloat16"):
@@ -161,11 +157,7 @@ def test_cupy_kernels_match_cpu():
 
 
 def test_cupy_batched_pack_unpack_match_cpu():
-    cupy = pytest.importorskip("cupy")
-    try:
-        cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        pytest.skip("no CUDA device")
+    cupy = require_cuda()
     from types import SimpleNamespace
 
     from hpcsgd.comm.nccl import GpuBoundGrads, PieceTables

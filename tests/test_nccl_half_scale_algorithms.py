@@ -1,4 +1,5 @@
-"""The GPU algorithms themselves on CPU: ``NcclAllreduceAlgorithm`` and ``GpuHierarchicalAlgorithm``.
+"""The GPU algorithms themselves on CPU: ``NcclAllreduceAlgorithm``, ``GpuHierarchicalAlgorithm`` (and
+``GpuPackOnlyAlgorithm``, which must pack and unpack as the CPU ``dummy`` does).
 
 Their ``run`` is driven for several simulated ranks with NumPy standing in for CuPy (and
 NumPy casts for the two CuPy cast kernels of the inter-node stage) against the stand-in
@@ -93,7 +94,7 @@ def test_nccl_communicator_passes_half_scaling_on(monkeypatch):
     made = []
     monkeypatch.setattr(gpu, "NcclAllreduceAlgorithm", lambda *a, **k: made.append(k))
     monkeypatch.setattr(gpu, "current_device", lambda: 0)
-    s = types.SimpleNamespace(_mpi_comm="world", _wire=lambda: "float16",
+    s = types.SimpleNamespace(_mpi_comm="world", single_wire=lambda: "float16",
                               get_config=lambda k: {"bucket_bytes": 1 << 20, "half_scaling": "predivide"}[k])
     gpu.NcclCommunicator.bucket_algorithm(s, GradLayout([], gpu=True))
     assert made == [{"half_scaling": "predivide"}]
@@ -158,3 +159,43 @@ def test_gpu_hierarchical_algorithm_scales_both_levels_alike(numpy_as_cupy, monk
     assert intra_groups[0].log.count(("reduceScatter", intra)) == n_buckets
     if nodes > 1:
         assert inter_groups[0].log == [("uint32", "max")] + [("float16", "sum")] * n_buckets
+
+
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16"])
+def test_gpu_pack_only_algorithm_packs_and_unpacks_as_dummy(numpy_as_cupy, monkeypatch, wire):
+    """GpuPackOnlyAlgorithm.run (``dummy`` on GPU) and DummyAlgorithm.run on the same gradients:
+    the same buckets, the same bits back (cast through the wire format), the same pack/unpack
+    spans, and 0 from every bucket (non-finite counts go to the device counter, all finite here)."""
+    from contextlib import contextmanager
+
+    from hpcsgd.comm import dummy
+    from hpcsgd.comm import nccl as gpu
+
+    spans = []
+
+    class Recorder:
+        @contextmanager
+        def span(self, name, **args):
+            spans.append((name, args))
+            yield
+
+    for mod in (dummy, gpu):  # wherever the spans are opened
+        monkeypatch.setattr(mod, "get_tracer", lambda: Recorder())
+    x, _ = decade_gradients(1, seed=4)
+    layout = layout_of()
+    storage = wire_kernels.wire_storage_dtype(wire)  # the CPU kernels' storage (float16 as uint16 bits)
+    out = []
+    for alg in (dummy.DummyAlgorithm(layout, wire, 600), gpu.GpuPackOnlyAlgorithm(layout, wire, 600, 0)):
+        alg.buf = np.empty(alg.buf.size, storage)
+        v = (x[0] * 1e3).astype(np.float32)
+        alg.grads = BoundGrads(layout)
+        alg.grads.vectors = [v[:SIZES[0]], v[SIZES[0]:]]
+        assert [alg.run(i) for i in range(len(alg.ranges))] == [0] * len(alg.ranges)
+        out.append((alg.ranges, v, list(spans)))
+        spans.clear()
+    (cpu_ranges, cpu_v, cpu_spans), (gpu_ranges, gpu_v, gpu_spans) = out
+    assert cpu_ranges == gpu_ranges and len(cpu_ranges) > 1
+    np.testing.assert_array_equal(gpu_v, cpu_v)
+    if wire != "float32":
+        assert not np.array_equal(cpu_v, (x[0] * 1e3).astype(np.float32))  # it did cast
+    assert gpu_spans == cpu_spans and [n for n, _ in cpu_spans] == ["pack", "unpack"] * len(cpu_ranges)

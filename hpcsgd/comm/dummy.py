@@ -19,6 +19,22 @@ from hpcsgd.comm.reducing import ReducingCommunicator
 from hpcsgd.runtime.trace import get_tracer
 
 
+def pack_unpack_bucket(grads, lo: int, hi: int, buf, wire: str, bucket: int) -> int:
+    """Bucket ``[lo, hi)`` of ``grads`` packed into ``buf`` (``wire`` format, unscaled) and unpacked again.
+
+    Why one function: ``dummy`` must time the same steps on NumPy gradients
+    (:class:`DummyAlgorithm`, numba kernels) and on CuPy gradients
+    (:class:`hpcsgd.comm.nccl.GpuPackOnlyAlgorithm`, CUDA kernels that only enqueue).
+    ``buf``: the wire buffer, ``hi - lo`` elements. Returns the unpack's non-finite
+    count (0 on GPU, where it is added to a device counter).
+    """
+    info = {"bytes": int(buf.nbytes), "dtype": wire, "bucket": bucket}
+    with get_tracer().span("pack", **info):
+        grads.pack(lo, hi, buf, 1.0, wire)
+    with get_tracer().span("unpack", **info):
+        return grads.unpack(lo, hi, buf, 1.0, wire)
+
+
 class DummyAlgorithm(BucketAlgorithm):
     def __init__(self, layout: GradLayout, wire: str, bucket_bytes: int):
         super().__init__(layout, layout.bucket_ranges(bucket_bytes, wire_kernels.wire_itemsize(wire)))
@@ -29,12 +45,7 @@ class DummyAlgorithm(BucketAlgorithm):
 
     def run(self, i: int) -> int:
         lo, hi = self.ranges[i]
-        buf = self.buf[: hi - lo]
-        info = {"bytes": int(buf.nbytes), "dtype": self.wire, "bucket": i}
-        with get_tracer().span("pack", **info):
-            self.grads.pack(lo, hi, buf, 1.0, self.wire)
-        with get_tracer().span("unpack", **info):
-            return self.grads.unpack(lo, hi, buf, 1.0, self.wire)
+        return pack_unpack_bucket(self.grads, lo, hi, self.buf[: hi - lo], self.wire, i)
 
 
 class DummyCommunicator(ReducingCommunicator):

@@ -91,14 +91,9 @@ class FlatCommunicator(ReducingCommunicator):
 
     DEFAULT_WIRE = ("float32", "float32")
 
-    def wire(self) -> str:
-        """The single wire format (inter_dtype wins when the job spans nodes)."""
-        intra, inter = self.wire_formats()
-        return inter if self.inter_size > 1 else intra
-
     def bucket_algorithm(self, layout: GradLayout) -> FlatAlgorithm:
         if layout.gpu:
             raise ValueError("the 'flat' communicator reduces NumPy gradients; for CuPy use 'nccl' "
                              "or 'hierarchical'")
-        return FlatAlgorithm(layout, self._mpi_comm, self.wire(), self.get_config("bucket_bytes"),
+        return FlatAlgorithm(layout, self._mpi_comm, self.single_wire(), self.get_config("bucket_bytes"),
                              **self.half_wire_options())

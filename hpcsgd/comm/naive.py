@@ -84,12 +84,8 @@ class NaiveCommunicator(ReducingCommunicator):
 
     DEFAULT_WIRE = ("float32", "float32")
 
-    def wire(self) -> str:
-        intra, inter = self.wire_formats()
-        return inter if self.inter_size > 1 else intra
-
     def bucket_algorithm(self, layout: GradLayout) -> PerParameterAlgorithm:
         if layout.gpu:
             raise ValueError("the 'naive' communicator reduces NumPy gradients; for CuPy use 'nccl' "
                              "or 'hierarchical'")
-        return PerParameterAlgorithm(layout, self._mpi_comm, self.wire(), **self.half_wire_options())
+        return PerParameterAlgorithm(layout, self._mpi_comm, self.single_wire(), **self.half_wire_options())

@@ -48,6 +48,7 @@ import numpy as np
 
 from hpcsgd.comm import wire_kernels
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
+from hpcsgd.comm.dummy import pack_unpack_bucket
 from hpcsgd.comm.half_scale import NcclOps, WireScales, nccl_mean_bucket, uses_scale
 from hpcsgd.comm.nccl_setup import (  # noqa: F401  (re-exported: the GPU path's set-up)
     INSTALL_HINT,
@@ -231,12 +232,7 @@ class GpuPackOnlyAlgorithm(_GpuAlgorithm):
 
     def _enqueue(self, i: int) -> None:
         lo, hi = self.ranges[i]
-        buf = self.buf[: hi - lo]
-        info = {"bytes": int(buf.nbytes), "dtype": self.wire, "bucket": i}
-        with get_tracer().span("pack", **info):
-            self.grads.pack(lo, hi, buf, 1.0, self.wire)
-        with get_tracer().span("unpack", **info):
-            self.grads.unpack(lo, hi, buf, 1.0, self.wire)
+        pack_unpack_bucket(self.grads, lo, hi, self.buf[: hi - lo], self.wire, i)  # returns 0: see unpack
 
 
 class NcclAllreduceAlgorithm(_GpuAlgorithm):
@@ -351,14 +347,10 @@ class NcclCommunicator(ReducingCommunicator):
     def _topology_kwargs(self) -> dict:
         return {"use_gpu": True}
 
-    def _wire(self) -> str:
-        intra, inter = self.wire_formats()
-        return inter if self.inter_size > 1 else intra
-
     def bucket_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         if not layout.gpu and len(layout):
             raise ValueError("the 'nccl' communicator reduces CuPy gradients (call model.to_device(...) "
                              "first); for NumPy use 'hierarchical' or 'flat'")
-        return NcclAllreduceAlgorithm(layout, self._mpi_comm, self._wire(),
+        return NcclAllreduceAlgorithm(layout, self._mpi_comm, self.single_wire(),
                                       self.get_config("bucket_bytes"), current_device(),
                                       half_scaling=self.get_config("half_scaling"))

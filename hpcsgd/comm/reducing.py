@@ -93,6 +93,15 @@ class ReducingCommunicator(MpiCommunicatorBase):
             out.append(w)
         return out[0], out[1]
 
+    def single_wire(self) -> str:
+        """The wire format that crosses the slowest link: inter-node when the job spans nodes, else intra.
+
+        Why one rule: it is both the wire of the one-level algorithms (flat, naive, nccl)
+        and the ``allreduce_grad_dtype`` a communicator reports.
+        """
+        intra, inter = self.wire_formats()
+        return inter if self.inter_size > 1 else intra
+
     def _effective_config(self, name: str, value: Any) -> Any:
         if name in ("intra_dtype", "inter_dtype", "allreduce_grad_dtype"):
             intra, inter = self.wire_formats()
@@ -100,7 +109,7 @@ class ReducingCommunicator(MpiCommunicatorBase):
                 return intra
             if name == "inter_dtype":
                 return inter
-            return inter if self.inter_size > 1 else intra  # what crosses the slowest link
+            return self.single_wire()
         return value
 
     # -- the per-bucket algorithm ----------------------------------------------------

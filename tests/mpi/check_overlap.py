@@ -138,26 +138,27 @@ def check_tied_and_zero_fill(comm):
         reducer.finalize()
 
 
+def inf_on_last_rank_backward(comm, model, reducer, x, t):
+    """The step both non-finite checks start from: the last rank's loss (so its gradients) inf, backward
+    under ``reducer``."""
+    model.cleargrads()
+    loss = F.softmax_cross_entropy(model(x), t)
+    if comm.rank == comm.size - 1:
+        loss = loss * np.float32(np.inf)
+    with reducer:
+        loss.backward()
+
+
 def check_nonfinite_and_async(comm):
     model = build_model("resnet_small", 10, depth=8, width=4, bn_mode="batch")
     comm.bcast_data(model)
     reducer = OverlappedReducer(comm, model)
     x, t = batch(comm.rank, 0)
-    model.cleargrads()
-    loss = F.softmax_cross_entropy(model(x), t)
-    if comm.rank == comm.size - 1:
-        loss = loss * np.float32(np.inf)
-    with reducer:
-        loss.backward()
+    inf_on_last_rank_backward(comm, model, reducer, x, t)
     reducer.wait()  # a bare communicator: averaged (ChainerMN), counted
     assert comm.nonfinite_count > 0, "inf gradients must be counted"
     assert len(set(comm.allgather_obj(comm.nonfinite_count))) == 1, "count differs across ranks"
-    model.cleargrads()
-    loss = F.softmax_cross_entropy(model(x), t)
-    if comm.rank == comm.size - 1:
-        loss = loss * np.float32(np.inf)
-    with reducer:
-        loss.backward()
+    inf_on_last_rank_backward(comm, model, reducer, x, t)
     try:
         with comm.config_scope("check_finite", True):
             reducer.wait()
