@@ -48,6 +48,8 @@ COT, OXT = 2, 4
 GCT, JT = 4, 3
 _ACC = COT * OXT * NB
 _GACC = GCT * JT * NB
+#: Output positions (rows x ``wo``) per register-tile reduction of :func:`_weight_grad`.
+ROW_POSITIONS = int(os.environ.get("HPCSGD_CONV_DIRECT_ROW_POSITIONS", "28"))
 #: Largest channel count (in and out) routed to the direct path; 0 switches it off.
 DIRECT_MAX_CH = int(os.environ.get("HPCSGD_CONV_DIRECT_MAX_CH", "32"))
 #: Fewest input channels routed to the direct path (a 1-channel stem is faster as a GEMM).
@@ -91,7 +93,9 @@ class _Plan:
         ho, wo = (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1
         self.ho, self.wo = ho, wo
         self.qy = _ceil(wo, OXT) * OXT
-        self.qx = max(_ceil(w + pw, s), self.qy + (kw - 1) // s)
+        self.kwp = _ceil(kw, JT) * JT  # the weight gradient's taps per kernel row
+        self.qx = max(_ceil(w + pw, s), self.qy + (kw - 1) // s, wo + (self.kwp - 1) // s)
+        self.rows = max(1, ROW_POSITIONS // wo)
         self.qgx = _ceil(_ceil(w, s), OXT) * OXT
         shifts = [(p + pw - j) // s for p in range(s) for j in range(kw) if (p + pw - j) % s == 0]
         self.lg = max(0, -min(shifts))
@@ -105,11 +109,9 @@ def _plan(h, w, kh, kw, s, ph, pw) -> _Plan:
     return _Plan(h, w, kh, kw, s, ph, pw)
 
 
-def _table(rows, n_ph, entries, k_pad):
-    """``(taps[r, p, t] = (k, offset), counts[r, p])``, padded with dummy taps to a multiple of ``JT``."""
-    width = _ceil(max(1, max(len(e) for e in entries)), JT) * JT
-    taps = np.zeros((rows, n_ph, width, 2), dtype=np.int64)
-    taps[..., 0] = k_pad  # dummy taps: an extra weight slot, offset 0 (valid memory)
+def _table(rows, n_ph, entries):
+    """``(taps[r, p, t] = (k, offset), counts[r, p])`` from per-(row, phase) lists of taps."""
+    taps = np.zeros((rows, n_ph, max(1, max(len(e) for e in entries)), 2), dtype=np.int64)
     counts = np.zeros((rows, n_ph), dtype=np.int64)
     for idx, e in enumerate(entries):
         r, p = divmod(idx, n_ph)
@@ -129,7 +131,7 @@ def _fwd_taps(h, kh, kw, s, ph, ho, qx):
             if 0 <= iy < h:
                 e += [(i * kw + j, ((iy * s + j % s) * qx + j // s) * NB) for j in range(kw)]
         entries.append(e)
-    return _table(ho, 1, entries, kh * kw)
+    return _table(ho, 1, entries)
 
 
 def _bwd_taps(h, kh, kw, s, ph, pw, ho, qg, lg):
@@ -149,7 +151,7 @@ def _bwd_taps(h, kh, kw, s, ph, pw, ho, qg, lg):
                 e += [(i * kw + j, (oy * qg + (p + pw - j) // s + lg) * NB)
                       for j in range(kw) if (p + pw - j) % s == 0]
             entries.append(e)
-    return _table(h, s, entries, kh * kw)
+    return _table(h, s, entries)
 
 
 @kernel(parallel=False)
@@ -228,61 +230,87 @@ def _gather_conv(src, Wt, taps, counts, dst):
 
 
 @kernel(parallel=False)
-def _weight_grad(xb, gyb, taps, counts, lg, wo, gW):
-    """``gW[co, ci, k_t] += sum_{oy, ox, n} gy[co, oy, ox, n] * x[ci][off_t + ox, n]`` over the forward taps.
+def _fold(acc):
+    """Sum each ``NB``-vector of ``acc`` into its first element (a tree of vector adds).
 
-    Per output row, input channel, ``JT`` taps and ``GCT`` output channels: ``GCT x JT``
-    vectors of ``NB`` partial sums stay in registers along the row (each ``x`` and ``gy``
-    load feeds 4 and 3 multiply-adds), then are reduced into ``gW`` (``(Cout, Cin, kh*kw + 1)``,
-    the last slot takes the dummy taps).
+    Constant halving steps: a runtime step made LLVM compare the scratch's address with
+    itself, which counts as taking its address, and then no loop kept it in registers.
     """
-    cin = xb.shape[0]
-    xstride = xb.size // cin
+    for u in range(acc.size // NB):
+        for q in range(16):
+            acc[u * NB + q] += acc[u * NB + q + 16]
+        for q in range(8):
+            acc[u * NB + q] += acc[u * NB + q + 8]
+        for q in range(4):
+            acc[u * NB + q] += acc[u * NB + q + 4]
+        for q in range(2):
+            acc[u * NB + q] += acc[u * NB + q + 2]
+        acc[u * NB] += acc[u * NB + 1]
+
+
+@kernel(parallel=False)
+def _weight_grad(xb, gyb, s, ph, lg, wo, rows, gW):
+    """``gW[co, ci, i, j] += sum_{oy, ox, n} gy[co, oy, ox, n] * x[ci, s*oy + i - ph, s*ox + j - pw, n]``.
+
+    ``gW`` is ``(Cout, Cin, kh, kw)`` with ``kw`` a multiple of ``JT`` (the extra taps read
+    padding and are dropped). For ``rows`` output rows at a time, per input channel,
+    kernel row, ``JT`` taps and ``GCT`` output channels: ``GCT x JT`` vectors of ``NB``
+    partial sums stay in registers over the rows (each ``x`` load feeds ``GCT``
+    multiply-adds, each ``gy`` load ``JT``), then are reduced into ``gW``. ``rows`` trades
+    the reductions (one per ``rows * wo`` positions) against L1 reuse of the rows.
+    """
+    cin, h, n_ph, qx = xb.shape[0], xb.shape[1], xb.shape[2], xb.shape[3]
     co_n, ho, qg = gyb.shape[0], gyb.shape[1], gyb.shape[3]
+    kh, kw = gW.shape[2], gW.shape[3]
+    xrow, grow = n_ph * qx * NB, qg * NB
     xf, gf = xb.reshape(xb.size), gyb.reshape(gyb.size)
     acc = numba.carray(stack_scratch(xb, _GACC), _GACC)
     n = wo * NB
-    for oy in range(ho):
-        n_t = (counts[oy, 0] + JT - 1) // JT * JT
+    for oy0 in range(0, ho, rows):
         for ci in range(cin):
-            for t0 in range(0, n_t, JT):
-                o0 = ci * xstride + taps[oy, 0, t0, 1]
-                o1 = ci * xstride + taps[oy, 0, t0 + 1, 1]
-                o2 = ci * xstride + taps[oy, 0, t0 + 2, 1]
-                x0, x1, x2 = xf[o0:o0 + n], xf[o1:o1 + n], xf[o2:o2 + n]
-                for co0 in range(0, co_n, GCT):
-                    g = ((co0 * ho + oy) * qg + lg) * NB
-                    gs = ho * qg * NB
-                    g0, g1 = gf[g:g + n], gf[g + gs:g + gs + n]
-                    g2, g3 = gf[g + 2 * gs:g + 2 * gs + n], gf[g + 3 * gs:g + 3 * gs + n]
-                    for a in range(_GACC):
-                        acc[a] = 0
-                    for ox in range(wo):
-                        for q in range(NB):
-                            e = ox * NB + q
-                            a0, a1, a2 = x0[e], x1[e], x2[e]
-                            v = g0[e]
-                            acc[q] += v * a0
-                            acc[NB + q] += v * a1
-                            acc[2 * NB + q] += v * a2
-                            v = g1[e]
-                            acc[3 * NB + q] += v * a0
-                            acc[4 * NB + q] += v * a1
-                            acc[5 * NB + q] += v * a2
-                            v = g2[e]
-                            acc[6 * NB + q] += v * a0
-                            acc[7 * NB + q] += v * a1
-                            acc[8 * NB + q] += v * a2
-                            v = g3[e]
-                            acc[9 * NB + q] += v * a0
-                            acc[10 * NB + q] += v * a1
-                            acc[11 * NB + q] += v * a2
-                    for c in range(GCT):
-                        for jt in range(JT):
-                            tot = acc[(c * JT + jt) * NB]
-                            for q in range(1, NB):
-                                tot += acc[(c * JT + jt) * NB + q]
-                            gW[co0 + c, ci, taps[oy, 0, t0 + jt, 0]] += tot
+            for i in range(kh):
+                lo = max(oy0, (ph - i + s - 1) // s)
+                hi = min(oy0 + rows, ho, (h - 1 + ph - i) // s + 1)
+                for j0 in range(0, kw, JT):
+                    xo = ((ci * h + s * lo + i - ph) * n_ph) * qx * NB
+                    o0 = xo + ((j0 % s) * qx + j0 // s) * NB
+                    o1 = xo + (((j0 + 1) % s) * qx + (j0 + 1) // s) * NB
+                    o2 = xo + (((j0 + 2) % s) * qx + (j0 + 2) // s) * NB
+                    for co0 in range(0, co_n, GCT):
+                        g = ((co0 * ho + lo) * qg + lg) * NB
+                        gs = ho * grow
+                        for a in range(_GACC):
+                            acc[a] = 0
+                        for r in range(hi - lo):
+                            xr, gr = r * s * xrow, g + r * grow
+                            x0, x1 = xf[o0 + xr:o0 + xr + n], xf[o1 + xr:o1 + xr + n]
+                            x2 = xf[o2 + xr:o2 + xr + n]
+                            g0, g1 = gf[gr:gr + n], gf[gr + gs:gr + gs + n]
+                            g2, g3 = gf[gr + 2 * gs:gr + 2 * gs + n], gf[gr + 3 * gs:gr + 3 * gs + n]
+                            for ox in range(wo):
+                                for q in range(NB):
+                                    e = ox * NB + q
+                                    a0, a1, a2 = x0[e], x1[e], x2[e]
+                                    v = g0[e]
+                                    acc[q] += v * a0
+                                    acc[NB + q] += v * a1
+                                    acc[2 * NB + q] += v * a2
+                                    v = g1[e]
+                                    acc[3 * NB + q] += v * a0
+                                    acc[4 * NB + q] += v * a1
+                                    acc[5 * NB + q] += v * a2
+                                    v = g2[e]
+                                    acc[6 * NB + q] += v * a0
+                                    acc[7 * NB + q] += v * a1
+                                    acc[8 * NB + q] += v * a2
+                                    v = g3[e]
+                                    acc[9 * NB + q] += v * a0
+                                    acc[10 * NB + q] += v * a1
+                                    acc[11 * NB + q] += v * a2
+                        _fold(acc)
+                        for c in range(GCT):
+                            for jt in range(JT):
+                                gW[co0 + c, ci, i, j0 + jt] += acc[(c * JT + jt) * NB]
 
 
 @kernel
@@ -301,7 +329,7 @@ def _forward(x, Wt, taps, counts, y, s, pw, qx, qy):
 
 
 @kernel
-def _backward(x, gy, WtT, ftaps, fcounts, btaps, bcounts, gx, gW_parts, s, pw, qx, qg, lg, qgx,
+def _backward(x, gy, WtT, btaps, bcounts, gx, gW_parts, s, ph, pw, qx, qg, lg, qgx, rows,
               need_gx, need_gW):
     """Input gradient ``gx`` (if ``need_gx``) and per-block weight gradients ``gW_parts[b]``.
 
@@ -319,7 +347,7 @@ def _backward(x, gy, WtT, ftaps, fcounts, btaps, bcounts, gx, gW_parts, s, pw, q
             xb = np.empty((c, h, s, qx, NB), dtype=x.dtype)
             _to_block(x, n0, m, xb, pw)
             gW_parts[b, :] = 0
-            _weight_grad(xb, gyb, ftaps, fcounts, lg, wo, gW_parts[b])
+            _weight_grad(xb, gyb, s, ph, lg, wo, rows, gW_parts[b])
         if need_gx:
             gxb = np.empty((WtT.shape[0], h, s, qgx, NB), dtype=gy.dtype)
             _gather_conv(gyb, WtT, btaps, bcounts, gxb)
@@ -364,11 +392,11 @@ class DirectConv2D(function_node.FunctionNode):
         cout_p = _ceil(cout, max(GCT, COT)) * max(GCT, COT)
         gx = np.empty_like(x) if need_gx else np.empty((1, 1, 1, 1), dtype=x.dtype)
         n_blocks = (x.shape[0] + NB - 1) // NB
-        parts = np.empty((n_blocks if need_gW else 1, cout_p, cin, kh * kw + 1), dtype=x.dtype)
+        parts = np.empty((n_blocks if need_gW else 1, cout_p, cin, kh, plan.kwp), dtype=x.dtype)
         WtT = _padded(W.transpose(1, 0, 2, 3), _ceil(cin, COT) * COT, cout_p)
-        _backward(x, gy, WtT, *plan.fwd, *plan.bwd, gx, parts, self.s, self.pw, plan.qx, plan.qg, plan.lg,
-                  plan.qgx, need_gx, need_gW)
-        gW = parts.sum(axis=0)[:cout, :, :kh * kw].reshape(W.shape) if need_gW else None
+        _backward(x, gy, WtT, *plan.bwd, gx, parts, self.s, self.ph, self.pw, plan.qx, plan.qg, plan.lg,
+                  plan.qgx, plan.rows, need_gx, need_gW)
+        gW = np.ascontiguousarray(parts.sum(axis=0)[:cout, :, :, :kw]) if need_gW else None
         out = {0: gx, 1: gW}
         if 2 in indexes:  # the bias gradient only when there is a bias (a strided pass over gy)
             out[2] = gy.sum(axis=(0, 2, 3))
