@@ -42,8 +42,9 @@ from hpcsgd.kernels._numba import kernel, stack_scratch
 #: on 7-14 px maps with the earlier row kernels, equal on 28 px).
 NB = 32
 #: Register tile of :func:`_gather_conv`: ``COT`` output channels x ``OXT`` output columns x
-#: ``NB`` images (2 x 4 x 32 float32: 16 of the 32 AVX-512 registers).
-COT, OXT = 2, 4
+#: ``NB`` images (4 x 3 x 32 float32: 24 of the 32 AVX-512 registers; 2x4, 3x4, 1x8 measured
+#: 10-40% slower, 2x6, 2x7, 3x5 and 4x2 1.5-5x slower on AMD Zen 5).
+COT, OXT = 4, 3
 #: Register tile of :func:`_weight_grad`: ``GCT`` output channels x ``JT`` taps x ``NB`` images.
 GCT, JT = 4, 3
 _ACC = COT * OXT * NB
@@ -158,20 +159,29 @@ def _bwd_taps(h, kh, kw, s, ph, pw, ho, qg, lg):
 def _to_block(x, n0, m, xb, left):
     """``xb[c, y, (x + left) % S, (x + left) // S, k] = x[n0 + k, c, y, x]`` for ``k < m``, zero elsewhere.
 
-    ``S = xb.shape[2]`` column phases; channels past ``x``'s (tile padding) are zero.
+    ``S = xb.shape[2]`` column phases; channels past ``x``'s (tile padding) are zero. Images
+    are indexed through a ``(m, w)`` slice per row (``x[n0 + k]`` made numba test ``n0 + k``
+    for a negative index and multiply by the stride for every element: 2x slower).
     """
     n_ch, h, w = x.shape[1], x.shape[2], x.shape[3]
     c_blk, n_ph, wq, nb = xb.shape[0], xb.shape[2], xb.shape[3], xb.shape[4]
+    x2 = x.reshape(x.shape[0], n_ch * h * w)
     for c in range(c_blk):
         for iy in range(h):
+            row = xb[c, iy]
+            if c >= n_ch:
+                row[:] = 0
+                continue
+            o = (c * h + iy) * w
+            sub = x2[n0:n0 + m, o:o + w]
             for pc in range(n_ph * wq):
-                dst = xb[c, iy, pc % n_ph, pc // n_ph]
+                dst = row[pc % n_ph, pc // n_ph]
                 ix = pc - left
-                if c >= n_ch or ix < 0 or ix >= w:
+                if ix < 0 or ix >= w:
                     dst[:] = 0
                     continue
                 for k in range(m):
-                    dst[k] = x[n0 + k, c, iy, ix]
+                    dst[k] = sub[k, ix]
                 for k in range(m, nb):
                     dst[k] = 0
 
@@ -180,16 +190,22 @@ def _to_block(x, n0, m, xb, left):
 def _from_block(yb, y, n0, m):
     """``y[n0 + k, c, iy, q * S + p] = yb[c, iy, p, q, k]``, ``k < m`` (``S`` phases, extra columns dropped).
 
-    Loops over phase and phase column (no division per element: that cost 2x).
+    Loops over phase and phase column (no division per element: that cost 2x), images
+    through a ``(m, w)`` slice per row as in :func:`_to_block`.
     """
     n_ch, h, w = y.shape[1], y.shape[2], y.shape[3]
     n_ph, wq = yb.shape[2], yb.shape[3]
-    for k in range(m):
-        for c in range(n_ch):
-            for iy in range(h):
-                for p in range(n_ph):
-                    for q in range(min(wq, (w - p + n_ph - 1) // n_ph)):
-                        y[n0 + k, c, iy, q * n_ph + p] = yb[c, iy, p, q, k]
+    y2 = y.reshape(y.shape[0], n_ch * h * w)
+    for c in range(n_ch):
+        for iy in range(h):
+            o = (c * h + iy) * w
+            sub = y2[n0:n0 + m, o:o + w]
+            row = yb[c, iy]
+            for p in range(n_ph):
+                for q in range(min(wq, (w - p + n_ph - 1) // n_ph)):
+                    src = row[p, q]
+                    for k in range(m):
+                        sub[k, q * n_ph + p] = src[k]
 
 
 @kernel(parallel=False)
