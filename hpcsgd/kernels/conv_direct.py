@@ -50,7 +50,7 @@ GCT, JT = 4, 3
 _ACC = COT * OXT * NB
 _GACC = GCT * JT * NB
 #: Output positions (rows x ``wo``) per register-tile reduction of :func:`_weight_grad`.
-ROW_POSITIONS = int(os.environ.get("HPCSGD_CONV_DIRECT_ROW_POSITIONS", "28"))
+ROW_POSITIONS = int(os.environ.get("HPCSGD_CONV_DIRECT_ROW_POSITIONS", "224"))
 #: Largest channel count (in and out) routed to the direct path; 0 switches it off.
 DIRECT_MAX_CH = int(os.environ.get("HPCSGD_CONV_DIRECT_MAX_CH", "32"))
 #: Fewest input channels routed to the direct path (a 1-channel stem is faster as a GEMM).
@@ -330,40 +330,37 @@ def _weight_grad(xb, gyb, s, ph, lg, wo, rows, gW):
 
 
 @kernel
-def _forward(x, Wt, taps, counts, y, s, pw, qx, qy):
-    """``y = conv(x, W)`` at stride ``s``, NCHW; parallel over blocks of ``NB`` images."""
-    n, c, h, _ = x.shape
+def _forward(x, Wt, taps, counts, y, xbs, pw, qy):
+    """``y = conv(x, W)``, NCHW, parallel over blocks of ``NB`` images; ``xbs[b]``: block ``b`` of ``x``."""
+    n = x.shape[0]
     ho = y.shape[2]
     for b in prange((n + NB - 1) // NB):
         n0 = b * NB
         m = min(NB, n - n0)
-        xb = np.empty((c, h, s, qx, NB), dtype=x.dtype)
         yb = np.empty((Wt.shape[0], ho, 1, qy, NB), dtype=x.dtype)
-        _to_block(x, n0, m, xb, pw)
-        _gather_conv(xb, Wt, taps, counts, yb)
+        _to_block(x, n0, m, xbs[b], pw)
+        _gather_conv(xbs[b], Wt, taps, counts, yb)
         _from_block(yb, y, n0, m)
 
 
 @kernel
-def _backward(x, gy, WtT, btaps, bcounts, gx, gW_parts, s, ph, pw, qx, qg, lg, qgx, rows,
-              need_gx, need_gW):
+def _backward(xbs, gy, WtT, btaps, bcounts, gx, gW_parts, s, ph, qg, lg, qgx, rows, need_gx, need_gW):
     """Input gradient ``gx`` (if ``need_gx``) and per-block weight gradients ``gW_parts[b]``.
 
     The input gradient gathers ``gy`` with ``WtT[ci, co, k] = W[co, ci, k]`` over the
-    adjoint's taps (:func:`_bwd_taps`); ``gy``'s block is shared with the weight gradient.
+    adjoint's taps (:func:`_bwd_taps`); ``gy``'s block is shared with the weight gradient,
+    which reads the forward's blocks of ``x``, ``xbs``.
     """
-    n, c, h, _ = x.shape
-    ho, wo = gy.shape[2], gy.shape[3]
+    n, ho, wo = gy.shape[0], gy.shape[2], gy.shape[3]
+    h = xbs.shape[2]
     for b in prange((n + NB - 1) // NB):
         n0 = b * NB
         m = min(NB, n - n0)
         gyb = np.empty((WtT.shape[1], ho, 1, qg, NB), dtype=gy.dtype)
         _to_block(gy, n0, m, gyb, lg)
         if need_gW:
-            xb = np.empty((c, h, s, qx, NB), dtype=x.dtype)
-            _to_block(x, n0, m, xb, pw)
             gW_parts[b, :] = 0
-            _weight_grad(xb, gyb, s, ph, lg, wo, rows, gW_parts[b])
+            _weight_grad(xbs[b], gyb, s, ph, lg, wo, rows, gW_parts[b])
         if need_gx:
             gxb = np.empty((WtT.shape[0], h, s, qgx, NB), dtype=gy.dtype)
             _gather_conv(gyb, WtT, btaps, bcounts, gxb)
@@ -378,7 +375,12 @@ def _padded(W, rows: int, cols: int):
 
 
 class DirectConv2D(function_node.FunctionNode):
-    """``y = conv2d(x, W) + b``, equal strides of 1 or 2, NCHW NumPy arrays, via the block layout above."""
+    """``y = conv2d(x, W) + b``, equal strides of 1 or 2, NCHW NumPy arrays, via the block layout above.
+
+    Keeps the forward's image blocks of ``x`` (about ``x``'s size) for the weight gradient
+    instead of ``x``: the backward then copies only ``gy`` into blocks (copies were a
+    third of a layer's time once the kernels were register-tiled).
+    """
 
     def __init__(self, stride, pad):
         self.s = stride[0]
@@ -391,27 +393,29 @@ class DirectConv2D(function_node.FunctionNode):
         x, W = np.ascontiguousarray(inputs[0]), np.ascontiguousarray(inputs[1])
         plan = self._plan(x, W)
         cout = W.shape[0]
-        y = np.empty((x.shape[0], cout, plan.ho, plan.wo), dtype=x.dtype)
-        Wt = _padded(W, _ceil(cout, COT) * COT, W.shape[1])
-        _forward(x, Wt, *plan.fwd, y, self.s, self.pw, plan.qx, plan.qy)
+        n, c, h, _ = x.shape
+        y = np.empty((n, cout, plan.ho, plan.wo), dtype=x.dtype)
+        Wt = _padded(W, _ceil(cout, COT) * COT, c)
+        xbs = np.empty((_ceil(n, NB), c, h, self.s, plan.qx, NB), dtype=x.dtype)
+        _forward(x, Wt, *plan.fwd, y, xbs, self.pw, plan.qy)
         if len(inputs) == 3:
             y += inputs[2].reshape(1, cout, 1, 1)
-        self.retain_inputs((0, 1))
+        self.retain_inputs((1,))
+        self._xbs, self._x_shape, self._plan_ = xbs, x.shape, plan
         return (y,)
 
     def backward(self, indexes, grad_outputs):
-        x, W = (np.ascontiguousarray(v.array) for v in self.get_retained_inputs())
+        W = np.ascontiguousarray(self.get_retained_inputs()[0].array)
         gy = np.ascontiguousarray(grad_outputs[0].array)
-        plan = self._plan(x, W)
+        plan, xbs = self._plan_, self._xbs
         need_gx, need_gW = 0 in indexes, 1 in indexes
         cout, cin, kh, kw = W.shape
         cout_p = _ceil(cout, max(GCT, COT)) * max(GCT, COT)
-        gx = np.empty_like(x) if need_gx else np.empty((1, 1, 1, 1), dtype=x.dtype)
-        n_blocks = (x.shape[0] + NB - 1) // NB
-        parts = np.empty((n_blocks if need_gW else 1, cout_p, cin, kh, plan.kwp), dtype=x.dtype)
+        gx = np.empty(self._x_shape, dtype=W.dtype) if need_gx else np.empty((1, 1, 1, 1), dtype=W.dtype)
+        parts = np.empty((len(xbs) if need_gW else 1, cout_p, cin, kh, plan.kwp), dtype=W.dtype)
         WtT = _padded(W.transpose(1, 0, 2, 3), _ceil(cin, COT) * COT, cout_p)
-        _backward(x, gy, WtT, *plan.bwd, gx, parts, self.s, self.ph, self.pw, plan.qx, plan.qg, plan.lg,
-                  plan.qgx, plan.rows, need_gx, need_gW)
+        _backward(xbs, gy, WtT, *plan.bwd, gx, parts, self.s, self.ph, plan.qg, plan.lg, plan.qgx, plan.rows,
+                  need_gx, need_gW)
         gW = np.ascontiguousarray(parts.sum(axis=0)[:cout, :, :, :kw]) if need_gW else None
         out = {0: gx, 1: gW}
         if 2 in indexes:  # the bias gradient only when there is a bias (a strided pass over gy)
