@@ -53,8 +53,9 @@ _GACC = GCT * JT * NB
 ROW_POSITIONS = int(os.environ.get("HPCSGD_CONV_DIRECT_ROW_POSITIONS", "224"))
 #: Largest channel count (in and out) routed to the direct path; 0 switches it off.
 DIRECT_MAX_CH = int(os.environ.get("HPCSGD_CONV_DIRECT_MAX_CH", "32"))
-#: Fewest input channels routed to the direct path (a 1-channel stem is faster as a GEMM).
-DIRECT_MIN_CIN = int(os.environ.get("HPCSGD_CONV_DIRECT_MIN_CIN", "2"))
+#: Fewest input channels routed to the direct path (1: since the register-tiled kernels the
+#: 1-channel stem is faster here than as a GEMM, step 38-51 -> 36-41 ms on a loaded Zen 5).
+DIRECT_MIN_CIN = int(os.environ.get("HPCSGD_CONV_DIRECT_MIN_CIN", "1"))
 #: Route 1x1 convolutions at stride 2 here too (off: the GEMM path measured faster on them).
 ALLOW_1X1 = os.environ.get("HPCSGD_CONV_DIRECT_1X1", "0") == "1"
 
