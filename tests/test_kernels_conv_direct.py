@@ -47,9 +47,6 @@ def direct_everywhere(monkeypatch):
     monkeypatch.setattr(conv_direct, "DIRECT_MAX_CH", 64)
     monkeypatch.setattr(conv_direct, "DIRECT_MIN_CIN", 1)
     monkeypatch.setattr(conv_direct, "ALLOW_1X1", True)
-    conv_direct._plan.cache_clear()
-    yield
-    conv_direct._plan.cache_clear()  # plans built under a test's ROW_POSITIONS must not leak
 
 
 def _run(fn, x, W, b, gy, need_x=True, need_W=True):
@@ -125,7 +122,6 @@ def test_direct_weight_gradient_row_chunks(monkeypatch, shape):
     wo = gy.shape[3]
     for rows in (1, 2, 3):
         monkeypatch.setattr(conv_direct, "ROW_POSITIONS", rows * wo)
-        conv_direct._plan.cache_clear()
         got = _run(lambda x, W, b: conv.conv2d(x, W, b, s, p), x, W, None, gy)
         # float32 sums of up to N*H*W products of N(0,1) values, as above
         np.testing.assert_allclose(got[2], ref[2], rtol=1e-4, atol=2e-3, err_msg=f"rows={rows}")

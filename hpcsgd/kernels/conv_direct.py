@@ -9,17 +9,17 @@ the block stays in cache): zero-padded columns ``x + pad`` split into ``s`` colu
 phases (``q = (x + pad) // s``, ``phase = (x + pad) % s``), so that every tap of a
 convolution at stride ``s`` reads contiguous runs of ``NB``-float vectors.
 
-Every pass is then a *gather* over a tap table built in Python (:func:`_fwd_taps`,
-:func:`_bwd_taps`): output element ``(row r, phase p, column q)`` is the sum over
-source channels and taps ``t`` of ``Wt[cd, cs, k_t] * src[cs, off_t + q]``. The
-forward and the input gradient (stride 1 or 2: the adjoint, with ``W`` transposed,
-is a gather too) run through one register-tiled kernel, :func:`_gather_conv`, that
-keeps ``COT`` output channels x ``OXT`` columns x ``NB`` images in vector registers
-across all ``Cin x kh x kw`` taps and stores them once (the earlier kernel loaded
-and stored its output row around every multiply-add: store-bound, 3-4x slower).
-The weight gradient keeps ``GCT`` output channels x ``JT`` taps of vector partial
-sums in registers along an output row (:func:`_weight_grad`). Tasks run in parallel
-over image blocks; each keeps its own weight-gradient partial sum, summed at the end.
+Every pass is then a *gather* over a tap table built in Python (:mod:`.conv_taps`):
+output ``(row r, phase p, column q)`` sums ``Wt[cd, cs, k_t] * src[cs, off_t + q]`` over
+source channels ``cs`` and taps ``t``. The forward and the input gradient (stride 1 or
+2: the adjoint, with ``W`` transposed, is a gather too) run through one register-tiled
+kernel, :func:`_gather_conv`, that keeps ``COT`` output channels x ``OXT`` columns x
+``NB`` images in vector registers across all ``Cin x kh x kw`` taps and stores them
+once (the earlier kernel loaded and stored its output row around every multiply-add:
+store-bound, 3-4x slower). The weight gradient keeps ``GCT`` output channels x ``JT``
+taps of vector partial sums in registers over up to ``ROW_POSITIONS`` output positions
+(:func:`_weight_grad`). Tasks run in parallel over image blocks; each keeps its own
+weight-gradient partial sum, summed at the end.
 
 :func:`applies` says which calls :func:`hpcsgd.kernels.conv.conv2d` routes here
 (see ``docs/kernels.md``; measured per layer with ``benchmarks/small_step.py --layers``).
@@ -27,7 +27,6 @@ over image blocks; each keeps its own weight-gradient partial sum, summed at the
 
 from __future__ import annotations
 
-import functools
 import os
 
 import chainer
@@ -36,7 +35,9 @@ import numpy as np
 from chainer import function_node
 from numba import prange
 
+from hpcsgd.kernels import conv_taps
 from hpcsgd.kernels._numba import kernel, stack_scratch
+from hpcsgd.kernels.conv_taps import ceil_div
 
 #: Images per block: the vector length of the inner loops (32 measured 10-30% faster than 16
 #: on 7-14 px maps with the earlier row kernels, equal on 28 px).
@@ -76,84 +77,6 @@ def applies(x_shape, w_shape, stride, pad) -> bool:
     return (sy == sx and sx in (1, 2) and (kh * kw > 1 or (ALLOW_1X1 and sx > 1)) and x_shape[1] == cin
             and DIRECT_MIN_CIN <= cin and max(cin, cout) <= DIRECT_MAX_CH
             and 0 <= ph < kh and 0 <= pw < kw and h + 2 * ph >= kh and w + 2 * pw >= kw)
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-class _Plan:
-    """Block shapes and tap tables of one convolution shape (built once per shape, cached).
-
-    ``qx``: columns per phase of the input block (left pad ``pw``); ``qy``: output columns
-    computed (``wo`` rounded up to ``OXT``); ``qg``, ``lg``: columns and left pad of the
-    output-gradient block; ``qgx``: input-gradient columns per phase (``ceil(w / s)``
-    rounded up to ``OXT``). ``fwd`` and ``bwd`` are ``(taps, counts)`` pairs.
-    """
-
-    def __init__(self, h, w, kh, kw, s, ph, pw):
-        ho, wo = (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1
-        self.ho, self.wo = ho, wo
-        self.qy = _ceil(wo, OXT) * OXT
-        self.kwp = _ceil(kw, JT) * JT  # the weight gradient's taps per kernel row
-        self.qx = max(_ceil(w + pw, s), self.qy + (kw - 1) // s, wo + (self.kwp - 1) // s)
-        self.rows = max(1, ROW_POSITIONS // wo)
-        self.qgx = _ceil(_ceil(w, s), OXT) * OXT
-        shifts = [(p + pw - j) // s for p in range(s) for j in range(kw) if (p + pw - j) % s == 0]
-        self.lg = max(0, -min(shifts))
-        self.qg = max(wo, self.qgx + max(shifts)) + self.lg
-        self.fwd = _fwd_taps(h, kh, kw, s, ph, ho, self.qx)
-        self.bwd = _bwd_taps(h, kh, kw, s, ph, pw, ho, self.qg, self.lg)
-
-
-@functools.lru_cache(maxsize=64)
-def _plan(h, w, kh, kw, s, ph, pw) -> _Plan:
-    return _Plan(h, w, kh, kw, s, ph, pw)
-
-
-def _table(rows, n_ph, entries):
-    """``(taps[r, p, t] = (k, offset), counts[r, p])`` from per-(row, phase) lists of taps."""
-    taps = np.zeros((rows, n_ph, max(1, max(len(e) for e in entries)), 2), dtype=np.int64)
-    counts = np.zeros((rows, n_ph), dtype=np.int64)
-    for idx, e in enumerate(entries):
-        r, p = divmod(idx, n_ph)
-        counts[r, p] = len(e)
-        if e:
-            taps[r, p, :len(e)] = e
-    return taps, counts
-
-
-def _fwd_taps(h, kh, kw, s, ph, ho, qx):
-    """Forward gather: output row ``oy`` reads input row ``s*oy+i-ph``, phase ``j % s``, shift ``j // s``."""
-    entries = []
-    for oy in range(ho):
-        e = []
-        for i in range(kh):
-            iy = s * oy + i - ph
-            if 0 <= iy < h:
-                e += [(i * kw + j, ((iy * s + j % s) * qx + j // s) * NB) for j in range(kw)]
-        entries.append(e)
-    return _table(ho, 1, entries)
-
-
-def _bwd_taps(h, kh, kw, s, ph, pw, ho, qg, lg):
-    """Input gradient as a gather: ``gx[iy, s*q + p]`` reads ``gy[oy, q + (p + pw - j) / s]``.
-
-    Only taps with ``iy + ph - i = s * oy`` (``0 <= oy < ho``) and ``p + pw - j`` a multiple
-    of ``s`` contribute; ``gy``'s block has ``lg`` zero columns on the left.
-    """
-    entries = []
-    for iy in range(h):
-        for p in range(s):
-            e = []
-            for i in range(kh):
-                oy, rem = divmod(iy + ph - i, s)
-                if rem or not 0 <= oy < ho:
-                    continue
-                e += [(i * kw + j, (oy * qg + (p + pw - j) // s + lg) * NB)
-                      for j in range(kw) if (p + pw - j) % s == 0]
-            entries.append(e)
-    return _table(h, s, entries)
 
 
 @kernel(parallel=False)
@@ -349,7 +272,7 @@ def _backward(xbs, gy, WtT, btaps, bcounts, gx, gW_parts, s, ph, qg, lg, qgx, ro
     """Input gradient ``gx`` (if ``need_gx``) and per-block weight gradients ``gW_parts[b]``.
 
     The input gradient gathers ``gy`` with ``WtT[ci, co, k] = W[co, ci, k]`` over the
-    adjoint's taps (:func:`_bwd_taps`); ``gy``'s block is shared with the weight gradient,
+    adjoint's taps (:func:`.conv_taps.bwd_taps`); ``gy``'s block is shared with the weight gradient,
     which reads the forward's blocks of ``x``, ``xbs``.
     """
     n, ho, wo = gy.shape[0], gy.shape[2], gy.shape[3]
@@ -387,8 +310,9 @@ class DirectConv2D(function_node.FunctionNode):
         self.s = stride[0]
         self.ph, self.pw = pad
 
-    def _plan(self, x, W) -> _Plan:
-        return _plan(x.shape[2], x.shape[3], W.shape[2], W.shape[3], self.s, self.ph, self.pw)
+    def _plan(self, x, W) -> conv_taps.Plan:
+        kh, kw = W.shape[2], W.shape[3]
+        return conv_taps.plan(x.shape[2], x.shape[3], kh, kw, self.s, self.ph, self.pw, NB, OXT, JT)
 
     def forward_cpu(self, inputs):
         x, W = np.ascontiguousarray(inputs[0]), np.ascontiguousarray(inputs[1])
@@ -396,8 +320,8 @@ class DirectConv2D(function_node.FunctionNode):
         cout = W.shape[0]
         n, c, h, _ = x.shape
         y = np.empty((n, cout, plan.ho, plan.wo), dtype=x.dtype)
-        Wt = _padded(W, _ceil(cout, COT) * COT, c)
-        xbs = np.empty((_ceil(n, NB), c, h, self.s, plan.qx, NB), dtype=x.dtype)
+        Wt = _padded(W, ceil_div(cout, COT) * COT, c)
+        xbs = np.empty((ceil_div(n, NB), c, h, self.s, plan.qx, NB), dtype=x.dtype)
         _forward(x, Wt, *plan.fwd, y, xbs, self.pw, plan.qy)
         if len(inputs) == 3:
             y += inputs[2].reshape(1, cout, 1, 1)
@@ -411,11 +335,12 @@ class DirectConv2D(function_node.FunctionNode):
         plan, xbs = self._plan_, self._xbs
         need_gx, need_gW = 0 in indexes, 1 in indexes
         cout, cin, kh, kw = W.shape
-        cout_p = _ceil(cout, max(GCT, COT)) * max(GCT, COT)
+        cout_p = ceil_div(cout, max(GCT, COT)) * max(GCT, COT)
         gx = np.empty(self._x_shape, dtype=W.dtype) if need_gx else np.empty((1, 1, 1, 1), dtype=W.dtype)
         parts = np.empty((len(xbs) if need_gW else 1, cout_p, cin, kh, plan.kwp), dtype=W.dtype)
-        WtT = _padded(W.transpose(1, 0, 2, 3), _ceil(cin, COT) * COT, cout_p)
-        _backward(xbs, gy, WtT, *plan.bwd, gx, parts, self.s, self.ph, plan.qg, plan.lg, plan.qgx, plan.rows,
+        WtT = _padded(W.transpose(1, 0, 2, 3), ceil_div(cin, COT) * COT, cout_p)
+        rows = max(1, ROW_POSITIONS // plan.wo)
+        _backward(xbs, gy, WtT, *plan.bwd, gx, parts, self.s, self.ph, plan.qg, plan.lg, plan.qgx, rows,
                   need_gx, need_gW)
         gW = np.ascontiguousarray(parts.sum(axis=0)[:cout, :, :, :kw]) if need_gW else None
         out = {0: gx, 1: gW}
