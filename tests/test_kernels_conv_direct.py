@@ -36,6 +36,9 @@ SHAPES = [
     (conv_direct.NB + 1, 3, 7, 9, 4, 3, 2, 1),  # odd sizes at stride 2, partial block
     (1, 2, 7, 5, 3, 1, 2, 0),        # 1x1/2 on an odd, non-square map
     (2, 3, 8, 7, 2, 3, 2, 0),        # stride 2 without padding
+    (2, 3, 9, 11, 5, 5, 2, 2),       # 5x5/2: weight-gradient tap groups of 3 across both phases
+    (3, 2, 3, 3, 4, 3, 2, 1),        # stride 2 onto a 2x2 map (narrower than a register tile)
+    (2, 6, 10, 10, 7, 3, 1, 1),      # 7 output channels: a partial register tile
 ]
 
 
@@ -98,13 +101,30 @@ def test_direct_one_gradient(shape, need):
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 6, 4, 3, 1, 1), (1, 2, 4, 4, 3, 3, 1, 0),
                                    (3, 2, 5, 4, 2, 5, 1, 2), (2, 3, 7, 6, 4, 3, 2, 1),
-                                   (2, 2, 5, 7, 3, 1, 2, 0)],
+                                   (2, 2, 5, 7, 3, 1, 2, 0), (2, 2, 7, 8, 5, 5, 2, 2),
+                                   (2, 1, 6, 6, 3, 3, 1, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_direct_gradient_check_float64(shape):
     x, W, b, gy = _data(shape, True, dtype=np.float64, seed=2)
     s, p = shape[-2:]
     gradient_check.check_backward(lambda x, W, b: conv.conv2d(x, W, b, s, p), (x, W, b), gy,
                                   dtype=np.float64, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[9], SHAPES[3], SHAPES[15]],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_direct_weight_gradient_row_chunks(monkeypatch, shape):
+    """The weight gradient reduces its register tile every ``ROW_POSITIONS // wo`` output rows;
+    chunks of 1-3 rows put chunk edges on the rows whose taps fall into the padding."""
+    s, p = shape[-2:]
+    x, W, b, gy = _data(shape, False, seed=4)
+    ref = _run(lambda x, W, b: F.convolution_2d(x, W, b, stride=s, pad=p), x, W, None, gy)
+    wo = gy.shape[3]
+    for rows in (1, 2, 3):
+        monkeypatch.setattr(conv_direct, "ROW_POSITIONS", rows * wo)
+        got = _run(lambda x, W, b: conv.conv2d(x, W, b, s, p), x, W, None, gy)
+        # float32 sums of up to N*H*W products of N(0,1) values, as above
+        np.testing.assert_allclose(got[2], ref[2], rtol=1e-4, atol=2e-3, err_msg=f"rows={rows}")
 
 
 def test_dispatch_limits(monkeypatch):

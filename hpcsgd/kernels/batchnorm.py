@@ -5,7 +5,8 @@ one channel per task (``prange`` over C). A channel's ``N * P`` values are
 read from memory once and then stay in cache for the kernel's later passes,
 so a forward costs about one read and one write of the activation and a
 backward two reads and one write, against Chainer's chain of whole-array NumPy
-temporaries. Statistics are accumulated in float64.
+temporaries. Statistics sum each image's row in the data's precision and the rows in
+float64.
 
 Training forward: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the
 batch's mean and biased variance, then ``max(y, 0)`` when ``relu``.
@@ -28,30 +29,41 @@ from hpcsgd.kernels._numba import kernel
 
 
 @kernel
-def _bn_forward(x, gamma, beta, eps, relu, y, mean, var):
+def _bn_forward(x, gamma, beta, eps, relu, y, mean, var, zero):
+    """Training forward of one channel per task; ``zero`` is ``0`` in the data's dtype.
+
+    Each image's row of the channel is summed in the data's precision (``zero`` types the
+    partial sum), the rows' sums in float64: float64 adds per element halved the vector
+    width, and on 7x7 maps (49-float rows) the forward took 3x as long (0.15 -> 0.05 ms at
+    32 channels, batch 128). The variance pass centres on the float32 mean.
+    """
     n_img, n_ch, n_pix = x.shape
     m = n_img * n_pix
     coef = np.empty((n_ch, 3), x.dtype)  # per-channel constants in the data's precision
     for c in prange(n_ch):
         s = 0.0
         for n in range(n_img):
+            t = zero
             for p in range(n_pix):
-                s += x[n, c, p]
+                t += x[n, c, p]
+            s += t
         mu = s / m
+        coef[c, 2] = mu
+        mu32 = coef[c, 2]
         ss = 0.0
         for n in range(n_img):
+            t = zero
             for p in range(n_pix):
-                d = x[n, c, p] - mu
-                ss += d * d
+                d = x[n, c, p] - mu32
+                t += d * d
+            ss += t
         v = ss / m
         mean[c] = mu
         var[c] = v
         coef[c, 0] = gamma[c] / math.sqrt(v + eps)
         coef[c, 1] = beta[c]
-        coef[c, 2] = mu
         sc = coef[c, 0]
         sh = coef[c, 1]
-        mu32 = coef[c, 2]
         for n in range(n_img):
             for p in range(n_pix):
                 t = (x[n, c, p] - mu32) * sc + sh
@@ -61,22 +73,28 @@ def _bn_forward(x, gamma, beta, eps, relu, y, mean, var):
 
 
 @kernel
-def _bn_backward(x, y, gy, gamma, mean, var, eps, relu, gx, ggamma, gbeta):
+def _bn_backward(x, y, gy, gamma, mean, var, eps, relu, gx, ggamma, gbeta, zero):
+    """Training backward of one channel per task; per-image partial sums as in :func:`_bn_forward`."""
     n_img, n_ch, n_pix = x.shape
     m = n_img * n_pix
     coef = np.empty((n_ch, 4), x.dtype)  # per-channel constants in the data's precision
     for c in prange(n_ch):
-        mu = mean[c]
         inv = 1.0 / math.sqrt(var[c] + eps)
+        coef[c, 3] = mean[c]
+        mu32 = coef[c, 3]
         sg = 0.0
         sgx = 0.0
         for n in range(n_img):
+            tg = zero
+            tx = zero
             for p in range(n_pix):
                 g = gy[n, c, p]
                 if relu:
-                    g = g if y[n, c, p] > 0 else 0
-                sg += g
-                sgx += g * (x[n, c, p] - mu)
+                    g = g if y[n, c, p] > 0 else zero
+                tg += g
+                tx += g * (x[n, c, p] - mu32)
+            sg += tg
+            sgx += tx
         gb = sg
         gg = sgx * inv
         gbeta[c] = gb
@@ -85,16 +103,14 @@ def _bn_backward(x, y, gy, gamma, mean, var, eps, relu, gx, ggamma, gbeta):
         coef[c, 0] = k
         coef[c, 1] = -k * gb / m
         coef[c, 2] = -k * gg * inv / m
-        coef[c, 3] = mu
         a = coef[c, 0]
         b = coef[c, 1]
         cx = coef[c, 2]
-        mu32 = coef[c, 3]
         for n in range(n_img):
             for p in range(n_pix):
                 g = gy[n, c, p]
                 if relu:
-                    g = g if y[n, c, p] > 0 else 0
+                    g = g if y[n, c, p] > 0 else zero
                 gx[n, c, p] = a * g + cx * (x[n, c, p] - mu32) + b
 
 
@@ -137,6 +153,11 @@ def _as_ncp(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], a.shape[1], -1)
 
 
+def _zero(x):
+    """The partial sums' zero: the data's float type, at least float32."""
+    return np.promote_types(x.dtype, np.float32).type(0)
+
+
 def _check(x, gamma):
     if x.ndim < 2 or gamma.shape != (x.shape[1],):
         raise ValueError(f"batch_norm: gamma of shape {gamma.shape} does not match input {x.shape}")
@@ -160,7 +181,7 @@ class BatchNorm(function_node.FunctionNode):
         y = np.empty(x.shape, dtype=x.dtype)
         mean = np.empty(x.shape[1], np.float64)
         var = np.empty(x.shape[1], np.float64)
-        _bn_forward(x3, gamma, beta, self.eps, self.relu, y.reshape(x3.shape), mean, var)
+        _bn_forward(x3, gamma, beta, self.eps, self.relu, y.reshape(x3.shape), mean, var, _zero(x))
         self._mean64, self._var64 = mean, var
         self.mean, self.var = mean.astype(x.dtype), var.astype(x.dtype)
         self.retain_inputs((0, 1))
@@ -177,7 +198,7 @@ class BatchNorm(function_node.FunctionNode):
         ggamma = np.empty(gamma.shape, np.float64)
         gbeta = np.empty(gamma.shape, np.float64)
         _bn_backward(x3, y3, gy3, gamma, self._mean64, self._var64, self.eps, self.relu,
-                     gx.reshape(x3.shape), ggamma, gbeta)
+                     gx.reshape(x3.shape), ggamma, gbeta, _zero(x))
         out = (gx, ggamma.astype(gamma.dtype), gbeta.astype(gamma.dtype))
         return tuple(chainer.Variable(out[i]) for i in indexes)
 

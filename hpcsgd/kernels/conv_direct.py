@@ -4,21 +4,22 @@ Why: with 8-32 channels a convolution's GEMM has 8-32 rows and does a few FLOPs 
 byte of its patch matrix, so the im2col path spends its time writing the 9x patch
 matrix and reading it back (forward, weight gradient and col2im alike). This
 module never builds one. Each task takes a block of ``NB`` images and copies it to
-an image-innermost layout ``xb[c, y, x, n]`` (one pass over the activation; the
-block stays in cache). In that layout a tap ``(i, j)`` of output row ``oy`` is one
-contiguous multiply-add of ``Wo * NB`` floats (stride 1)::
+an image-innermost layout ``xb[c, y, phase, q, n]`` (one pass over the activation;
+the block stays in cache): zero-padded columns ``x + pad`` split into ``s`` column
+phases (``q = (x + pad) // s``, ``phase = (x + pad) % s``), so that every tap of a
+convolution at stride ``s`` reads contiguous runs of ``NB``-float vectors.
 
-    yb[co, oy, lo:hi, :] += W[co, ci, i, j] * xb[ci, oy + i - ph, lo + j - pw : hi + j - pw, :]
-
-(a long SAXPY that vectorises whatever the map width: no 28-, 14- or 7-float rows
-to split into SIMD lanes, no padding copy: the column range ``[lo, hi)`` skips the
-taps that fall into the zero padding). At stride 2 the block stores even and odd
-input columns as two phases, ``xb[c, y, x % 2, x // 2, n]``, so each tap again reads
-one contiguous run. The input gradient at stride 1 is the same operation on
-``gy`` with the flipped, transposed kernel and pad ``k - 1 - p``; at stride 2 it is
-the adjoint scatter (contiguous too); the weight gradient is a dot product of the
-same rows (two loads per multiply-add, no stores). Tasks run in parallel over
-image blocks; each keeps its own weight-gradient partial sum, summed at the end.
+Every pass is then a *gather* over a tap table built in Python (:mod:`.conv_taps`):
+output ``(row r, phase p, column q)`` sums ``Wt[cd, cs, k_t] * src[cs, off_t + q]`` over
+source channels ``cs`` and taps ``t``. The forward and the input gradient (stride 1 or
+2: the adjoint, with ``W`` transposed, is a gather too) run through one register-tiled
+kernel, :func:`_gather_conv`, that keeps ``COT`` output channels x ``OXT`` columns x
+``NB`` images in vector registers across all ``Cin x kh x kw`` taps and stores them
+once (the earlier kernel loaded and stored its output row around every multiply-add:
+store-bound, 3-4x slower). The weight gradient keeps ``GCT`` output channels x ``JT``
+taps of vector partial sums in registers over up to ``ROW_POSITIONS`` output positions
+(:func:`_weight_grad`). Tasks run in parallel over image blocks; each keeps its own
+weight-gradient partial sum, summed at the end.
 
 :func:`applies` says which calls :func:`hpcsgd.kernels.conv.conv2d` routes here
 (see ``docs/kernels.md``; measured per layer with ``benchmarks/small_step.py --layers``).
@@ -29,19 +30,33 @@ from __future__ import annotations
 import os
 
 import chainer
+import numba
 import numpy as np
 from chainer import function_node
 from numba import prange
 
-from hpcsgd.kernels._numba import kernel
+from hpcsgd.kernels import conv_taps
+from hpcsgd.kernels._numba import kernel, stack_scratch
+from hpcsgd.kernels.conv_taps import ceil_div
 
-#: Images per block: the vector length of the inner loops is ``Wo * NB`` floats (32 measured
-#: 10-30% faster than 16 on 7-14 px maps, equal on 28 px).
+#: Images per block: the vector length of the inner loops (32 measured 10-30% faster than 16
+#: on 7-14 px maps with the earlier row kernels, equal on 28 px).
 NB = 32
+#: Register tile of :func:`_gather_conv`: ``COT`` output channels x ``OXT`` output columns x
+#: ``NB`` images (4 x 3 x 32 float32: 24 of the 32 AVX-512 registers; 2x4, 3x4, 1x8 measured
+#: 10-40% slower, 2x6, 2x7, 3x5 and 4x2 1.5-5x slower on AMD Zen 5).
+COT, OXT = 4, 3
+#: Register tile of :func:`_weight_grad`: ``GCT`` output channels x ``JT`` taps x ``NB`` images.
+GCT, JT = 4, 3
+_ACC = COT * OXT * NB
+_GACC = GCT * JT * NB
+#: Output positions (rows x ``wo``) per register-tile reduction of :func:`_weight_grad`.
+ROW_POSITIONS = int(os.environ.get("HPCSGD_CONV_DIRECT_ROW_POSITIONS", "224"))
 #: Largest channel count (in and out) routed to the direct path; 0 switches it off.
 DIRECT_MAX_CH = int(os.environ.get("HPCSGD_CONV_DIRECT_MAX_CH", "32"))
-#: Fewest input channels routed to the direct path (a 1-channel stem is faster as a GEMM).
-DIRECT_MIN_CIN = int(os.environ.get("HPCSGD_CONV_DIRECT_MIN_CIN", "2"))
+#: Fewest input channels routed to the direct path (1: since the register-tiled kernels the
+#: 1-channel stem is faster here than as a GEMM, step 38-51 -> 36-41 ms on a loaded Zen 5).
+DIRECT_MIN_CIN = int(os.environ.get("HPCSGD_CONV_DIRECT_MIN_CIN", "1"))
 #: Route 1x1 convolutions at stride 2 here too (off: the GEMM path measured faster on them).
 ALLOW_1X1 = os.environ.get("HPCSGD_CONV_DIRECT_1X1", "0") == "1"
 
@@ -65,228 +80,270 @@ def applies(x_shape, w_shape, stride, pad) -> bool:
 
 
 @kernel(parallel=False)
-def _to_block(x, n0, m, xb):
-    """``xb[c, y, x % S, x // S, k] = x[n0 + k, c, y, x]`` for ``k < m``, zero elsewhere.
+def _to_block(x, n0, m, xb, left):
+    """``xb[c, y, (x + left) % S, (x + left) // S, k] = x[n0 + k, c, y, x]`` for ``k < m``, zero elsewhere.
 
-    ``S = xb.shape[2]`` column phases: with ``S`` = the stride, every tap of a
-    strided convolution reads a contiguous run of one phase.
+    ``S = xb.shape[2]`` column phases; channels past ``x``'s (tile padding) are zero. Images
+    are indexed through a ``(m, w)`` slice per row (``x[n0 + k]`` made numba test ``n0 + k``
+    for a negative index and multiply by the stride for every element: 2x slower).
     """
     n_ch, h, w = x.shape[1], x.shape[2], x.shape[3]
-    n_ph, wq, nb = xb.shape[2], xb.shape[3], xb.shape[4]
-    for c in range(n_ch):
+    c_blk, n_ph, wq, nb = xb.shape[0], xb.shape[2], xb.shape[3], xb.shape[4]
+    x2 = x.reshape(x.shape[0], n_ch * h * w)
+    for c in range(c_blk):
         for iy in range(h):
-            for ix in range(n_ph * wq):
-                dst = xb[c, iy, ix % n_ph, ix // n_ph]
-                if ix >= w:
+            row = xb[c, iy]
+            if c >= n_ch:
+                row[:] = 0
+                continue
+            o = (c * h + iy) * w
+            sub = x2[n0:n0 + m, o:o + w]
+            for pc in range(n_ph * wq):
+                dst = row[pc % n_ph, pc // n_ph]
+                ix = pc - left
+                if ix < 0 or ix >= w:
                     dst[:] = 0
                     continue
                 for k in range(m):
-                    dst[k] = x[n0 + k, c, iy, ix]
+                    dst[k] = sub[k, ix]
                 for k in range(m, nb):
                     dst[k] = 0
 
 
 @kernel(parallel=False)
 def _from_block(yb, y, n0, m):
-    """``y[n0 + k]`` from the block ``yb`` (phased as in :func:`_to_block`), ``k < m``.
+    """``y[n0 + k, c, iy, q * S + p] = yb[c, iy, p, q, k]``, ``k < m`` (``S`` phases, extra columns dropped).
 
-    Loops over phase and phase column (no division per element: that cost 2x).
+    Loops over phase and phase column (no division per element: that cost 2x), images
+    through a ``(m, w)`` slice per row as in :func:`_to_block`.
     """
     n_ch, h, w = y.shape[1], y.shape[2], y.shape[3]
     n_ph, wq = yb.shape[2], yb.shape[3]
-    for k in range(m):
-        for c in range(n_ch):
-            for iy in range(h):
-                for p in range(n_ph):
-                    for q in range(min(wq, (w - p + n_ph - 1) // n_ph)):
-                        y[n0 + k, c, iy, q * n_ph + p] = yb[c, iy, p, q, k]
+    y2 = y.reshape(y.shape[0], n_ch * h * w)
+    for c in range(n_ch):
+        for iy in range(h):
+            o = (c * h + iy) * w
+            sub = y2[n0:n0 + m, o:o + w]
+            row = yb[c, iy]
+            for p in range(n_ph):
+                for q in range(min(wq, (w - p + n_ph - 1) // n_ph)):
+                    src = row[p, q]
+                    for k in range(m):
+                        sub[k, q * n_ph + p] = src[k]
 
 
 @kernel(parallel=False)
-def _tap_table(kw, pw, s, w, wo):
-    """Per tap column ``j``: ``(phase, shift, lo, hi)`` as rows of an int64 table.
+def _gather_conv(src, Wt, taps, counts, dst):
+    """``dst[cd, r, p, q] = sum_{cs, t < counts[r, p]} Wt[cd, cs, k_t] * src[cs][off_t + q]`` (overwritten).
 
-    Output columns ``lo <= ox < hi`` read input column ``s * ox + j - pw``, inside
-    ``[0, w)``, which is entry ``ox + shift`` of column phase ``phase``. ``w`` is the
-    block's phase-padded width (its extra columns are zero, so reading them adds nothing).
+    ``src[cs]`` is one channel of the source block, flat; each term is ``NB`` images.
+    Tiles of ``COT`` channels x ``OXT`` columns accumulate in a stack scratch (vector
+    registers) over every channel and tap, then go to ``dst`` in one store. Inner loops
+    index slices from 0 (numba then emits no negative-index test, which made gathers).
     """
-    tab = np.empty((kw, 4), dtype=np.int64)
-    for j in range(kw):
-        d = j - pw
-        phase = d % s
-        lo = max(0, (s - 1 - d) // s)
-        tab[j, 0] = phase
-        tab[j, 1] = (d - phase) // s
-        tab[j, 2] = lo
-        tab[j, 3] = max(min(wo, (w - 1 - d) // s + 1), lo)
-    return tab
+    c_src = src.shape[0]
+    cstride = src.size // c_src
+    cd_n, n_r, n_p, qd = dst.shape[0], dst.shape[1], dst.shape[2], dst.shape[3]
+    sf, df = src.reshape(src.size), dst.reshape(dst.size)
+    acc = numba.carray(stack_scratch(src, _ACC), _ACC)
+    for r in range(n_r):
+        for p in range(n_p):
+            n_t = counts[r, p]
+            for q0 in range(0, qd, OXT):
+                for cd0 in range(0, cd_n, COT):
+                    for a in range(_ACC):
+                        acc[a] = 0
+                    for cs in range(c_src):
+                        for t in range(n_t):
+                            k = taps[r, p, t, 0]
+                            base = cs * cstride + taps[r, p, t, 1] + q0 * NB
+                            xs = sf[base:base + OXT * NB]
+                            for c in range(COT):
+                                wv = Wt[cd0 + c, cs, k]
+                                for a in range(OXT * NB):
+                                    acc[c * OXT * NB + a] += wv * xs[a]
+                    for c in range(COT):
+                        o = ((((cd0 + c) * n_r + r) * n_p + p) * qd + q0) * NB
+                        ds = df[o:o + OXT * NB]
+                        for a in range(OXT * NB):
+                            ds[a] = acc[c * OXT * NB + a]
 
 
 @kernel(parallel=False)
-def _conv_block(xb, W, yb, s, ph, pw):
-    """``yb = conv(xb, W)`` at stride ``s`` in the block layout (``yb`` overwritten, one phase).
+def _fold(acc):
+    """Sum each ``NB``-vector of ``acc`` into its first element (a tree of vector adds).
 
-    Output row outer, then input row, then output channel: the ``Cout`` output
-    rows of one ``oy`` and the input row in use stay in L1 (plane-at-a-time
-    orders streamed the block from L2 once per channel pair). Rows are slices of
-    one flat view (a ``reshape`` per row is a C call: 2x slower), and every
-    inner loop indexes from 0, so numba emits no negative-index test (which kept
-    the loop scalar, 7x slower).
+    Constant halving steps: a runtime step made LLVM compare the scratch's address with
+    itself, which counts as taking its address, and then no loop kept it in registers.
     """
-    n_ch, h, n_ph, wq, nb = xb.shape
-    cout, _, kh, kw = W.shape
-    ho, wo = yb.shape[1], yb.shape[3]
-    xf, yf = xb.reshape(xb.size), yb.reshape(yb.size)
-    tab = _tap_table(kw, pw, s, n_ph * wq, wo)
-    yf[:] = 0
-    for oy in range(ho):
-        for ci in range(n_ch):
-            for i in range(kh):
-                iy = oy * s + i - ph
-                if iy < 0 or iy >= h:
-                    continue
-                for co in range(cout):
-                    yr = yf[(co * ho + oy) * wo * nb:]
-                    for j in range(kw):
-                        phase, shift, lo, hi = tab[j, 0], tab[j, 1], tab[j, 2], tab[j, 3]
-                        wv = W[co, ci, i, j]
-                        ys = yr[lo * nb:hi * nb]
-                        xs = xf[(((ci * h + iy) * n_ph + phase) * wq + lo + shift) * nb:]
-                        for q in range(ys.shape[0]):
-                            ys[q] += wv * xs[q]
+    for u in range(acc.size // NB):
+        for q in range(16):
+            acc[u * NB + q] += acc[u * NB + q + 16]
+        for q in range(8):
+            acc[u * NB + q] += acc[u * NB + q + 8]
+        for q in range(4):
+            acc[u * NB + q] += acc[u * NB + q + 4]
+        for q in range(2):
+            acc[u * NB + q] += acc[u * NB + q + 2]
+        acc[u * NB] += acc[u * NB + 1]
 
 
 @kernel(parallel=False)
-def _conv_transpose_block(gyb, W, gxb, s, ph, pw):
-    """Adjoint of :func:`_conv_block` (the input gradient): ``gxb`` (phased, overwritten)."""
-    cout, ho, _, wo, nb = gyb.shape
-    n_ch, h, n_ph, wq, _ = gxb.shape
-    kh, kw = W.shape[2], W.shape[3]
-    gf, xf = gyb.reshape(gyb.size), gxb.reshape(gxb.size)
-    tab = _tap_table(kw, pw, s, n_ph * wq, wo)
-    xf[:] = 0
-    for oy in range(ho):
-        for ci in range(n_ch):
-            for i in range(kh):
-                iy = oy * s + i - ph
-                if iy < 0 or iy >= h:
-                    continue
-                for co in range(cout):
-                    gr = gf[(co * ho + oy) * wo * nb:]
-                    for j in range(kw):
-                        phase, shift, lo, hi = tab[j, 0], tab[j, 1], tab[j, 2], tab[j, 3]
-                        wv = W[co, ci, i, j]
-                        gs = gr[lo * nb:hi * nb]
-                        xs = xf[(((ci * h + iy) * n_ph + phase) * wq + lo + shift) * nb:]
-                        for q in range(gs.shape[0]):
-                            xs[q] += wv * gs[q]
+def _weight_grad(xb, gyb, s, ph, lg, wo, rows, gW):
+    """``gW[co, ci, i, j] += sum_{oy, ox, n} gy[co, oy, ox, n] * x[ci, s*oy + i - ph, s*ox + j - pw, n]``.
 
-
-@kernel(parallel=False)
-def _weight_grad_block(xb, gyb, gW, s, ph, pw):
-    """``gW[co, ci, i, j] += sum(gyb[co, oy, ox, :] * x[ci, s*oy + i - ph, s*ox + j - pw, :])``.
-
-    Same loop order and row slicing as :func:`_conv_block` (``gW`` stays in L1).
+    ``gW`` is ``(Cout, Cin, kh, kw)`` with ``kw`` a multiple of ``JT`` (the extra taps read
+    padding and are dropped). For ``rows`` output rows at a time, per input channel,
+    kernel row, ``JT`` taps and ``GCT`` output channels: ``GCT x JT`` vectors of ``NB``
+    partial sums stay in registers over the rows (each ``x`` load feeds ``GCT``
+    multiply-adds, each ``gy`` load ``JT``), then are reduced into ``gW``. ``rows`` trades
+    the reductions (one per ``rows * wo`` positions) against L1 reuse of the rows.
     """
-    n_ch, h, n_ph, wq, nb = xb.shape
-    cout, _, kh, kw = gW.shape
-    ho, wo = gyb.shape[1], gyb.shape[3]
+    cin, h, n_ph, qx = xb.shape[0], xb.shape[1], xb.shape[2], xb.shape[3]
+    co_n, ho, qg = gyb.shape[0], gyb.shape[1], gyb.shape[3]
+    kh, kw = gW.shape[2], gW.shape[3]
+    xrow, grow = n_ph * qx * NB, qg * NB
     xf, gf = xb.reshape(xb.size), gyb.reshape(gyb.size)
-    tab = _tap_table(kw, pw, s, n_ph * wq, wo)
-    for oy in range(ho):
-        for ci in range(n_ch):
+    acc = numba.carray(stack_scratch(xb, _GACC), _GACC)
+    n = wo * NB
+    for oy0 in range(0, ho, rows):
+        for ci in range(cin):
             for i in range(kh):
-                iy = oy * s + i - ph
-                if iy < 0 or iy >= h:
-                    continue
-                for co in range(cout):
-                    gr = gf[(co * ho + oy) * wo * nb:]
-                    for j in range(kw):
-                        phase, shift, lo, hi = tab[j, 0], tab[j, 1], tab[j, 2], tab[j, 3]
-                        gs = gr[lo * nb:hi * nb]
-                        xs = xf[(((ci * h + iy) * n_ph + phase) * wq + lo + shift) * nb:]
-                        acc = np.float32(0)
-                        for q in range(gs.shape[0]):
-                            acc += gs[q] * xs[q]
-                        gW[co, ci, i, j] += acc
+                lo = max(oy0, (ph - i + s - 1) // s)
+                hi = min(oy0 + rows, ho, (h - 1 + ph - i) // s + 1)
+                for j0 in range(0, kw, JT):
+                    xo = ((ci * h + s * lo + i - ph) * n_ph) * qx * NB
+                    o0 = xo + ((j0 % s) * qx + j0 // s) * NB
+                    o1 = xo + (((j0 + 1) % s) * qx + (j0 + 1) // s) * NB
+                    o2 = xo + (((j0 + 2) % s) * qx + (j0 + 2) // s) * NB
+                    for co0 in range(0, co_n, GCT):
+                        g = ((co0 * ho + lo) * qg + lg) * NB
+                        gs = ho * grow
+                        for a in range(_GACC):
+                            acc[a] = 0
+                        for r in range(hi - lo):
+                            xr, gr = r * s * xrow, g + r * grow
+                            x0, x1 = xf[o0 + xr:o0 + xr + n], xf[o1 + xr:o1 + xr + n]
+                            x2 = xf[o2 + xr:o2 + xr + n]
+                            g0, g1 = gf[gr:gr + n], gf[gr + gs:gr + gs + n]
+                            g2, g3 = gf[gr + 2 * gs:gr + 2 * gs + n], gf[gr + 3 * gs:gr + 3 * gs + n]
+                            for ox in range(wo):
+                                for q in range(NB):
+                                    e = ox * NB + q
+                                    a0, a1, a2 = x0[e], x1[e], x2[e]
+                                    v = g0[e]
+                                    acc[q] += v * a0
+                                    acc[NB + q] += v * a1
+                                    acc[2 * NB + q] += v * a2
+                                    v = g1[e]
+                                    acc[3 * NB + q] += v * a0
+                                    acc[4 * NB + q] += v * a1
+                                    acc[5 * NB + q] += v * a2
+                                    v = g2[e]
+                                    acc[6 * NB + q] += v * a0
+                                    acc[7 * NB + q] += v * a1
+                                    acc[8 * NB + q] += v * a2
+                                    v = g3[e]
+                                    acc[9 * NB + q] += v * a0
+                                    acc[10 * NB + q] += v * a1
+                                    acc[11 * NB + q] += v * a2
+                        _fold(acc)
+                        for c in range(GCT):
+                            for jt in range(JT):
+                                gW[co0 + c, ci, i, j0 + jt] += acc[(c * JT + jt) * NB]
 
 
 @kernel
-def _forward(x, W, y, s, ph, pw):
-    """``y = conv(x, W)`` at stride ``s``, NCHW; parallel over blocks of ``NB`` images."""
-    n, c, h, w = x.shape
-    cout, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+def _forward(x, Wt, taps, counts, y, xbs, pw, qy):
+    """``y = conv(x, W)``, NCHW, parallel over blocks of ``NB`` images; ``xbs[b]``: block ``b`` of ``x``."""
+    n = x.shape[0]
+    ho = y.shape[2]
     for b in prange((n + NB - 1) // NB):
         n0 = b * NB
         m = min(NB, n - n0)
-        xb = np.empty((c, h, s, (w + s - 1) // s, NB), dtype=x.dtype)
-        yb = np.empty((cout, ho, 1, wo, NB), dtype=x.dtype)
-        _to_block(x, n0, m, xb)
-        _conv_block(xb, W, yb, s, ph, pw)
+        yb = np.empty((Wt.shape[0], ho, 1, qy, NB), dtype=x.dtype)
+        _to_block(x, n0, m, xbs[b], pw)
+        _gather_conv(xbs[b], Wt, taps, counts, yb)
         _from_block(yb, y, n0, m)
 
 
 @kernel
-def _backward(x, gy, W, Wflip, gx, gW_parts, s, ph, pw, need_gx, need_gW):
+def _backward(xbs, gy, WtT, btaps, bcounts, gx, gW_parts, s, ph, qg, lg, qgx, rows, need_gx, need_gW):
     """Input gradient ``gx`` (if ``need_gx``) and per-block weight gradients ``gW_parts[b]``.
 
-    At stride 1 the input gradient is the convolution of ``gy`` with ``Wflip[ci, co, i, j] =
-    W[co, ci, kh-1-i, kw-1-j]`` at pad ``k-1-p`` (a gather, as fast as the forward); at
-    stride 2 it is the scatter :func:`_conv_transpose_block`.
+    The input gradient gathers ``gy`` with ``WtT[ci, co, k] = W[co, ci, k]`` over the
+    adjoint's taps (:func:`.conv_taps.bwd_taps`); ``gy``'s block is shared with the weight gradient,
+    which reads the forward's blocks of ``x``, ``xbs``.
     """
-    n, c, h, w = x.shape
-    cout, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
-    kh, kw = W.shape[2], W.shape[3]
-    wq = (w + s - 1) // s
+    n, ho, wo = gy.shape[0], gy.shape[2], gy.shape[3]
+    h = xbs.shape[2]
     for b in prange((n + NB - 1) // NB):
         n0 = b * NB
         m = min(NB, n - n0)
-        gyb = np.empty((cout, ho, 1, wo, NB), dtype=gy.dtype)
-        _to_block(gy, n0, m, gyb)
+        gyb = np.empty((WtT.shape[1], ho, 1, qg, NB), dtype=gy.dtype)
+        _to_block(gy, n0, m, gyb, lg)
         if need_gW:
-            xb = np.empty((c, h, s, wq, NB), dtype=x.dtype)
-            _to_block(x, n0, m, xb)
             gW_parts[b, :] = 0
-            _weight_grad_block(xb, gyb, gW_parts[b], s, ph, pw)
+            _weight_grad(xbs[b], gyb, s, ph, lg, wo, rows, gW_parts[b])
         if need_gx:
-            gxb = np.empty((c, h, s, wq, NB), dtype=gy.dtype)
-            if s == 1:
-                _conv_block(gyb, Wflip, gxb, 1, kh - 1 - ph, kw - 1 - pw)
-            else:
-                _conv_transpose_block(gyb, W, gxb, s, ph, pw)
+            gxb = np.empty((WtT.shape[0], h, s, qgx, NB), dtype=gy.dtype)
+            _gather_conv(gyb, WtT, btaps, bcounts, gxb)
             _from_block(gxb, gx, n0, m)
 
 
+def _padded(W, rows: int, cols: int):
+    """``W`` as ``(rows, cols, kh*kw)``, zero-padded in its first two axes (tile multiples)."""
+    out = np.zeros((rows, cols, W.shape[2] * W.shape[3]), dtype=W.dtype)
+    out[:W.shape[0], :W.shape[1]] = W.reshape(W.shape[0], W.shape[1], -1)
+    return out
+
+
 class DirectConv2D(function_node.FunctionNode):
-    """``y = conv2d(x, W) + b``, equal strides of 1 or 2, NCHW NumPy arrays, via the block layout above."""
+    """``y = conv2d(x, W) + b``, equal strides of 1 or 2, NCHW NumPy arrays, via the block layout above.
+
+    Keeps the forward's image blocks of ``x`` (about ``x``'s size) for the weight gradient
+    instead of ``x``: the backward then copies only ``gy`` into blocks (copies were a
+    third of a layer's time once the kernels were register-tiled).
+    """
 
     def __init__(self, stride, pad):
         self.s = stride[0]
         self.ph, self.pw = pad
 
+    def _plan(self, x, W) -> conv_taps.Plan:
+        kh, kw = W.shape[2], W.shape[3]
+        return conv_taps.plan(x.shape[2], x.shape[3], kh, kw, self.s, self.ph, self.pw, NB, OXT, JT)
+
     def forward_cpu(self, inputs):
         x, W = np.ascontiguousarray(inputs[0]), np.ascontiguousarray(inputs[1])
-        n, _, h, w = x.shape
-        cout, _, kh, kw = W.shape
-        ho = (h + 2 * self.ph - kh) // self.s + 1
-        wo = (w + 2 * self.pw - kw) // self.s + 1
-        y = np.empty((n, cout, ho, wo), dtype=x.dtype)
-        _forward(x, W, y, self.s, self.ph, self.pw)
+        plan = self._plan(x, W)
+        cout = W.shape[0]
+        n, c, h, _ = x.shape
+        y = np.empty((n, cout, plan.ho, plan.wo), dtype=x.dtype)
+        Wt = _padded(W, ceil_div(cout, COT) * COT, c)
+        xbs = np.empty((ceil_div(n, NB), c, h, self.s, plan.qx, NB), dtype=x.dtype)
+        _forward(x, Wt, *plan.fwd, y, xbs, self.pw, plan.qy)
         if len(inputs) == 3:
             y += inputs[2].reshape(1, cout, 1, 1)
-        self.retain_inputs((0, 1))
+        self.retain_inputs((1,))
+        self._xbs, self._x_shape, self._plan_ = xbs, x.shape, plan
         return (y,)
 
     def backward(self, indexes, grad_outputs):
-        x, W = (np.ascontiguousarray(v.array) for v in self.get_retained_inputs())
+        W = np.ascontiguousarray(self.get_retained_inputs()[0].array)
         gy = np.ascontiguousarray(grad_outputs[0].array)
+        plan, xbs = self._plan_, self._xbs
         need_gx, need_gW = 0 in indexes, 1 in indexes
-        gx = np.empty_like(x) if need_gx else np.empty((1, 1, 1, 1), dtype=x.dtype)
-        n_blocks = (x.shape[0] + NB - 1) // NB
-        parts = np.empty((n_blocks if need_gW else 1,) + W.shape, dtype=x.dtype)
-        Wflip = np.ascontiguousarray(W.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # used at stride 1
-        _backward(x, gy, W, Wflip, gx, parts, self.s, self.ph, self.pw, need_gx, need_gW)
-        out = {0: gx, 1: parts.sum(axis=0) if need_gW else None}
+        cout, cin, kh, kw = W.shape
+        cout_p = ceil_div(cout, max(GCT, COT)) * max(GCT, COT)
+        gx = np.empty(self._x_shape, dtype=W.dtype) if need_gx else np.empty((1, 1, 1, 1), dtype=W.dtype)
+        parts = np.empty((len(xbs) if need_gW else 1, cout_p, cin, kh, plan.kwp), dtype=W.dtype)
+        WtT = _padded(W.transpose(1, 0, 2, 3), ceil_div(cin, COT) * COT, cout_p)
+        rows = max(1, ROW_POSITIONS // plan.wo)
+        _backward(xbs, gy, WtT, *plan.bwd, gx, parts, self.s, self.ph, plan.qg, plan.lg, plan.qgx, rows,
+                  need_gx, need_gW)
+        gW = np.ascontiguousarray(parts.sum(axis=0)[:cout, :, :, :kw]) if need_gW else None
+        out = {0: gx, 1: gW}
         if 2 in indexes:  # the bias gradient only when there is a bias (a strided pass over gy)
             out[2] = gy.sum(axis=(0, 2, 3))
         return tuple(chainer.Variable(out[i]) for i in indexes)
