@@ -55,6 +55,9 @@ class Design:
     lars_gap_seeds: tuple = (0, 1, 2)
     lars_gap_epochs: float = 20.0
     lars_gap_bpr: tuple = (128, 64, 512)  # BN micro-batch per rank at 1k (128: the reported run)
+    # LARS's rule detail: the trust ratio and weight decay on BN and bias too (the tech report's
+    # "each learnable parameter") instead of the TF reference's skip list (at BN micro-batch 128)
+    lars_gap_rule_variants: tuple = ({"skip_bn_bias": False},)
     sec_per_epoch: float = 26.0  # cost model: one 60k-image epoch, 2 ranks, quiet 2-core machine
     eval_seconds: float = 1.5  # cost model: one 10k-image evaluation
     startup_seconds: float = 15.0  # cost model: launch, imports, data load, final checkpoint
@@ -72,6 +75,7 @@ def quick(d: Design) -> Design:
     d.default_epochs, d.eval_interval, d.early_epochs = 0.05, 0.025, 0.05
     d.paper_epochs, d.akiba_bn_variants = False, ("batch", "running")
     d.lars_gap_seeds, d.lars_gap_epochs, d.lars_gap_bpr = (0,), 0.05, (128,)
+    d.lars_gap_rule_variants = ()
     return d
 
 

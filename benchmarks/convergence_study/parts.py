@@ -257,25 +257,23 @@ def akiba_bn(st) -> dict:
 
 # -- the LARS gap ---------------------------------------------------------------------------------
 def lars_gap(st) -> dict:
-    """Reference settings, seeds: batch-128 baseline vs LARS at 1k with BN micro-batches of 128/64/512."""
+    """Reference settings, seeds: batch-128 baseline vs LARS at 1k with BN micro-batches of 128/64/512,
+    and with LARS's trust ratio on BN and bias too (the rule detail the papers differ on)."""
     d, e = st.d, st.d.lars_gap_epochs
     base = [st.run("baseline", baseline_settings(st, s, e, 0.05), "lars-gap") for s in d.lars_gap_seeds]
     base_err = [r["final_error"] for r in base if r]
     rows = [{"config": "baseline 128 (2 x 64), LR 0.05 cosine", **(A.spread(base_err) if base_err else {})}]
-    for bpr in d.lars_gap_bpr:
-        s_of = lambda seed, bpr=bpr: D.run_settings(  # noqa: E731
-            d,
-            "lars",
-            1024,
-            seed,
-            25.0,
-            e,
-            batch_per_rank=bpr,
-            recipe_extra={"warmup_epochs": 5.0, "power": 2.0} if d.paper_epochs else {},
-        )
-        recs = [r for r in (st.run(f"lars-gap-bn{bpr}", s_of(s), "lars-gap") for s in d.lars_gap_seeds) if r]
-        errs = [r["final_error"] for r in recs]
-        row = {"config": f"LARS 1k = 2 x {bpr} x {1024 // (2 * bpr)}, LR 25, warm-up 5, poly(2)", "bpr": bpr}
+    ref = {"warmup_epochs": 5.0, "power": 2.0} if d.paper_epochs else {}
+    label = "LARS 1k = 2 x {} x {}, LR 25, warm-up 5, poly(2)"
+    cases = [(bpr, {}, f"lars-gap-bn{bpr}", label.format(bpr, 1024 // (2 * bpr))) for bpr in d.lars_gap_bpr]
+    noskip = "LARS 1k = 2 x 128 x 4, trust ratio and weight decay on BN and bias too"
+    cases += [(128, v, "lars-gap-noskip", noskip) for v in d.lars_gap_rule_variants]
+    for bpr, extra, name, config in cases:
+        recs = [st.run(name, D.run_settings(d, "lars", 1024, s, 25.0, e, batch_per_rank=bpr,
+                                             recipe_extra={**ref, **extra}), "lars-gap")
+                for s in d.lars_gap_seeds]
+        errs = [r["final_error"] for r in recs if r]
+        row = {"config": config, "bpr": bpr, **({"rule": extra} if extra else {})}
         if errs:
             row.update(A.spread(errs))
             row["vs_reference_gap"] = A.gap_verdict(base_err, errs, REFERENCE["lars_gap"])
