@@ -34,7 +34,8 @@ def launch_command(args, script: Path, out: Path) -> list[str]:
     mpiexec = str(Path(sys.executable).with_name("mpiexec"))
     bind = ["-bind-to", args.bind] if args.bind != "none" else []
     return [mpiexec, *bind, "-n", str(args.ranks), sys.executable, "-m", "mpi4py", str(script),
-            "--focus", "--repeats", str(args.repeats), "--out", str(out)]
+            "--focus", "--repeats", str(args.repeats), "--out", str(out),
+            "--focus-buckets", *map(str, args.focus_buckets)]
 
 
 def run_launches(args, script: Path) -> int:
@@ -54,10 +55,17 @@ def run_launches(args, script: Path) -> int:
                    "ratio": res[DEFAULT_CASE]["ratio_to_chainermn_naive"],
                    "placement": data.get("placement") or [], "loadavg": data["loadavg_before"][0]}
             rows.append(row)
+            others = ", ".join(f"{k.replace('hierarchical f32 bucket ', 'hier ')} {v:.2f} ms"
+                               for k, v in row["median_ms"].items() if k not in (BASE_CASE, DEFAULT_CASE))
+            probes = [p for pl in row["placement"] for p in (pl.get("cache_probe") or []) if p]
             print(f"launch {i}: naive {row['median_ms'][BASE_CASE]:.2f} ms, default "
-                  f"{row['median_ms'][DEFAULT_CASE]:.2f} ms, ratio {row['ratio']:.3f}, "
+                  f"{row['median_ms'][DEFAULT_CASE]:.2f} ms, ratio {row['ratio']:.3f}, {others}, "
                   f"cpus {[p['cpus'] for p in row['placement']]}, "
-                  f"THP MB {[p['anon_huge_mb'] for p in row['placement']]}", flush=True)
+                  f"THP MB {[p['anon_huge_mb'] for p in row['placement']]}, "
+                  f"round trip {row['placement'][0].get('round_trip_ns') or 0:.0f} ns, "
+                  "read GB/s own/peer/DRAM "
+                  + " then ".join(f"{p['own_GBps']:.0f}/{p['peer_GBps']:.0f}/{p['dram_GBps']:.0f}"
+                                  for p in probes), flush=True)
     cases = list(rows[0]["median_ms"])
     summary = {k: {"min_ms": min(r["median_ms"][k] for r in rows),
                    "max_ms": max(r["median_ms"][k] for r in rows),

@@ -44,6 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def resnet50_shapes() -> list[tuple[str, tuple]]:
@@ -123,6 +124,8 @@ def main() -> int:
     ap.add_argument("--gpu", action="store_true", help="CuPy gradients, NCCL communicators")
     ap.add_argument("--focus", action="store_true",
                     help="ResNet-50 only: ChainerMN naive and the default communicator (no sweeps)")
+    ap.add_argument("--focus-buckets", type=int, nargs="*", default=[2, 16],
+                    help="--focus: also time hierarchical at these bucket sizes (MiB)")
     ap.add_argument("--launches", type=int, default=0,
                     help="driver: run this many fresh mpiexec launches with --focus (run without mpiexec)")
     ap.add_argument("--ranks", type=int, default=2, help="ranks per launch (--launches)")
@@ -141,6 +144,7 @@ def main() -> int:
         return run(args, resnet50_shapes, grad_model)
     args.out = args.out or str(ROOT / "benchmarks" / "results" / "allreduce.json")
 
+    import _placement_probe as placement_probe
     import chainer  # noqa: F401
     from mpi4py import MPI
 
@@ -164,6 +168,7 @@ def main() -> int:
             np.copyto(p.grad, g)
 
     cases, sweep, default = build_cases(args, comm, model, originals)
+    probe_before = placement_probe.probe(comm)  # again after the rounds: the host may move vCPUs
     for fn in cases.values():  # warm-up: JIT, windows, page faults
         timed(comm, fn, reset)
     times: dict[str, list] = {k: [] for k in cases}
@@ -172,7 +177,10 @@ def main() -> int:
         for k, fn in cases.items():
             times[k].append(timed(comm, fn, reset))
             cpus.add(current_cpu())
-    placement = {"cpus": sorted(c for c in cpus if c is not None), "anon_huge_mb": anon_huge_mb()}
+    placement = {"cpus": sorted(c for c in cpus if c is not None), "anon_huge_mb": anon_huge_mb(),
+                 "cache_probe": [probe_before, placement_probe.probe(comm)],
+                 # the default communicator's probe (one node): core-to-core round trip, ns
+                 "round_trip_ns": getattr(default, "node_round_trip_ns", None)}
     placement = comm.gather(placement, 0)
     if rank != 0:
         return 0
@@ -214,6 +222,9 @@ def build_cases(args, comm, model, originals) -> tuple[dict, dict, object]:
     default = hpcsgd.create_communicator()
     if args.focus:
         cases["hpcsgd default (hierarchical)"] = lambda: default.multi_node_mean_grad(model)
+        for mib in args.focus_buckets:
+            c = hpcsgd.create_communicator("hierarchical", bucket_bytes=mib << 20)
+            cases[f"hierarchical f32 bucket {mib} MiB"] = (lambda c=c: c.multi_node_mean_grad(model))
         return cases, {}, default
     packed = np.concatenate([g.reshape(-1) for g in originals])
     cases["MPI Allreduce packed f32 (no pack)"] = lambda: comm.Allreduce(MPI.IN_PLACE, packed, op=MPI.SUM)

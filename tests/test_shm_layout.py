@@ -48,3 +48,14 @@ def test_shared_segments_placement(mpirun, n, per_node):
     env = {"HPCSGD_RANKS_PER_NODE": per_node} if per_node else {}
     res = mpirun(CHECK, n, env=env, timeout=180)
     assert res.stdout.count("shm checks passed") == n, res.stdout
+
+
+PROBE = "tests/mpi/check_shm_probe.py"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n,per_node", [(1, None), (2, None), (4, None), (4, "2")])
+def test_round_trip_probe_and_the_bucket_it_picks(mpirun, n, per_node):
+    env = {"HPCSGD_RANKS_PER_NODE": per_node} if per_node else {}
+    res = mpirun(PROBE, n, env=env, timeout=180)
+    assert res.stdout.count("shm probe checks passed") == n, res.stdout + res.stderr

@@ -67,7 +67,7 @@ from hpcsgd.comm.fp16_reduce import (
 )
 from hpcsgd.comm.packing import GradLayout
 from hpcsgd.comm.reducing import ReducingCommunicator
-from hpcsgd.comm.shm import SharedSegments
+from hpcsgd.comm.shm import SharedSegments, round_trip_ns
 from hpcsgd.runtime.trace import get_tracer
 from hpcsgd.runtime.watchdog import collective
 
@@ -203,6 +203,34 @@ class HierarchicalCommunicator(ReducingCommunicator):
     #: shared-memory buckets are fenced twice each: fewer, larger buckets (MPI messages
     #: between nodes are bucket / ranks-per-node, still in MPI's fast range)
     CONFIG_DEFAULTS = {**ReducingCommunicator.CONFIG_DEFAULTS, "bucket_bytes": 16 << 20}
+    #: bucket size on one node whose ranks' cores share a last-level cache (see below)
+    NEAR_BUCKET_BYTES = 2 << 20
+    #: ns: a core-to-core round trip below this means a shared last-level cache
+    NEAR_ROUND_TRIP_NS = 250.0
+
+    def set_config(self, name, value=True, **kwargs):
+        super().set_config(name, value, **kwargs)
+        if name == "bucket_bytes":
+            object.__setattr__(self, "_bucket_bytes_set", True)
+
+    def node_bucket_bytes(self) -> int:
+        """Bucket size of the CPU node stage on one node: the user's, else chosen by a probe. Collective.
+
+        Why a probe: the staging slots of the node stage are handed from core to core.
+        When the ranks' cores share a last-level cache (round trip < NEAR_ROUND_TRIP_NS),
+        2 MiB buckets keep the slots in that cache and beat 16 MiB; when they do not
+        (another chiplet's L3, or a VM whose host placed the vCPUs apart), small slots
+        bounce between caches and 16 MiB buckets, staged through DRAM, are faster. On a
+        2-vCPU AMD EPYC VM the host chose either placement per launch, which made the
+        old fixed 16 MiB bimodal (docs/comm_algorithms.md, "One node, launch to launch").
+        An explicit ``bucket_bytes`` is always used as given; jobs on several nodes keep
+        16 MiB (the messages between nodes are bucket / ranks-per-node).
+        """
+        if getattr(self, "_bucket_bytes_set", False) or self.topology.inter_size > 1:
+            return self.get_config("bucket_bytes")
+        rt = round_trip_ns(self.topology.intra_comm)
+        object.__setattr__(self, "node_round_trip_ns", rt)
+        return self.NEAR_BUCKET_BYTES if rt < self.NEAR_ROUND_TRIP_NS else self.get_config("bucket_bytes")
 
     def bucket_algorithm(self, layout: GradLayout) -> BucketAlgorithm:
         intra, inter = self.wire_formats()
@@ -229,5 +257,5 @@ class HierarchicalCommunicator(ReducingCommunicator):
         if flat:
             return FlatAlgorithm(layout, self._mpi_comm, wire, self.get_config("bucket_bytes"),
                                  **self.half_wire_options())
-        return HierarchicalAlgorithm(layout, topo, intra, inter, self.get_config("bucket_bytes"),
+        return HierarchicalAlgorithm(layout, topo, intra, inter, self.node_bucket_bytes(),
                                      **self.half_wire_options())

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 
+import numba
 import numpy as np
 from mpi4py import MPI
 
@@ -116,3 +117,74 @@ class SharedSegments:
             self.win.Unlock_all()
             self.win.Free()
             self.win = None
+
+
+#: round trips per pair in :func:`round_trip_ns` (about 0.1-0.5 ms per pair)
+PROBE_ROUND_TRIPS = 1000
+#: round trips of the first, short measurement of a pair, and the ns above which it ends there
+#: (ranks sharing a CPU: every round trip waits for a time slice)
+PROBE_FIRST, PROBE_SLOW_NS = 50, 5000.0
+#: spins of one wait in the probe before it gives up (a peer that never answers: no hang)
+_PROBE_SPIN_LIMIT = 200_000_000
+
+
+@numba.njit(cache=True)
+def _ping_pong(line, me, n, scratch, limit):  # pragma: no cover - numba
+    """``n`` round trips of a counter in ``line[0]`` between the caller (me=0 pings, 1 pongs).
+
+    Each wait also stores to ``line[scratch]`` (``scratch`` > 0, known only at run time) so
+    that LLVM must reload ``line[0]`` every spin. Returns False if a wait exceeded ``limit``.
+    """
+    for i in range(n):
+        if me == 0:
+            line[0] = 2 * i + 1
+            want = 2 * i + 2
+        else:
+            want = 2 * i + 1
+        spins = 0
+        while line[0] != want:
+            line[scratch] = spins
+            spins += 1
+            if spins > limit:
+                return False
+        if me == 1:
+            line[0] = 2 * i + 2
+    return True
+
+
+def round_trip_ns(comm, round_trips: int = PROBE_ROUND_TRIPS) -> float:
+    """Slowest core-to-core round trip (ns) between node rank 0 and each other rank. Collective.
+
+    Why: on a multi-chiplet CPU (AMD Zen: one L3 per CCD) two cores share a last-level
+    cache or not, and on a VM the host decides that per launch. A cache line bouncing
+    between the ranks' cores takes about 80-150 ns within one L3 and 400-500 ns across
+    chiplets (measured on a 2-vCPU AMD EPYC Zen 5 VM; docs/comm_algorithms.md), which is
+    what decides whether data handed from one rank to another through shared memory stays
+    in cache. Returns ``inf`` if a peer did not answer (e.g. not running), 0 for one rank.
+    """
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if size < 2:
+        return 0.0
+    seg = SharedSegments(comm, 16, np.int64, align=4096)
+    line = seg.segments[0]  # one cache line (64 bytes) of node rank 0's segment
+    worst = 0.0
+    try:
+        for peer in range(1, size):
+            role = 0 if rank == 0 else 1 if rank == peer else -1
+            if role >= 0:
+                _ping_pong(line, role, 2, 1 + role, _PROBE_SPIN_LIMIT)  # compile, warm the line
+            dt = 0.0
+            for n in (PROBE_FIRST, round_trips):  # a pair already slow after a few trips stops there
+                if rank == 0:
+                    line[0] = 0
+                seg.fence("shm_probe")
+                t0 = time.perf_counter()
+                ok = True if role < 0 else _ping_pong(line, role, n, 1 + role, _PROBE_SPIN_LIMIT)
+                dt = (time.perf_counter() - t0) / n * 1e9 if ok else float("inf")
+                seg.fence("shm_probe")
+                if comm.bcast(dt > PROBE_SLOW_NS, root=0):
+                    break
+            worst = max(worst, dt if rank == 0 else 0.0)
+    finally:
+        seg.free()
+    return comm.bcast(worst, root=0)
