@@ -149,10 +149,13 @@ def test_local_cluster_from_an_explicit_results_directory(tmp_path, capsys):
 # -- packaging -----------------------------------------------------------------------------
 
 def _snapshot(*dirs: Path) -> dict:
+    """(size, mtime) of every file under ``dirs``, except caches and the work folders of
+    long runs that may be going on beside the tests (``benchmarks/results/*/work/``: a
+    background convergence study writes its running job's checkpoints there)."""
     out = {}
     for d in dirs:
         for p in d.rglob("*"):
-            if p.is_file() and "__pycache__" not in p.parts:
+            if p.is_file() and "__pycache__" not in p.parts and "work" not in p.relative_to(d).parts[:3]:
                 st = p.stat()
                 out[str(p)] = (st.st_size, st.st_mtime_ns)
     return out
