@@ -267,7 +267,9 @@ def lars_gap(st) -> dict:
     label = "LARS 1k = 2 x {} x {}, LR 25, warm-up 5, poly(2)"
     cases = [(bpr, {}, f"lars-gap-bn{bpr}", label.format(bpr, 1024 // (2 * bpr))) for bpr in d.lars_gap_bpr]
     noskip = "LARS 1k = 2 x 128 x 4, trust ratio and weight decay on BN and bias too"
-    cases += [(128, v, "lars-gap-noskip", noskip) for v in d.lars_gap_rule_variants]
+    # the rule variant right after the reported run: BN micro-batch 64 (10.75% at seed 0 against
+    # 9.67-10.80% at 128) did not look like the cause, so the rule detail is the next question
+    cases[1:1] = [(128, v, "lars-gap-noskip", noskip) for v in d.lars_gap_rule_variants]
     for bpr, extra, name, config in cases:
         recs = [st.run(name, D.run_settings(d, "lars", 1024, s, 25.0, e, batch_per_rank=bpr,
                                              recipe_extra={**ref, **extra}), "lars-gap")
