@@ -70,7 +70,8 @@ def grid(st, recipe: str, batch: int, epochs: float, part: str) -> list[dict]:
     """The LR grid of one (recipe, batch) at the tuning seed: factor x the recipe's rule, one run each."""
     d, out = st.d, []
     for f in d.lr_factors:
-        s = D.run_settings(d, recipe, batch, d.tune_seed, D.rule_lr(recipe, batch) * f, epochs)
+        s = D.run_settings(d, recipe, batch, d.tune_seed, D.rule_lr(recipe, batch) * f, epochs,
+                           recipe_extra=d.compare_extra.get(recipe))
         rec = st.run(label_of(recipe, batch, d), s, part)
         if rec:
             out.append(dict(rec, lr_factor=f))
@@ -91,7 +92,9 @@ def cell(st, recipe: str, batch: int, epochs: float, part: str, seeds=None) -> d
     lr, tuned = tuned_lr(st, recipe, batch, epochs, part)
     recs = []
     for seed in seeds if seeds is not None else d.seeds:
-        rec = st.run(label_of(recipe, batch, d), D.run_settings(d, recipe, batch, seed, lr, epochs), part)
+        extra = d.compare_extra.get(recipe)
+        settings = D.run_settings(d, recipe, batch, seed, lr, epochs, recipe_extra=extra)
+        rec = st.run(label_of(recipe, batch, d), settings, part)
         if rec:
             recs.append(rec)
     row = {
@@ -187,7 +190,8 @@ def steps(st) -> dict:
             )
             lr, _ = tuned_lr(st, recipe, b, epochs, "steps")
             seeds = {*d.seeds, d.tune_seed}
-            keys = {D.run_key(D.run_settings(d, recipe, b, seed, lr, epochs)) for seed in seeds}
+            extra = d.compare_extra.get(recipe)
+            keys = {D.run_key(D.run_settings(d, recipe, b, s, lr, epochs, recipe_extra=extra)) for s in seeds}
             same = [st.cache[k] for k in keys if k in st.cache]  # the tuned LR's seeds of this design only
             if same:
                 errs[b] = statistics.fmean(r["final_error"] for r in same)
