@@ -57,15 +57,11 @@ def run_launches(args, script: Path) -> int:
             rows.append(row)
             others = ", ".join(f"{k.replace('hierarchical f32 bucket ', 'hier ')} {v:.2f} ms"
                                for k, v in row["median_ms"].items() if k not in (BASE_CASE, DEFAULT_CASE))
-            probes = [p for pl in row["placement"] for p in (pl.get("cache_probe") or []) if p]
             print(f"launch {i}: naive {row['median_ms'][BASE_CASE]:.2f} ms, default "
                   f"{row['median_ms'][DEFAULT_CASE]:.2f} ms, ratio {row['ratio']:.3f}, {others}, "
                   f"cpus {[p['cpus'] for p in row['placement']]}, "
                   f"THP MB {[p['anon_huge_mb'] for p in row['placement']]}, "
-                  f"round trip {row['placement'][0].get('round_trip_ns') or 0:.0f} ns, "
-                  "read GB/s own/peer/DRAM "
-                  + " then ".join(f"{p['own_GBps']:.0f}/{p['peer_GBps']:.0f}/{p['dram_GBps']:.0f}"
-                                  for p in probes), flush=True)
+                  f"round trip {row['placement'][0].get('round_trip_ns') or 0:.0f} ns", flush=True)
     cases = list(rows[0]["median_ms"])
     summary = {k: {"min_ms": min(r["median_ms"][k] for r in rows),
                    "max_ms": max(r["median_ms"][k] for r in rows),

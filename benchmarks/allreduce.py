@@ -44,7 +44,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def resnet50_shapes() -> list[tuple[str, tuple]]:
@@ -144,7 +143,6 @@ def main() -> int:
         return run(args, resnet50_shapes, grad_model)
     args.out = args.out or str(ROOT / "benchmarks" / "results" / "allreduce.json")
 
-    import _placement_probe as placement_probe
     import chainer  # noqa: F401
     from mpi4py import MPI
 
@@ -168,7 +166,6 @@ def main() -> int:
             np.copyto(p.grad, g)
 
     cases, sweep, default = build_cases(args, comm, model, originals)
-    probe_before = placement_probe.probe(comm)  # again after the rounds: the host may move vCPUs
     for fn in cases.values():  # warm-up: JIT, windows, page faults
         timed(comm, fn, reset)
     times: dict[str, list] = {k: [] for k in cases}
@@ -178,7 +175,6 @@ def main() -> int:
             times[k].append(timed(comm, fn, reset))
             cpus.add(current_cpu())
     placement = {"cpus": sorted(c for c in cpus if c is not None), "anon_huge_mb": anon_huge_mb(),
-                 "cache_probe": [probe_before, placement_probe.probe(comm)],
                  # the default communicator's probe (one node): core-to-core round trip, ns
                  "round_trip_ns": getattr(default, "node_round_trip_ns", None)}
     placement = comm.gather(placement, 0)

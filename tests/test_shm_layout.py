@@ -39,23 +39,13 @@ def test_shard_bounds_unchanged_where_the_equal_cut_is_aligned():
                 [(lo + 4194304 * s // k, lo + 4194304 * (s + 1) // k) for s in range(k)]
 
 
-CHECK = "tests/mpi/check_shm.py"
-
-
 @pytest.mark.mpi
+@pytest.mark.parametrize("script,passed", [("tests/mpi/check_shm.py", "shm checks passed"),
+                                           ("tests/mpi/check_shm_probe.py", "shm probe checks passed")])
 @pytest.mark.parametrize("n,per_node", [(1, None), (2, None), (4, None), (4, "2")])
-def test_shared_segments_placement(mpirun, n, per_node):
+def test_shared_segments_and_the_round_trip_probe(mpirun, script, passed, n, per_node):
+    """check_shm: placement and visibility of the window; check_shm_probe: the core-to-core
+    probe and the node bucket size it picks (see those files' docstrings)."""
     env = {"HPCSGD_RANKS_PER_NODE": per_node} if per_node else {}
-    res = mpirun(CHECK, n, env=env, timeout=180)
-    assert res.stdout.count("shm checks passed") == n, res.stdout
-
-
-PROBE = "tests/mpi/check_shm_probe.py"
-
-
-@pytest.mark.mpi
-@pytest.mark.parametrize("n,per_node", [(1, None), (2, None), (4, None), (4, "2")])
-def test_round_trip_probe_and_the_bucket_it_picks(mpirun, n, per_node):
-    env = {"HPCSGD_RANKS_PER_NODE": per_node} if per_node else {}
-    res = mpirun(PROBE, n, env=env, timeout=180)
-    assert res.stdout.count("shm probe checks passed") == n, res.stdout + res.stderr
+    res = mpirun(script, n, env=env, timeout=180)
+    assert res.stdout.count(passed) == n, res.stdout + res.stderr

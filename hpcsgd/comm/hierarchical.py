@@ -94,7 +94,6 @@ class HierarchicalAlgorithm(BucketAlgorithm):
         span = max((hi - lo // SHARD_ALIGN * SHARD_ALIGN for lo, hi in self.ranges), default=0)
         self._slot_len = -(-span // SHARD_ALIGN) * SHARD_ALIGN
         self._calls = 0  # buckets reduced so far: the slot of the next one is _calls % RING_SLOTS
-        self._base = 0  # flat index at the start of the current bucket's slot, minus the slot offset
         self.shm = SharedSegments(self.intra, RING_SLOTS * self._slot_len,
                                   wire_kernels.wire_storage_dtype(intra_wire))
         width = max((b - a for lo, hi in self.ranges for a, b in
@@ -116,14 +115,14 @@ class HierarchicalAlgorithm(BucketAlgorithm):
     def _shard(self, lo: int, hi: int, s: int) -> tuple[int, int]:
         return shard_bounds(lo, hi, self.k, s)
 
-    def _reduce_own(self, a: int, b: int) -> int:
+    def _reduce_own(self, a: int, b: int, o: int) -> int:
         """Shard ``[a, b)``: own grads / size + the peers' packed values, into this rank's segment.
 
         Single node, float32: the sum also goes straight into this rank's gradients
         (one pass), and the non-finite count of the shard is returned; otherwise 0
         and the shard is unpacked with the others.
         """
-        segs, r, o = self.shm.segments, self.r, self._base
+        segs, r = self.shm.segments, self.r
         peers = [s for s in range(self.k) if s != r]
         scale = 1.0 / self.size
         f32 = self.intra_wire == "float32"
@@ -164,7 +163,7 @@ class HierarchicalAlgorithm(BucketAlgorithm):
         segs, mine = self.shm.segments, self.shm.mine
         slot = self._calls % RING_SLOTS
         self._calls += 1
-        self._base = o = lo // SHARD_ALIGN * SHARD_ALIGN - slot * self._slot_len
+        o = lo // SHARD_ALIGN * SHARD_ALIGN - slot * self._slot_len  # flat index - o = slot position
         info = {"bytes": int((hi - lo) * mine.itemsize), "dtype": self.intra_wire, "bucket": i}
         with tracer.span("pack", **info):
             for s in range(self.k):
@@ -173,7 +172,7 @@ class HierarchicalAlgorithm(BucketAlgorithm):
                     self.grads.pack(a, b, mine[a - o:b - o], 1.0 / self.size, self.intra_wire)
         with tracer.span("allreduce", inter_dtype=self.inter_wire, **info):
             self.shm.fence("allreduce_intra", bucket=i, stage="reduce_scatter")
-            bad = self._reduce_own(*self._shard(lo, hi, self.r))
+            bad = self._reduce_own(*self._shard(lo, hi, self.r), o)
             self.shm.fence("allreduce_intra", bucket=i, stage="allgather")
         with tracer.span("unpack", **info):
             for s in range(self.k):
