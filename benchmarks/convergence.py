@@ -52,7 +52,14 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true", help="aggregate the cached records; run nothing")
     p.add_argument("--quick", action="store_true", help="tiny smoke study of every part (not a result)")
     p.add_argument("--epochs", type=float, default=None, help="force the budget (default: budget check)")
-    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="steps-to-target grid")
+    p.add_argument(
+        "--fixed-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="fixed-epoch batches (default 1024 4096 8192); a subset runs those cells first",
+    )
     p.add_argument("--recipes", nargs="+", choices=D.RECIPES, default=None)
     p.add_argument("--lr-factors", type=float, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -70,6 +77,7 @@ def design_from(args) -> D.Design:
     d = D.quick(D.Design()) if args.quick else D.Design()
     for name, attr in (
         ("batches", "batches"),
+        ("fixed_batches", "fixed_batches"),
         ("recipes", "recipes"),
         ("lr_factors", "lr_factors"),
         ("seeds", "seeds"),

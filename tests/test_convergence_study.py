@@ -313,3 +313,34 @@ def test_code_version_names_the_commit():
     v = code_version()
     assert v["commit"] is None or len(v["commit"]) == 40
     assert isinstance(v["hpcsgd_dirty"], bool)
+
+
+class EdgeStudy(FakeStudy):
+    """Final error falls with the LR up to 4x the rule, then rises: the optimum lies past the grid."""
+
+    def _execute(self, label, settings):
+        rec = super()._execute(label, settings)
+        factor = settings["recipe_options"]["lr"] / D.rule_lr(settings["recipe"], settings["global_batch"])
+        rec["final_error"] = 8.0 + abs(math.log2(factor) - 2.0)
+        return rec
+
+
+def test_lr_grid_extends_past_an_edge_optimum_once(tmp_path):
+    d = D.Design(recipes=("sgd",), lr_factors=(0.5, 1.0, 2.0), lr_extend=1, seeds=(0,))
+    st = EdgeStudy(d, tmp_path, log=lambda _m: None)
+    runs = P.grid(st, "sgd", 128, 20.0, "fixed")
+    # 2x is the grid's best (9.0), so 4x runs (8.0) and wins; 8x is not tried (one extension)
+    assert sorted(r["lr_factor"] for r in runs) == [0.5, 1.0, 2.0, 4.0]
+    lr, tuned = P.tuned_lr(st, "sgd", 128, 20.0, "fixed")
+    assert tuned and lr == pytest.approx(4 * D.rule_lr("sgd", 128))
+    row = P.cell(st, "sgd", 128, 20.0, "fixed")
+    assert row["grid"] == {"0.5": 11.0, "1.0": 10.0, "2.0": 9.0, "4.0": 8.0}
+    d0 = D.Design(recipes=("sgd",), lr_factors=(0.5, 1.0, 2.0), lr_extend=0, seeds=(0,))
+    st0 = EdgeStudy(d0, tmp_path / "no-extension", log=lambda _m: None)
+    assert sorted(r["lr_factor"] for r in P.grid(st0, "sgd", 128, 20.0, "fixed")) == [0.5, 1.0, 2.0]
+    # an interior optimum (factor 1 is best when the error is centred on it) adds nothing
+    st1 = FakeStudy(D.Design(recipes=("sgd",), lr_factors=(0.5, 1.0, 2.0)), tmp_path / "interior",
+                    log=lambda _m: None)
+    st1._execute = lambda label, s: dict(FakeStudy._execute(st1, label, s), final_error=8.0 + abs(
+        math.log2(s["recipe_options"]["lr"] / D.rule_lr("sgd", 128))))
+    assert sorted(r["lr_factor"] for r in P.grid(st1, "sgd", 128, 20.0, "fixed")) == [0.5, 1.0, 2.0]

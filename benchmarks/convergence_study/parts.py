@@ -67,15 +67,39 @@ def label_of(recipe: str, batch: int, d) -> str:
 
 
 def grid(st, recipe: str, batch: int, epochs: float, part: str) -> list[dict]:
-    """The LR grid of one (recipe, batch) at the tuning seed: factor x the recipe's rule, one run each."""
+    """The LR grid of one (recipe, batch) at the tuning seed: factor x the recipe's rule, one run each.
+
+    When the complete grid's best final error sits at an edge, one more factor beyond that edge
+    is run (``Design.lr_extend`` times at most): every recipe gets the same rule, so the same budget.
+    """
     d, out = st.d, []
-    for f in d.lr_factors:
+
+    def run(f):
         s = D.run_settings(d, recipe, batch, d.tune_seed, D.rule_lr(recipe, batch) * f, epochs,
                            recipe_extra=d.compare_extra.get(recipe))
         rec = st.run(label_of(recipe, batch, d), s, part)
         if rec:
             out.append(dict(rec, lr_factor=f))
-    return out
+        return rec
+
+    factors = sorted(d.lr_factors)
+    for f in factors:
+        run(f)
+    for _ in range(d.lr_extend):
+        if len(out) < len(factors) or len(factors) < 2:
+            break  # incomplete (plan or report mode): no edge to judge
+        best = A.best_run(out)["lr_factor"]
+        if best == factors[-1]:
+            f = factors[-1] * factors[-1] / factors[-2]
+        elif best == factors[0]:
+            f = factors[0] * factors[0] / factors[1]
+        else:
+            break
+        factors = sorted(factors + [f])
+        if not run(f):
+            break
+    # closest to the rule first, so that a tie keeps the rule's LR (best_run keeps the first of equals)
+    return sorted(out, key=lambda r: (abs(math.log2(r["lr_factor"])), r["lr_factor"]))
 
 
 def tuned_lr(st, recipe: str, batch: int, epochs: float, part: str, key: str = "final_error") -> tuple:
@@ -106,7 +130,8 @@ def cell(st, recipe: str, batch: int, epochs: float, part: str, seeds=None) -> d
         "seeds": [r["seed"] for r in recs],
         "runs": [r["name"] for r in recs],
         "grid": {
-            str(f): r["final_error"] for f, r in zip(d.lr_factors, grid(st, recipe, batch, epochs, part))
+            str(r["lr_factor"]): r["final_error"]
+            for r in sorted(grid(st, recipe, batch, epochs, part), key=lambda r: r["lr_factor"])
         },
     }
     if recs:
