@@ -8,14 +8,18 @@ Two layouts, chosen per call from the output's pixel count ``P = Ho * Wo``:
   unpadded convolution uses ``x[n]`` itself as ``col[n]``: a direct GEMM with no
   im2col at all.
 * batched (small ``P``, the late stages): one GEMM ``(Cout, K) @ (K, N * P)``
-  instead of N skinny ones, whose efficiency collapses at ``P`` of 4-49;
-  the output is then moved to NCHW by a parallel copy (cheap at small ``P``).
+  instead of N skinny ones, whose efficiency collapses at ``P`` of 4-49.
+  Its output is channel-major, ``(Cout, N * P)``, and is passed on as an NCHW
+  view of that memory (:mod:`hpcsgd.kernels.layout`): batch norm, ReLU, the
+  residual join and the next batched convolution read it in place, so a
+  stage of small maps runs without layout copies. Inputs in either order are
+  taken; the per-image layout and the blocked variant copy to NCHW.
 
-im2col/col2im are numba kernels (one per layout, each writing its layout's
-contiguous order), parallel over (image, channel) or (channel, tap), that test
-the padding bounds instead of padding a copy of the input; col2im zero-fills
-each output plane in the thread that accumulates into it. The forward patch
-matrix is kept for the weight gradient (no second im2col in backward).
+im2col/col2im are the numba kernels of :mod:`hpcsgd.kernels.patches`. The
+forward patch matrix is kept for the weight gradient (no second im2col in
+backward). A stride-1 convolution's input gradient on the batched layout is
+itself computed as a convolution of ``gy`` (a gather, see
+``Conv2D._gather_input_gradient``) where the patch matrix outweighs the weights.
 
 Small channel counts (``Cout <= SMALL_COUT``, kernels larger than 1x1: the
 CIFAR-style ResNets' 8-32 channels) take a *cache-blocked* variant of either
@@ -38,10 +42,9 @@ import os
 import chainer
 import numpy as np
 from chainer import function_node
-from numba import prange
 
-from hpcsgd.kernels import conv_direct
-from hpcsgd.kernels._numba import kernel
+from hpcsgd.kernels import conv_direct, layout
+from hpcsgd.kernels.patches import col2im, col2im_cn, im2col, im2col_cn, swap01, swap01_into
 
 #: Output pixel count below which the batched (one GEMM per layer) layout is used: maps up to
 #: 17x17. Measured on a 2-core AVX-512 EPYC: at 16x16 (ResNet-50's first stage at 64 px) one
@@ -54,156 +57,9 @@ SMALL_COUT = int(os.environ.get("HPCSGD_CONV_SMALL_COUT", "32"))
 #: Bytes of patch matrix per block of images on the cache-blocked path (a quarter of a 2 MiB L2;
 #: 256-512 KiB measured alike, 4 MiB lost most of the gain).
 CHUNK_BYTES = int(os.environ.get("HPCSGD_CONV_CHUNK_BYTES", str(1 << 19)))
-
-
-@kernel
-def _im2col(x, col, kh, kw, sy, sx, ph, pw):
-    """``col[n, c, i, j, oy, ox] = x[n, c, oy*sy + i - ph, ox*sx + j - pw]`` or 0 outside.
-
-    Stride 1 copies each row as one contiguous slice (vectorised: 2.6-4x faster
-    than the element loop, which a runtime stride keeps scalar).
-    """
-    n_img, n_ch, h, w = x.shape
-    ho = col.shape[4]
-    wo = col.shape[5]
-    for nc in prange(n_img * n_ch):
-        n = nc // n_ch
-        c = nc % n_ch
-        for i in range(kh):
-            for j in range(kw):
-                # ox range whose input column lies inside [0, w)
-                lo = max(0, (pw - j + sx - 1) // sx)
-                hi = max(min(wo, (w - 1 + pw - j) // sx + 1), lo)
-                base = j - pw
-                for oy in range(ho):
-                    iy = oy * sy + i - ph
-                    dst = col[n, c, i, j, oy]
-                    if iy < 0 or iy >= h:
-                        dst[:] = 0
-                        continue
-                    dst[:lo] = 0
-                    src = x[n, c, iy]
-                    if sx == 1:
-                        dst[lo:hi] = src[lo + base:hi + base]
-                    else:
-                        for ox in range(lo, hi):
-                            dst[ox] = src[ox * sx + base]
-                    dst[hi:] = 0
-
-
-@kernel
-def _col2im(col, gx, kh, kw, sy, sx, ph, pw):
-    """Adjoint of :func:`_im2col`: ``gx`` (overwritten) accumulates every patch entry."""
-    n_img, n_ch, h, w = gx.shape
-    ho = col.shape[4]
-    wo = col.shape[5]
-    for nc in prange(n_img * n_ch):
-        n = nc // n_ch
-        c = nc % n_ch
-        for iy in range(h):
-            for ix in range(w):
-                gx[n, c, iy, ix] = 0
-        for i in range(kh):
-            for j in range(kw):
-                lo = max(0, (pw - j + sx - 1) // sx)
-                hi = max(min(wo, (w - 1 + pw - j) // sx + 1), lo)
-                base = j - pw
-                for oy in range(ho):
-                    iy = oy * sy + i - ph
-                    if iy < 0 or iy >= h:
-                        continue
-                    if sx == 1:  # one vectorised slice add (up to 1.4x faster on wide rows)
-                        gx[n, c, iy, lo + base:hi + base] += col[n, c, i, j, oy, lo:hi]
-                    else:
-                        for ox in range(lo, hi):
-                            gx[n, c, iy, ox * sx + base] += col[n, c, i, j, oy, ox]
-
-
-@kernel
-def _im2col_cn(x, col, kh, kw, sy, sx, ph, pw):
-    """:func:`_im2col` for the batched layout ``col[c, i, j, n, oy, ox]`` (C-contiguous).
-
-    Parallel over (channel, tap), so each task writes one contiguous block;
-    2-3x faster than writing the same block through a transposed view.
-    """
-    n_img, n_ch, h, w = x.shape
-    ho = col.shape[4]
-    wo = col.shape[5]
-    for cij in prange(n_ch * kh * kw):
-        c = cij // (kh * kw)
-        i = (cij // kw) % kh
-        j = cij % kw
-        lo = max(0, (pw - j + sx - 1) // sx)
-        hi = max(min(wo, (w - 1 + pw - j) // sx + 1), lo)
-        base = j - pw
-        for n in range(n_img):
-            for oy in range(ho):
-                iy = oy * sy + i - ph
-                if iy < 0 or iy >= h:
-                    for ox in range(wo):
-                        col[c, i, j, n, oy, ox] = 0
-                    continue
-                dst = col[c, i, j, n, oy]
-                dst[:lo] = 0
-                if sx == 1:
-                    dst[lo:hi] = x[n, c, iy, lo + base:hi + base]
-                else:
-                    for ox in range(lo, hi):
-                        dst[ox] = x[n, c, iy, ox * sx + base]
-                dst[hi:] = 0
-
-
-@kernel
-def _col2im_cn(col, gx, kh, kw, sy, sx, ph, pw):
-    """Adjoint of :func:`_im2col_cn` (``col[c, i, j, n, oy, ox]``, C-contiguous), parallel over channels.
-
-    Each task owns the planes ``gx[:, c]`` and reads its channel's block of
-    ``col`` in memory order (taps outer, images inner): 2x faster than one
-    task per (image, channel) plane gathering nine scattered tap blocks. Each
-    element still sums its taps in (i, j) order, so the result is unchanged.
-    """
-    n_img, n_ch, h, w = gx.shape
-    ho = col.shape[4]
-    wo = col.shape[5]
-    for c in prange(n_ch):
-        for n in range(n_img):
-            for iy in range(h):
-                for ix in range(w):
-                    gx[n, c, iy, ix] = 0
-        for i in range(kh):
-            for j in range(kw):
-                lo = max(0, (pw - j + sx - 1) // sx)
-                hi = max(min(wo, (w - 1 + pw - j) // sx + 1), lo)
-                base = j - pw
-                for n in range(n_img):
-                    for oy in range(ho):
-                        iy = oy * sy + i - ph
-                        if iy < 0 or iy >= h:
-                            continue
-                        if sx == 1:
-                            gx[n, c, iy, lo + base:hi + base] += col[c, i, j, n, oy, lo:hi]
-                        else:
-                            for ox in range(lo, hi):
-                                gx[n, c, iy, ox * sx + base] += col[c, i, j, n, oy, ox]
-
-
-@kernel
-def _swap01(a, out):
-    """``out[j, i, :] = a[i, j, :]`` for 3-D arrays (NCP <-> CNP), parallel over rows."""
-    d0, d1, d2 = a.shape
-    for ij in prange(d0 * d1):
-        i = ij // d1
-        j = ij % d1
-        for k in range(d2):
-            out[j, i, k] = a[i, j, k]
-
-
-def swap01(a: np.ndarray) -> np.ndarray:
-    """A contiguous copy of ``a.transpose(1, 0, 2)``."""
-    a = np.ascontiguousarray(a)
-    out = np.empty((a.shape[1], a.shape[0], a.shape[2]), dtype=a.dtype)
-    _swap01(a, out)
-    return out
+#: On the batched layout, a stride-1 convolution's input gradient is computed as a convolution
+#: (gather) when its patch matrix (K x N*H*W) is at least this many times the weights (C x K).
+GATHER_MIN_RATIO = 4
 
 
 def _pair(v) -> tuple[int, int]:
@@ -240,26 +96,35 @@ class Conv2D(function_node.FunctionNode):
         self.batched = p < BATCHED_BELOW
         # 1x1 kernels have no 9x patch matrix to save (blocking measured 15-25% slower on them)
         self.blocked = not self.direct and cout <= SMALL_COUT and kh * kw > 1
-        x = np.ascontiguousarray(x)
+        # the batched layout reads NCHW or channel-major input in place; the others want NCHW
+        x = layout.dense(x) if self.batched and not self.blocked else np.ascontiguousarray(x)
         W2 = np.ascontiguousarray(W).reshape(cout, k)
         if self.blocked:
             y = np.empty((n, cout, p), dtype=x.dtype)
             col = None
             self._blocked_forward(x, W2, y)
         elif self.batched:
-            # col: (K, N*P); y = W2 @ col is (Cout, N, P) and is swapped to NCHW.
+            # col: (K, N*P); y = W2 @ col is (Cout, N, P), handed on channel-major (module doc)
+            xt = layout.channel_major(x)
             if self.direct:
-                col = swap01(x.reshape(n, c, p)).reshape(k, n * p)
+                col = xt.reshape(k, n * p) if xt is not None else swap01(x.reshape(n, c, p)).reshape(k, n * p)
             else:
                 col = np.empty((k, n * p), dtype=x.dtype)
-                _im2col_cn(x, col.reshape(c, kh, kw, n, ho, wo), kh, kw, self.sy, self.sx, self.ph, self.pw)
-            y = swap01((W2 @ col).reshape(cout, n, p))
+                rows, cm = layout.rows(x)
+                im2col_cn(rows.reshape(n * c, h, w), n, cm, col.reshape(c, kh, kw, n, ho, wo),
+                           kh, kw, self.sy, self.sx, self.ph, self.pw)
+            yt = (W2 @ col).reshape(cout, n, ho, wo)
+            if b is not None:
+                yt += b.reshape(cout, 1, 1, 1)
+            self.col = col
+            self.retain_inputs((1,))
+            return (layout.nchw_view(yt),)
         else:
             if self.direct:
                 col = x.reshape(n, k, p)
             else:
                 col = np.empty((n, k, p), dtype=x.dtype)
-                _im2col(x, col.reshape(n, c, kh, kw, ho, wo), kh, kw, self.sy, self.sx, self.ph, self.pw)
+                im2col(x, col.reshape(n, c, kh, kw, ho, wo), kh, kw, self.sy, self.sx, self.ph, self.pw)
             y = np.matmul(W2, col)
         self.col = col
         if b is not None:
@@ -283,9 +148,10 @@ class Conv2D(function_node.FunctionNode):
         col = buf[:m * k * p]
         args = (self.kh, self.kw, self.sy, self.sx, self.ph, self.pw)
         if self.batched:
-            _im2col_cn(x, col.reshape(c, self.kh, self.kw, m, ho, wo), *args)
+            im2col_cn(x.reshape(m * c, *x.shape[2:]), m, False, col.reshape(c, self.kh, self.kw, m, ho, wo),
+                       *args)
             return col.reshape(k, m * p)
-        _im2col(x, col.reshape(m, c, self.kh, self.kw, ho, wo), *args)
+        im2col(x, col.reshape(m, c, self.kh, self.kw, ho, wo), *args)
         return col.reshape(m, k, p)
 
     def _blocked_forward(self, x, W2, y):
@@ -299,7 +165,7 @@ class Conv2D(function_node.FunctionNode):
             col = self._im2col_block(x[a:b], buf, k, p)
             if self.batched:
                 t = np.matmul(W2, col, out=tbuf[:cout * (b - a) * p].reshape(cout, (b - a) * p))
-                _swap01(t.reshape(cout, b - a, p), y[a:b])
+                swap01_into(t.reshape(cout, b - a, p), y[a:b])
             else:
                 np.matmul(W2, col, out=y[a:b])
 
@@ -325,7 +191,7 @@ class Conv2D(function_node.FunctionNode):
             g = gy[a:b]
             if self.batched:  # (Cout, m*P), the GEMM layout of this block
                 g = gyt_buf[:cout * m * p].reshape(cout, m, p)
-                _swap01(gy[a:b], g)
+                swap01_into(gy[a:b], g)
                 g = g.reshape(cout, m * p)
             if 1 in indexes:
                 col = self._im2col_block(x[a:b], buf, k, p)
@@ -337,11 +203,71 @@ class Conv2D(function_node.FunctionNode):
             if 0 in indexes:
                 if self.batched:
                     gcol = np.matmul(W2.T, g, out=gbuf[:k * m * p].reshape(k, m * p))
-                    _col2im_cn(gcol.reshape(c, self.kh, self.kw, m, ho, wo), gx[a:b], *args)
+                    col2im_cn(gcol.reshape(c, self.kh, self.kw, m, ho, wo),
+                               gx[a:b].reshape(m * c, *gx.shape[2:]), m, False, *args)
                 else:
                     gcol = np.matmul(W2.T, g, out=gbuf[:k * m * p].reshape(m, k, p))
-                    _col2im(gcol.reshape(m, c, self.kh, self.kw, ho, wo), gx[a:b], *args)
+                    col2im(gcol.reshape(m, c, self.kh, self.kw, ho, wo), gx[a:b], *args)
         return out
+
+    def _batched_backward(self, indexes, gy, W):
+        """Gradients on the batched layout: ``gy`` read in place when channel-major, ``gx`` made so."""
+        cout, k = W.shape[0], W[0].size
+        W2 = np.ascontiguousarray(W).reshape(cout, k)
+        n, c, h, w = self.x_shape
+        ho, wo = self.out_hw
+        p = ho * wo
+        gy = layout.dense(gy)
+        gt = layout.channel_major(gy)
+        if gt is None:
+            gt = swap01(gy.reshape(n, cout, p))
+        gyt = gt.reshape(cout, n * p)
+        out = {}
+        if 1 in indexes:
+            out[1] = (gyt @ self.col.T).reshape(W.shape)
+        if 0 in indexes:
+            if self._gather_input_gradient(n * h * w, c):
+                out[0] = self._input_gradient_as_convolution(gyt, W)
+                return self._finish(indexes, out, gyt)
+            gcol = W2.T @ gyt
+            if self.direct:
+                gx = layout.nchw_view(gcol.reshape(c, n, h, w))
+            else:
+                gxt = np.empty((c * n, h, w), dtype=gy.dtype)  # rows (c, n): channel-major
+                col2im_cn(gcol.reshape(c, self.kh, self.kw, n, ho, wo), gxt, n, True,
+                           self.kh, self.kw, self.sy, self.sx, self.ph, self.pw)
+                gx = layout.nchw_view(gxt.reshape(c, n, h, w))
+            out[0] = gx
+        return self._finish(indexes, out, gyt)
+
+    @staticmethod
+    def _finish(indexes, out, gyt):
+        if 2 in indexes:
+            out[2] = gyt.sum(axis=1)
+        return tuple(chainer.Variable(out[i]) for i in indexes)
+
+    def _gather_input_gradient(self, npix: int, c: int) -> bool:
+        """Stride-1 kernels larger than 1x1, where the patch matrix outweighs the weights' copy.
+
+        Why: the input gradient of a stride-1 convolution is itself a convolution of ``gy``
+        with the flipped, transposed kernel. Computed so, it gathers (an im2col of ``gy``)
+        instead of scattering nine taps into every element (col2im): measured on ResNet-50's
+        16x16 maps at batch 32, im2col took 1.9 ms per layer where col2im took 2.8, with the
+        same GEMM. The flipped kernel is a copy of the weights, so small maps keep col2im.
+        """
+        return (not self.direct and self.sy == 1 and self.sx == 1 and self.ph < self.kh
+                and self.pw < self.kw and npix >= GATHER_MIN_RATIO * c)
+
+    def _input_gradient_as_convolution(self, gyt, W):
+        """``gx = conv(gy, flip(W).T, pad = k - 1 - pad)`` on the batched layout, channel-major out."""
+        cout, c, kh, kw = W.shape
+        n, _, h, w = self.x_shape
+        ho, wo = self.out_hw
+        Wf = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, cout * kh * kw)
+        col = np.empty((cout * kh * kw, n * h * w), dtype=gyt.dtype)
+        im2col_cn(gyt.reshape(cout * n, ho, wo), n, True, col.reshape(cout, kh, kw, n, h, w),
+                   kh, kw, 1, 1, kh - 1 - self.ph, kw - 1 - self.pw)
+        return layout.nchw_view((Wf @ col).reshape(c, n, h, w))
 
     def backward(self, indexes, grad_outputs):
         retained = [v.array for v in self.get_retained_inputs()]
@@ -351,26 +277,15 @@ class Conv2D(function_node.FunctionNode):
         ho, wo = self.out_hw
         p, k = ho * wo, c * kh * kw
         W2 = np.ascontiguousarray(W).reshape(cout, k)
-        gy = np.ascontiguousarray(grad_outputs[0].array).reshape(n, cout, p)
         col = self.col
+        if self.batched and not self.blocked:
+            return self._batched_backward(indexes, grad_outputs[0].array, W)
+        gy = np.ascontiguousarray(grad_outputs[0].array).reshape(n, cout, p)
         out = {}
         if self.blocked:
             out = self._blocked_backward(np.ascontiguousarray(retained[0]), W2, gy, indexes)
             if 1 in out:
                 out[1] = out[1].reshape(W.shape)
-        elif self.batched:
-            gyt = swap01(gy).reshape(cout, n * p)
-            if 1 in indexes:
-                out[1] = (gyt @ col.T).reshape(W.shape)
-            if 0 in indexes:
-                gcol = W2.T @ gyt
-                if self.direct:
-                    gx = swap01(gcol.reshape(c, n, p))
-                else:
-                    gx = np.empty(self.x_shape, dtype=gy.dtype)
-                    gcol6 = gcol.reshape(c, kh, kw, n, ho, wo)
-                    _col2im_cn(gcol6, gx, kh, kw, self.sy, self.sx, self.ph, self.pw)
-                out[0] = gx.reshape(self.x_shape)
         else:
             if 1 in indexes:
                 gW = gy[0] @ col[0].T
@@ -386,7 +301,7 @@ class Conv2D(function_node.FunctionNode):
                 else:
                     gx = np.empty(self.x_shape, dtype=gy.dtype)
                     view = gcol.reshape(n, c, kh, kw, ho, wo)
-                    _col2im(view, gx, kh, kw, self.sy, self.sx, self.ph, self.pw)
+                    col2im(view, gx, kh, kw, self.sy, self.sx, self.ph, self.pw)
                 out[0] = gx.reshape(self.x_shape)
         if 2 in indexes:
             out[2] = gy.sum(axis=(0, 2))

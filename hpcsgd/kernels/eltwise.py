@@ -4,6 +4,10 @@ Both keep Chainer's semantics: ``relu(NaN) = NaN`` (non-finite values reach the
 loss and the gradients), and the gradient is ``gy * (y > 0)``. The residual
 join's two input gradients are one array, shared (Chainer sums gradients out of
 place, so sharing is safe).
+
+Elementwise, they run over the arrays' memory in order, NCHW or channel-major
+(:mod:`hpcsgd.kernels.layout`); the output keeps the first input's order, and
+an operand in the other order is copied into it first.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 from chainer import function_node
 from numba import prange
 
+from hpcsgd.kernels import layout
 from hpcsgd.kernels._numba import kernel
 
 
@@ -42,14 +47,11 @@ def _relu_backward2(y, gy1, gy2, gx):
         gx[i] = gy1[i] + gy2[i] if y[i] > 0 else 0
 
 
-def _flat(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).reshape(-1)
-
-
 def relu_backward(y: np.ndarray, gy: np.ndarray) -> np.ndarray:
-    """``gy * (y > 0)`` in one pass (arrays of the same shape)."""
-    gx = np.empty(y.shape, dtype=gy.dtype)
-    _relu_backward(_flat(y), _flat(gy), gx.reshape(-1))
+    """``gy * (y > 0)`` in one pass (arrays of the same shape), in ``y``'s memory order."""
+    y = layout.dense(y)
+    gx = np.empty_like(y, dtype=gy.dtype)
+    _relu_backward(layout.flat(y), layout.flat(layout.like(y, gy)), layout.flat(gx))
     return gx
 
 
@@ -57,9 +59,9 @@ class ReLU(function_node.FunctionNode):
     """``max(x, 0)``; retains its output for the gradient mask."""
 
     def forward_cpu(self, inputs):
-        (x,) = inputs
-        y = np.empty(x.shape, dtype=x.dtype)
-        _relu_forward(_flat(x), y.reshape(-1))
+        x = layout.dense(inputs[0])
+        y = np.empty_like(x)
+        _relu_forward(layout.flat(x), layout.flat(y))
         self.retain_outputs((0,))
         return (y,)
 
@@ -84,8 +86,9 @@ class AddReLU(function_node.FunctionNode):
         a, b = inputs
         if a.shape != b.shape:
             raise ValueError(f"add_relu needs equal shapes, got {a.shape} and {b.shape}")
-        y = np.empty(a.shape, dtype=np.result_type(a.dtype, b.dtype))
-        _add_relu_forward(_flat(a), _flat(b), y.reshape(-1))
+        a = layout.dense(a)
+        y = np.empty_like(a, dtype=np.result_type(a.dtype, b.dtype))
+        _add_relu_forward(layout.flat(a), layout.flat(layout.like(a, b)), layout.flat(y))
         self.retain_outputs((0,))
         return (y, y) if self.fork else (y,)
 
@@ -93,8 +96,10 @@ class AddReLU(function_node.FunctionNode):
         y = self.get_retained_outputs()[0].array
         gys = [g.array for g in grad_outputs if g is not None]
         if len(gys) == 2:
-            gx = np.empty(y.shape, dtype=gys[0].dtype)
-            _relu_backward2(_flat(y), _flat(gys[0]), _flat(gys[1]), gx.reshape(-1))
+            y = layout.dense(y)
+            gx = np.empty_like(y, dtype=gys[0].dtype)
+            g1, g2 = (layout.flat(layout.like(y, g)) for g in gys)
+            _relu_backward2(layout.flat(y), g1, g2, layout.flat(gx))
         else:
             gx = relu_backward(y, gys[0])
         g = chainer.Variable(gx)
