@@ -12,10 +12,18 @@ rows are copied or added as whole slices, which vectorise.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from hpcsgd.kernels._numba import kernel
 from hpcsgd.kernels.layout import row_index
+
+
+@njit(inline="always", cache=True)
+def _columns(j, pw, sx, w, wo):
+    """``(lo, hi, base)``: the output columns ``[lo, hi)`` whose tap ``j`` reads inside ``[0, w)``,
+    and the input column of output column ``ox`` is ``ox * sx + base``."""
+    lo = max(0, (pw - j + sx - 1) // sx)
+    return lo, max(min(wo, (w - 1 + pw - j) // sx + 1), lo), j - pw
 
 
 @kernel
@@ -33,10 +41,7 @@ def im2col(x, col, kh, kw, sy, sx, ph, pw):
         c = nc % n_ch
         for i in range(kh):
             for j in range(kw):
-                # ox range whose input column lies inside [0, w)
-                lo = max(0, (pw - j + sx - 1) // sx)
-                hi = max(min(wo, (w - 1 + pw - j) // sx + 1), lo)
-                base = j - pw
+                lo, hi, base = _columns(j, pw, sx, w, wo)
                 for oy in range(ho):
                     iy = oy * sy + i - ph
                     dst = col[n, c, i, j, oy]
@@ -62,14 +67,10 @@ def col2im(col, gx, kh, kw, sy, sx, ph, pw):
     for nc in prange(n_img * n_ch):
         n = nc // n_ch
         c = nc % n_ch
-        for iy in range(h):
-            for ix in range(w):
-                gx[n, c, iy, ix] = 0
+        gx[n, c] = 0
         for i in range(kh):
             for j in range(kw):
-                lo = max(0, (pw - j + sx - 1) // sx)
-                hi = max(min(wo, (w - 1 + pw - j) // sx + 1), lo)
-                base = j - pw
+                lo, hi, base = _columns(j, pw, sx, w, wo)
                 for oy in range(ho):
                     iy = oy * sy + i - ph
                     if iy < 0 or iy >= h:
@@ -97,9 +98,7 @@ def im2col_cn(x, n_img, cm, col, kh, kw, sy, sx, ph, pw):
         c = cij // (kh * kw)
         i = (cij // kw) % kh
         j = cij % kw
-        lo = max(0, (pw - j + sx - 1) // sx)
-        hi = max(min(wo, (w - 1 + pw - j) // sx + 1), lo)
-        base = j - pw
+        lo, hi, base = _columns(j, pw, sx, w, wo)
         for n in range(n_img):
             r = row_index(n, c, n_img, n_ch, cm)
             for oy in range(ho):
@@ -133,15 +132,10 @@ def col2im_cn(col, gx, n_img, cm, kh, kw, sy, sx, ph, pw):
     wo = col.shape[5]
     for c in prange(n_ch):
         for n in range(n_img):
-            r = row_index(n, c, n_img, n_ch, cm)
-            for iy in range(h):
-                for ix in range(w):
-                    gx[r, iy, ix] = 0
+            gx[row_index(n, c, n_img, n_ch, cm)] = 0
         for i in range(kh):
             for j in range(kw):
-                lo = max(0, (pw - j + sx - 1) // sx)
-                hi = max(min(wo, (w - 1 + pw - j) // sx + 1), lo)
-                base = j - pw
+                lo, hi, base = _columns(j, pw, sx, w, wo)
                 for n in range(n_img):
                     r = row_index(n, c, n_img, n_ch, cm)
                     for oy in range(ho):
