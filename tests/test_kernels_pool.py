@@ -38,3 +38,31 @@ def test_max_pool_gradient_check_and_nan():
     x = np.zeros((1, 1, 4, 4), np.float32)
     x[0, 0, 1, 1] = np.nan
     assert np.isnan(pool.max_pool2d(x, 3, 2, 1).array[0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (3, 1, 1), (2, 2, 0)])
+def test_ties_route_the_gradient_like_chainer(k, s, p):
+    """Many equal values: ties go to the first tap in row-major window order, as in Chainer."""
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 3, (2, 3, 9, 8)).astype(np.float32)
+    xv, xr = chainer.Variable(x.copy()), chainer.Variable(x.copy())
+    y, yr = pool.max_pool2d(xv, k, s, p), F.max_pooling_2d(xr, k, s, p, cover_all=False)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    y.grad, yr.grad = gy, gy.copy()
+    y.backward()
+    yr.backward()
+    np.testing.assert_array_equal(y.array, yr.array)
+    np.testing.assert_allclose(xv.grad, xr.grad, rtol=1e-6, atol=1e-6)  # sums in another order
+
+
+def test_a_window_of_minus_infinity_routes_the_gradient_to_its_first_input_not_the_padding():
+    """Chainer pads with -inf, so an all -inf corner window sends its gradient into the padding
+    (lost); here padding never wins: the window's first input gets it."""
+    x = np.full((1, 1, 4, 4), -np.inf, np.float32)
+    x[0, 0, 2:, 2:] = 1.0
+    xv = chainer.Variable(x)
+    y = pool.max_pool2d(xv, 3, 2, 1)
+    assert y.array[0, 0, 0, 0] == -np.inf
+    y.grad = np.ones(y.shape, np.float32)
+    y.backward()
+    assert xv.grad[0, 0, 0, 0] == 1.0 and xv.grad.sum() == y.size

@@ -19,7 +19,7 @@ from hpcsgd.kernels.layout import row_index
 
 
 @njit(inline="always", cache=True)
-def _columns(j, pw, sx, w, wo):
+def columns(j, pw, sx, w, wo):
     """``(lo, hi, base)``: the output columns ``[lo, hi)`` whose tap ``j`` reads inside ``[0, w)``,
     and the input column of output column ``ox`` is ``ox * sx + base``."""
     lo = max(0, (pw - j + sx - 1) // sx)
@@ -41,7 +41,7 @@ def im2col(x, col, kh, kw, sy, sx, ph, pw):
         c = nc % n_ch
         for i in range(kh):
             for j in range(kw):
-                lo, hi, base = _columns(j, pw, sx, w, wo)
+                lo, hi, base = columns(j, pw, sx, w, wo)
                 for oy in range(ho):
                     iy = oy * sy + i - ph
                     dst = col[n, c, i, j, oy]
@@ -70,7 +70,7 @@ def col2im(col, gx, kh, kw, sy, sx, ph, pw):
         gx[n, c] = 0
         for i in range(kh):
             for j in range(kw):
-                lo, hi, base = _columns(j, pw, sx, w, wo)
+                lo, hi, base = columns(j, pw, sx, w, wo)
                 for oy in range(ho):
                     iy = oy * sy + i - ph
                     if iy < 0 or iy >= h:
@@ -98,7 +98,7 @@ def im2col_cn(x, n_img, cm, col, kh, kw, sy, sx, ph, pw):
         c = cij // (kh * kw)
         i = (cij // kw) % kh
         j = cij % kw
-        lo, hi, base = _columns(j, pw, sx, w, wo)
+        lo, hi, base = columns(j, pw, sx, w, wo)
         for n in range(n_img):
             r = row_index(n, c, n_img, n_ch, cm)
             for oy in range(ho):
@@ -135,7 +135,7 @@ def col2im_cn(col, gx, n_img, cm, kh, kw, sy, sx, ph, pw):
             gx[row_index(n, c, n_img, n_ch, cm)] = 0
         for i in range(kh):
             for j in range(kw):
-                lo, hi, base = _columns(j, pw, sx, w, wo)
+                lo, hi, base = columns(j, pw, sx, w, wo)
                 for n in range(n_img):
                     r = row_index(n, c, n_img, n_ch, cm)
                     for oy in range(ho):

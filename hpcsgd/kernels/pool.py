@@ -15,10 +15,19 @@ from chainer import function_node
 from numba import prange
 
 from hpcsgd.kernels._numba import kernel
+from hpcsgd.kernels.patches import columns
 
 
 @kernel
 def _max_pool_forward(x, kh, kw, sy, sx, ph, pw, y, arg):
+    """Tap by tap over whole output rows: each tap updates the row's running maxima.
+
+    A tap replaces an output's maximum when it is the window's first valid tap, larger, or
+    NaN where the maximum is not (so NaN propagates); ties keep the earlier tap (row-major
+    window order). With the taps outer and the output columns inner, the columns are
+    independent and vectorise; one window at a time was a dependent chain of compares
+    (15 ms for the stem of ResNet-50 at 64 px, batch 32).
+    """
     n_img, n_ch, h, w = x.shape
     ho = y.shape[2]
     wo = y.shape[3]
@@ -26,25 +35,25 @@ def _max_pool_forward(x, kh, kw, sy, sx, ph, pw, y, arg):
         n = nc // n_ch
         c = nc % n_ch
         for oy in range(ho):
-            y0 = oy * sy - ph
-            for ox in range(wo):
-                x0 = ox * sx - pw
-                best = -np.inf
-                where = -1
-                for i in range(kh):
-                    iy = y0 + i
-                    if iy < 0 or iy >= h:
-                        continue
-                    for j in range(kw):
-                        ix = x0 + j
-                        if ix < 0 or ix >= w:
-                            continue
-                        v = x[n, c, iy, ix]
-                        if where < 0 or v > best or (v != v and best == best):
-                            best = v
-                            where = iy * w + ix
-                y[n, c, oy, ox] = best
-                arg[n, c, oy, ox] = where
+            best = y[n, c, oy]
+            where = arg[n, c, oy]
+            best[:] = -np.inf
+            where[:] = -1
+            for i in range(kh):
+                iy = oy * sy + i - ph
+                if iy < 0 or iy >= h:
+                    continue
+                row = x[n, c, iy]
+                for j in range(kw):
+                    lo, hi, base = columns(j, pw, sx, w, wo)
+                    first = np.int32(iy * w + base)
+                    for ox in range(lo, hi):
+                        v = row[ox * sx + base]
+                        b = best[ox]
+                        wh = where[ox]
+                        take = (wh < 0) | (v > b) | ((v != v) & (b == b))
+                        best[ox] = v if take else b
+                        where[ox] = first + np.int32(ox * sx) if take else wh
 
 
 @kernel
