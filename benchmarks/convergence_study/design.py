@@ -40,7 +40,7 @@ class Design:
     # when the grid's best (final error) sits at its edge, try one more factor beyond it (x2 above
     # the top, /2 below the bottom), up to this many times: an edge optimum means the grid, not the
     # recipe, limited the result (Shallue et al. extend their search space the same way)
-    lr_extend: int = 2
+    lr_extend: int = 3
     tune_seed: int = 0
     seeds: tuple = (0, 1)  # fixed-epoch part: seeds at the tuned LR (the tuning seed included)
     budget_epochs: tuple = (10.0, 20.0, 40.0)  # budget check: baseline at E and 2E
