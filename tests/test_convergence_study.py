@@ -65,9 +65,23 @@ def test_spread_and_best_run():
 def test_largest_batch_within_is_contiguous_and_flags_the_top_of_the_grid():
     errs = {256: 8.3, 512: 8.9, 1024: 9.5, 2048: 8.5}
     lb = A.largest_batch_within(errs, baseline_error=8.0, tol=1.0)
-    assert lb == {"batch": 512, "censored": False, "tol": 1.0}  # 2048 passes but 1024 failed below it
+    assert lb == {"batch": 512, "censored": False, "tol": 1.0, "complete": True}  # 1024 failed below 2048
     assert A.largest_batch_within({256: 8.1, 512: 8.2}, 8.0)["censored"] is True
     assert A.largest_batch_within({256: 12.0}, 8.0)["batch"] is None
+    # with the design's grid: an unmeasured batch below the first failure leaves a lower bound only
+    part = A.largest_batch_within({128: 8.0, 8192: 18.0}, 8.0, grid=(128, 256, 512, 8192))
+    assert part == {"batch": 128, "censored": False, "tol": 1.0, "complete": False}
+    assert A.prediction_check(200.0, part)["verdict"].startswith("pending")
+    done = A.largest_batch_within({128: 8.0, 256: 8.5, 512: 9.5}, 8.0, grid=(128, 256, 512, 8192))
+    assert done["batch"] == 256 and done["complete"]  # 512 fails: 8192 unmeasured does not matter
+
+
+def test_target_at_b_noise_is_pending_until_every_recipe_there_is_measured():
+    rows = [{"batch": 8192, "vs_baseline": 10.7}, {"batch": 8192}, {"batch": 4096, "vs_baseline": 0.2}]
+    assert P._any_within(rows, 8192, n_recipes=4, tol=1.0) is None
+    four = [{"batch": 8192, "vs_baseline": v} for v in (10.7, 3.0, 1.5, 2.0)]
+    assert P._any_within(four, 8192, n_recipes=4, tol=1.0) is False
+    assert P._any_within(four[:2] + [{"batch": 8192, "vs_baseline": 0.9}], 8192, 4, 1.0) is True
 
 
 def test_noise_windows_nearest_batch_and_prediction():

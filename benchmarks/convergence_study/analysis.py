@@ -105,21 +105,29 @@ def best_run(records: list[dict], key: str = "final_error") -> dict | None:
     return min(scored)[2] if scored else None
 
 
-def largest_batch_within(errors_by_batch: dict[int, float], baseline_error: float, tol: float = 1.0) -> dict:
-    """The largest batch up to which every measured batch stays within ``tol`` points of the baseline.
+def largest_batch_within(
+    errors_by_batch: dict[int, float], baseline_error: float, tol: float = 1.0, grid=None
+) -> dict:
+    """The largest batch up to which every grid batch stays within ``tol`` points of the baseline.
 
     Contiguous from the smallest batch: a lucky large batch above a failed
     smaller one does not count. ``censored`` says that the largest measured
-    batch passed, so the true limit may lie above the grid.
+    batch passed, so the true limit may lie above the grid. With ``grid`` (every
+    batch of the design), a grid batch not measured yet below the first failure
+    makes the answer ``complete: False``: only a lower bound so far.
     """
-    largest = None
+    largest, complete = None, True
     batches = sorted(errors_by_batch)
-    for b in batches:
+    for b in sorted(set(grid or ()) | set(batches)):
+        if b not in errors_by_batch:
+            complete = False
+            break
         if errors_by_batch[b] - baseline_error <= tol:
             largest = b
         else:
             break
-    return {"batch": largest, "censored": largest is not None and largest == batches[-1], "tol": tol}
+    censored = complete and largest is not None and largest == batches[-1]
+    return {"batch": largest, "censored": censored, "tol": tol, "complete": complete}
 
 
 def nearest_batch(batches: list[int], b_noise: float | None) -> int | None:
@@ -171,6 +179,8 @@ def prediction_check(b_noise_early: float | None, largest: dict) -> dict:
     a miss then; ``verdict`` is 'yes', 'no', 'at least' or 'unknown'.
     """
     b = largest.get("batch")
+    if not largest.get("complete", True):
+        return {"ratio": None, "verdict": "pending (grid incomplete)"}
     if b_noise_early is None or b is None:
         return {"ratio": None, "verdict": "unknown"}
     ratio = b / b_noise_early

@@ -163,7 +163,6 @@ def fixed(st) -> dict:
     for row in rows:
         if "mean" in row and "mean" in base:
             row["vs_baseline"] = row["mean"] - base["mean"]
-    at_near = [r for r in rows if r["batch"] == near and "vs_baseline" in r]
     at_32x = [r for r in rows if r["batch"] == 32 * d.base_batch and "vs_baseline" in r]
     best = min(at_32x, key=lambda r: r["vs_baseline"]) if at_32x else None
     return {
@@ -172,9 +171,19 @@ def fixed(st) -> dict:
         "rows": rows,
         "b_noise": noise,
         "batch_nearest_late_b_noise": near,
-        "target_within_1_at_b_noise": (min(r["vs_baseline"] for r in at_near) <= d.tol) if at_near else None,
-        "best_at_32x": {"recipe": best["recipe"], "vs_baseline": best["vs_baseline"]} if best else None,
+        "target_within_1_at_b_noise": _any_within(rows, near, len(d.recipes), d.tol),
+        "best_at_32x": {"recipe": best["recipe"], "vs_baseline": best["vs_baseline"],
+                        "recipes_measured": len(at_32x), "recipes": len(d.recipes)} if best else None,
     }
+
+
+def _any_within(rows: list[dict], batch, n_recipes: int, tol: float):
+    """True once a recipe at ``batch`` is within ``tol``; False only when every recipe there was
+    measured and none is; None (pending) before that."""
+    at = [r for r in rows if r["batch"] == batch and "vs_baseline" in r]
+    if any(r["vs_baseline"] <= tol for r in at):
+        return True
+    return False if at and len(at) == n_recipes else None
 
 
 # -- steps to target ------------------------------------------------------------------------------
@@ -222,7 +231,8 @@ def steps(st) -> dict:
                 errs[b] = statistics.fmean(r["final_error"] for r in same)
         curves[recipe] = points
         if errs and "mean" in base:
-            lb = A.largest_batch_within(errs, base["mean"], d.tol)
+            grid_b = [b for b in d.batches if recipe == "sgd" or b != d.base_batch]  # as run above
+            lb = A.largest_batch_within(errs, base["mean"], d.tol, grid=grid_b)
             largest[recipe] = dict(lb, errors=errs, prediction=A.prediction_check(noise.get("early"), lb))
     return {
         "epochs": epochs,

@@ -26,6 +26,11 @@ def _verdict(flag) -> str:
     return "unknown (not yet measured)" if flag is None else "MET" if flag else "MISSED"
 
 
+def _of(best: dict) -> str:
+    n, total = best.get("recipes_measured"), best.get("recipes")
+    return f" (best of {n} of {total} recipes measured so far)" if n is not None and n < total else ""
+
+
 def targets(res: dict) -> list[str]:
     """The issue's targets, each stated plainly as met, missed or unknown."""
     fx, sp, out = res.get("fixed") or {}, res.get("steps") or {}, ["", "## Targets", ""]
@@ -37,13 +42,15 @@ def targets(res: dict) -> list[str]:
     best = fx.get("best_at_32x")
     out.append(
         "- Best recipe at 32x the baseline batch: "
-        + (f"{best['recipe']}, {best['vs_baseline']:+.2f} points from the baseline." if best else "unknown.")
+        + (f"{best['recipe']}, {best['vs_baseline']:+.2f} points from the baseline{_of(best)}." if best
+           else "unknown.")
     )
     for recipe, lb in sp.get("largest_within", {}).items():
+        more = " or more" if lb["censored"] else ""
+        more = more if lb.get("complete", True) else " so far (grid incomplete)"
         out.append(
-            f"- {D.LABELS[recipe]}: largest batch within 1 point {lb['batch']}"
-            f"{' or more' if lb['censored'] else ''}; early B_noise predicts it within 2x: "
-            f"{lb['prediction']['verdict']}."
+            f"- {D.LABELS[recipe]}: largest batch within 1 point {lb['batch']}{more}; "
+            f"early B_noise predicts it within 2x: {lb['prediction']['verdict']}."
         )
     return out
 
@@ -144,7 +151,8 @@ def markdown(res: dict, cost: dict, plan: dict) -> str:
         for recipe, lb in sp["largest_within"].items():
             pred = lb["prediction"]
             out.append(
-                f"| {D.LABELS[recipe]} | {lb['batch']}{' (top of grid)' if lb['censored'] else ''} | "
+                f"| {D.LABELS[recipe]} | {lb['batch']}{' (top of grid)' if lb['censored'] else ''}"
+                f"{'' if lb.get('complete', True) else ' (grid incomplete)'} | "
                 f"{_fmt(sp['b_noise'].get('early'), '.0f')} | {_fmt(sp['b_noise'].get('late'), '.0f')} | "
                 f"{_fmt(pred['ratio'])} | {pred['verdict']} |"
             )
