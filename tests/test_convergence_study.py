@@ -335,7 +335,7 @@ class EdgeStudy(FakeStudy):
     def _execute(self, label, settings):
         rec = super()._execute(label, settings)
         factor = settings["recipe_options"]["lr"] / D.rule_lr(settings["recipe"], settings["global_batch"])
-        rec["final_error"] = 8.0 + abs(math.log2(factor) - 2.0)
+        rec["final_error"] = 8.0 + abs(math.log2(factor) - 2.0) + (0.5 if settings["epochs"] < 20 else 0.0)
         return rec
 
 
@@ -358,3 +358,17 @@ def test_lr_grid_extends_past_an_edge_optimum_once(tmp_path):
     st1._execute = lambda label, s: dict(FakeStudy._execute(st1, label, s), final_error=8.0 + abs(
         math.log2(s["recipe_options"]["lr"] / D.rule_lr("sgd", 128))))
     assert sorted(r["lr_factor"] for r in P.grid(st1, "sgd", 128, 20.0, "fixed")) == [0.5, 1.0, 2.0]
+
+
+def test_budget_is_checked_again_at_the_tuned_lr_once_the_grid_exists(tmp_path):
+    d = D.Design(recipes=("sgd",), lr_factors=(0.5, 1.0, 2.0), seeds=(0,), budget_seeds=(0, 1),
+                 budget_epochs=(10.0, 20.0, 40.0))
+    st = EdgeStudy(d, tmp_path, log=lambda _m: None)
+    assert P.run_part(st, "budget-check")["at_tuned_lr"] is None  # nothing tuned yet
+    P.grid(st, "sgd", 128, 20.0, "fixed")  # the fixed part's grid: best at 4x the rule
+    bc = P.run_part(st, "budget-check")
+    tl = bc["at_tuned_lr"]
+    assert tl["lr"] == pytest.approx(4 * D.rule_lr("sgd", 128))
+    assert [(p["epochs"], p["epochs_2x"], p["seeds"]) for p in tl["pairs"]] == [(20.0, 40.0, 2)]
+    recs = [r for r in st.cache.values() if r["epochs"] == 40.0 and r["lr"] == pytest.approx(tl["lr"])]
+    assert sorted(r["seed"] for r in recs) == [0, 1]

@@ -36,7 +36,11 @@ def baseline_settings(st, seed: int, epochs: float, lr: float | None = None) -> 
 
 # -- budget ---------------------------------------------------------------------------------------
 def budget_check(st) -> dict:
-    """Baseline (rule LR, cosine) at each budget E and 2E: is it converged at E within 0.3 points?"""
+    """Baseline (rule LR, cosine) at each budget E and 2E: is it converged at E within 0.3 points?
+
+    Then the same check at the baseline's tuned LR (E and 2E, the budget seeds), once the
+    fixed part has tuned it: the budget must hold for the baseline the recipes are compared with.
+    """
     d, errors, names = st.d, {}, {}
     for e in d.budget_epochs:
         for seed in d.budget_seeds:
@@ -44,7 +48,28 @@ def budget_check(st) -> dict:
             if rec:
                 errors.setdefault(e, []).append(rec["final_error"])
                 names.setdefault(e, []).append(rec["name"])
-    return dict(A.budget_check(errors, d.budget_tol), runs=names)
+    out = dict(A.budget_check(errors, d.budget_tol), runs=names)
+    out["at_tuned_lr"] = _budget_at_tuned_lr(st, out["chosen"] or d.default_epochs)
+    return out
+
+
+def _budget_at_tuned_lr(st, epochs: float) -> dict | None:
+    """E vs 2E for the baseline at its tuned LR (read from the cached LR grid; None before tuning)."""
+    d = st.d
+    runs = [st.cache.get(D.run_key(D.run_settings(d, "sgd", d.base_batch, d.tune_seed,
+                                                   D.rule_lr("sgd", d.base_batch) * f, epochs)))
+            for f in d.lr_factors]
+    if not all(runs):
+        return None
+    lr, _ = tuned_lr(st, "sgd", d.base_batch, epochs, "budget-check")
+    errors, names = {}, {}
+    for e in (epochs, 2 * epochs):
+        for seed in d.budget_seeds:
+            rec = st.run("baseline", baseline_settings(st, seed, e, lr), "budget-check")
+            if rec:
+                errors.setdefault(e, []).append(rec["final_error"])
+                names.setdefault(e, []).append(rec["name"])
+    return dict(A.budget_check(errors, d.budget_tol), lr=lr, runs=names)
 
 
 def study_epochs(st) -> tuple[float, bool]:

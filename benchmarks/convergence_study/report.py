@@ -87,6 +87,15 @@ def markdown(res: dict, cost: dict, plan: dict) -> str:
             if bc["chosen"]
             else f"\nNo budget passed (tolerance {bc['tol']} points): the other parts use the default budget."
         )
+        tl = bc.get("at_tuned_lr")
+        for p in (tl or {}).get("pairs", []):
+            out.append(
+                f"At the tuned LR {tl['lr']:g}: {p['error']:.2f}% after {p['epochs']:g} epochs, "
+                f"{p['error_2x']:.2f}% after {p['epochs_2x']:g} ({p['difference']:+.2f}, "
+                f"{'within' if p['within_tol'] else 'NOT within'} {bc['tol']} points; {p['seeds']} seeds)."
+            )
+        if tl is not None and not tl.get("pairs"):
+            out.append(f"At the tuned LR {tl['lr']:g}: the 2E runs are still to run.")
     fx = res.get("fixed")
     if fx:
         out += [
