@@ -127,7 +127,7 @@ def test_run_settings_keep_paper_warmups_and_scale_only_the_decay():
     assert s["recipe_options"] == {"lr": 0.4, "scale_epochs": False, "decay": "cosine"}  # 5-epoch warm-up
     assert s["batch_per_rank"] == 64 and s["global_batch"] == 1024 and s["bn_mode"] == "running"
     a = D.run_settings(d, "akiba", 4096, 0, 1.6, 18.0)
-    assert a["recipe_options"]["milestones"] == [8.0, 14.0, 17.0] and a["bn_mode"] == "batch"
+    assert a["recipe_options"]["milestones"] == [0.0, 8.0, 14.0, 17.0] and a["bn_mode"] == "batch"
     assert D.rule_lr("lars", 8192) == 25.0
     with pytest.raises(ValueError, match="multiple"):
         D.run_settings(d, "sgd", 1000, 0, 0.1, 20.0)
@@ -372,3 +372,26 @@ def test_budget_is_checked_again_at_the_tuned_lr_once_the_grid_exists(tmp_path):
     assert [(p["epochs"], p["epochs_2x"], p["seeds"]) for p in tl["pairs"]] == [(20.0, 40.0, 2)]
     recs = [r for r in st.cache.values() if r["epochs"] == 40.0 and r["lr"] == pytest.approx(tl["lr"])]
     assert sorted(r["seed"] for r in recs) == [0, 1]
+
+
+def test_every_run_the_parts_make_is_a_valid_train_config():
+    """Each part's settings pass hpcsgd train's own checks (config and recipe), so no run of the
+    study can fail at launch with a config error (Akiba's milestones once did, at batch 8192)."""
+    from hpcsgd.schedules.lr import AKIBA_FACTORS, AKIBA_MILESTONES
+    from hpcsgd.train import checks, config
+
+    assert D.AKIBA_MILESTONES_90 == AKIBA_MILESTONES and len(AKIBA_FACTORS) == len(AKIBA_MILESTONES)
+    d = D.Design()
+    made = []
+    for recipe in D.RECIPES:
+        for batch in (128, 1024, 16384):
+            lr, extra = D.rule_lr(recipe, batch), d.compare_extra.get(recipe)
+            made.append(D.run_settings(d, recipe, batch, 0, lr, 20.0, recipe_extra=extra))
+    for mode, extra in P.AKIBA_BN.values():
+        made.append(D.run_settings(d, "akiba", 4096, 0, 1.6, 20.0, bn_mode=mode, model_extra=extra))
+    for bpr in d.lars_gap_bpr:
+        made.append(D.run_settings(d, "lars", 1024, 0, 25.0, 20.0, batch_per_rank=bpr,
+                                   recipe_extra={"warmup_epochs": 5.0, "power": 2.0}))
+    for settings in made:
+        cfg = config.resolve({**config.defaults(), **settings}, world_size=d.ranks, check_paths=False)
+        checks.check_recipe(cfg)

@@ -20,8 +20,9 @@ LABELS = {
     "lars": "LARS (You: warm-up + poly(2))",
 }
 TRAIN_IMAGES = 60000
-#: Akiba's slow-start LR milestones in the paper's 90-epoch run (its decay, scaled to the budget).
-AKIBA_MILESTONES_90 = (40.0, 70.0, 85.0)
+#: Akiba's slow-start LR milestones in the paper's 90-epoch run (its decay, scaled to the budget):
+#: hpcsgd.schedules.lr.AKIBA_MILESTONES, one per factor 0.5 / 0.075 / 0.01 / 0.001 (the first at 0).
+AKIBA_MILESTONES_90 = (0.0, 40.0, 70.0, 85.0)
 #: Settings that do not change what a run computes: left out of its identity (cache key).
 OPERATIONAL = ("checkpoint_interval", "keep_checkpoints", "progress", "loader_workers")
 
