@@ -286,6 +286,11 @@ def test_parts_aggregate_synthetic_records_into_the_targets(tmp_path):
     assert "MET" in md and "largest batch within 1 point 512" in md
     written = R.plots(res, {r["name"]: r for r in st.cache.values()}, tmp_path)
     assert set(written) == {"steps_to_target.png", "error_vs_batch.png", "curves.png"}
+    # the driver merges parts read back from convergence.json (string keys) with fresh ones
+    import json
+
+    again = R.plots(json.loads(json.dumps(res)), {r["name"]: r for r in st.cache.values()}, tmp_path)
+    assert set(again) == set(written)
 
 
 def test_attempt_seconds_add_up_over_interrupted_attempts(tmp_path):

@@ -253,8 +253,9 @@ def plots(res: dict, records: dict, out) -> list[str]:
             ax.axhline(base["mean"], color="gray", ls="--", label="baseline")
             ax.axhspan(base["mean"], base["mean"] + 1.0, color="gray", alpha=0.15, label="within 1 point")
         for recipe, lb in (sp or {}).get("largest_within", {}).items():
-            xs = sorted(int(b) for b in lb["errors"])
-            ax.plot(xs, [lb["errors"][b] for b in xs], "o-", label=D.LABELS[recipe])
+            errs = {int(b): e for b, e in lb["errors"].items()}  # keys are strings once read from JSON
+            xs = sorted(errs)
+            ax.plot(xs, [errs[b] for b in xs], "o-", label=D.LABELS[recipe])
         if fx and not (sp or {}).get("largest_within"):
             for recipe in {r["recipe"] for r in fx["rows"][1:]}:
                 rows = [r for r in fx["rows"] if r["recipe"] == recipe and "mean" in r]
