@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from cluster.faultlog import record
@@ -21,12 +22,15 @@ CHECK = ["python", "tests/mpi/check_fault.py"]
 pytestmark = pytest.mark.mpi
 
 
-def _pids(output: str) -> dict[int, int]:
-    import re
+def _pids(pid_dir) -> dict[int, int]:
+    """Each rank's pid, from the rankN.pid files check_fault.py writes into ``pid_dir``.
 
-    # not anchored at a line start: hydra forwards each rank's output in chunks, and a rank's
-    # line can land after another rank's unfinished one (seen once in CI: rank 1's pid missing)
-    return {int(r): int(p) for r, p in re.findall(r"\brank (\d+) pid (\d+) started", output)}
+    Not parsed from the job's output: a print under PYTHONUNBUFFERED is two writes, and hydra
+    can forward another rank's line between them (seen in CI: rank 1's pid missing).
+    """
+    pids = {int(p.name[4:-4]): int(p.read_text()) for p in Path(pid_dir).glob("rank*.pid")}
+    assert sorted(pids) == [0, 1, 2, 3], f"pid files found for ranks {sorted(pids)}, want 0-3"
+    return pids
 
 
 def _gone(pid: int, wait: float = 5.0) -> bool:
@@ -52,7 +56,8 @@ def _gone_now(pid: int) -> bool:
 def test_rank_exception_aborts_the_job(request, tmp_path):
     """Fault 1: rank 3 raises; the job aborts within 10 s with rank 3's traceback, exit code != 0."""
     res = run_job([sys.executable, *CHECK[1:], "raise", "3", "5"], 4, timeout=40,
-                  env={"HPCSGD_COLLECTIVE_TIMEOUT": "30", "HPCSGD_WATCHDOG_DIR": tmp_path})
+                  env={"HPCSGD_COLLECTIVE_TIMEOUT": "30", "HPCSGD_WATCHDOG_DIR": tmp_path,
+                       "CHECK_FAULT_PID_DIR": tmp_path})
     assert not res.timed_out, res.output
     assert res.returncode != 0, res.output
     out = res.output
@@ -62,7 +67,7 @@ def test_rank_exception_aborts_the_job(request, tmp_path):
     assert " ok " not in out, out
     t = res.detect_seconds()
     assert t is not None and t < 10, f"job took {t} s to abort after the exception"
-    for pid in _pids(out).values():
+    for pid in _pids(tmp_path).values():
         assert _gone(pid), f"rank process {pid} survived the abort"
     record("f1_rank_raises", order=1, fault="A rank raises an exception",
            injected="rank 3 of 4 raises RuntimeError in iteration 5 (tests/mpi/check_fault.py raise)",
@@ -93,13 +98,14 @@ def test_exception_in_a_thread_aborts_the_job():
 def test_sigkilled_rank_ends_the_job(request, tmp_path):
     """Fault 2a: a rank SIGKILLed mid-iteration; nobody hangs (MPICH's launcher ends the job)."""
     res = run_job([sys.executable, *CHECK[1:], "kill", "2", "25"], 4, timeout=40,
-                  env={"HPCSGD_COLLECTIVE_TIMEOUT": "5", "HPCSGD_WATCHDOG_DIR": tmp_path})
+                  env={"HPCSGD_COLLECTIVE_TIMEOUT": "5", "HPCSGD_WATCHDOG_DIR": tmp_path,
+                       "CHECK_FAULT_PID_DIR": tmp_path})
     assert not res.timed_out, res.output
     assert res.returncode != 0, res.output
     assert " ok " not in res.output
     detect = res.detect_seconds()
     assert detect is not None and detect < 10, (detect, res.output)
-    for pid in _pids(res.output).values():
+    for pid in _pids(tmp_path).values():
         assert _gone(pid), f"rank process {pid} survived"
     record("f2a_rank_sigkilled", order=2.0, fault="A rank is SIGKILLed mid-iteration",
            injected="rank 2 of 4 SIGKILLs itself between compute and allreduce (iteration 25)",
@@ -115,9 +121,9 @@ def test_frozen_rank_trips_the_collective_watchdog(request, tmp_path):
     timeout = 3.0
     res = run_job([sys.executable, *CHECK[1:], "freeze", "1", "10"], 4, timeout=40,
                   env={"HPCSGD_COLLECTIVE_TIMEOUT": str(timeout), "HPCSGD_WATCHDOG_HEARTBEAT": "0.5",
-                       "HPCSGD_WATCHDOG_DIR": tmp_path})
+                       "HPCSGD_WATCHDOG_DIR": tmp_path, "CHECK_FAULT_PID_DIR": tmp_path})
     out = res.output
-    pids = _pids(out)
+    pids = _pids(tmp_path)
     if 1 in pids and not _gone(pids[1]):  # never leave a stopped process behind
         os.kill(pids[1], signal.SIGKILL)
     assert not res.timed_out, out

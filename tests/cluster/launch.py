@@ -38,7 +38,9 @@ class JobResult:
 
     def fault_time(self) -> float | None:
         """Epoch time printed by the rank that injected the fault (``FAULT ... t=<epoch>``)."""
-        m = re.search(r"^FAULT .* t=([0-9.]+)", self.output, re.M)
+        # not anchored at a line start: under PYTHONUNBUFFERED a rank's print is two writes (text,
+        # then newline), so another rank's line can arrive spliced in front of this one
+        m = re.search(r"FAULT .* t=([0-9.]+)", self.output)
         return float(m.group(1)) if m else None
 
     def detect_seconds(self) -> float | None:

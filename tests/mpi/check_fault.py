@@ -9,7 +9,8 @@ Usage: check_fault.py MODE VICTIM ITER
                    iterations (the test cuts a link from outside)
 Run directly (``mpiexec -n N python tests/mpi/check_fault.py ...``), not through
 _launch.py, so that hpcsgd's own hooks are what is tested. The watchdog timeout
-comes from $HPCSGD_COLLECTIVE_TIMEOUT.
+comes from $HPCSGD_COLLECTIVE_TIMEOUT; with $CHECK_FAULT_PID_DIR set, each rank writes
+its pid to rankN.pid there.
 """
 
 import os
@@ -27,12 +28,26 @@ mode, victim, fault_iter = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 comm = MPI.COMM_WORLD
 hpcsgd.runtime.abort.install()
 dog = watchdog.install(comm)
-print(f"rank {comm.rank} pid {os.getpid()} started", flush=True)
+
+
+def say(line: str) -> None:
+    """Print ``line`` in one write, so that hydra never forwards half of it (print is two writes
+    under PYTHONUNBUFFERED, which tests/cluster/launch.py sets)."""
+    os.write(1, (line + "\n").encode())
+
+
+say(f"rank {comm.rank} pid {os.getpid()} started")
+if os.environ.get("CHECK_FAULT_PID_DIR"):
+    # the test finds each rank's pid here, not in the forwarded output: under PYTHONUNBUFFERED a
+    # print is two writes (text, then newline), and hydra may splice another rank's line between
+    with open(os.path.join(os.environ["CHECK_FAULT_PID_DIR"], f"rank{comm.rank}.pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(f.name, f.name[:-4])
 
 
 def compute_gradients(it: int) -> np.ndarray:
     if mode == "raise" and comm.rank == victim and it == fault_iter:
-        print(f"FAULT raise rank {comm.rank} iteration {it} t={time.time():.3f}", flush=True)
+        say(f"FAULT raise rank {comm.rank} iteration {it} t={time.time():.3f}")
         raise RuntimeError(f"deliberate failure in compute_gradients on rank {comm.rank} iteration {it}")
     return np.full(1000, comm.rank + it, dtype=np.float64)
 
@@ -41,10 +56,10 @@ grad = None
 n_iters = fault_iter if mode == "steady" else fault_iter + 20
 for it in range(n_iters):
     if mode == "steady" and comm.rank == 0 and it % 10 == 0:
-        print(f"iteration {it} t={time.time():.3f}", flush=True)
+        say(f"iteration {it} t={time.time():.3f}")
     grad = compute_gradients(it)
     if comm.rank == victim and it == fault_iter and mode != "raise":
-        print(f"FAULT {mode} rank {comm.rank} iteration {it} t={time.time():.3f}", flush=True)
+        say(f"FAULT {mode} rank {comm.rank} iteration {it} t={time.time():.3f}")
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif mode == "freeze":
@@ -57,4 +72,4 @@ for it in range(n_iters):
 expected = sum(r + it for r in range(comm.size))
 assert out[0] == expected, (out[0], expected)
 watchdog.uninstall()
-print(f"rank {comm.rank} ok {out[0]}", flush=True)
+say(f"rank {comm.rank} ok {out[0]}")
