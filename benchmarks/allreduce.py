@@ -258,7 +258,7 @@ def report(args, times: dict, sweep: set, osu: list, meta: dict) -> int:
     """Rank 0: medians, ratios to ChainerMN naive, the JSON, the plot and the printed table."""
     from mpi4py import MPI
 
-    from hpcsgd.comm import wire_kernels
+    from hpcsgd.comm import wire_convert
 
     n, nbytes = meta["ranks"], meta["grad_bytes"]
     base = float(np.median(times["chainermn naive"]))
@@ -274,7 +274,7 @@ def report(args, times: dict, sweep: set, osu: list, meta: dict) -> int:
         **meta, "quick": args.quick, "focus": args.focus,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(), "cpus": os.cpu_count(), "mpi": MPI.Get_library_version().splitlines()[0],
-        "numba_hardware_half": wire_kernels.HARDWARE_HALF,
+        "numba_hardware_half": wire_convert.HARDWARE_HALF,
         "osu_allreduce_f32": osu, "resnet50": results, "bucket_sweep": bucket_sweep,
         "command": ("mpiexec -n 2 python -m mpi4py benchmarks/allreduce.py"
                     + (" --quick" if args.quick else "") + (" --focus" if args.focus else "")),

@@ -5,9 +5,9 @@
     python benchmarks/scaling.py --models resnet_small --iters 6 --quick
 
 Every configuration runs as its own ``mpiexec -n N`` job of this file in worker
-mode, one thread per rank (OMP/OpenBLAS/numba = 1, ``OPENBLAS_CORETYPE=SkylakeX``
-as the brief says, recorded with threadpoolctl). Data are synthetic arrays made
-before the loop (no I/O), so ``data_wait`` is the cost of handing over a batch.
+mode (``benchmarks/_scaling_worker.py``), one thread per rank (OMP/OpenBLAS/numba =
+1, ``OPENBLAS_CORETYPE=SkylakeX`` as the brief says, recorded with threadpoolctl).
+Data are synthetic arrays made before the loop (no I/O), so ``data_wait`` is the cost of handing over a batch.
 
 Frameworks, same model, same kernels, same run:
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,11 +41,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._scaling_worker import COMM_PHASES, PHASES  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 SHORT = {"hpcsgd": "hpcsgd", "hpcsgd-nooverlap": "buckets", "hpcsgd-overlap": "buckets+overlap",
          "chainermn": "ChainerMN"}
-PHASES = ("data_wait", "forward", "backward", "pack", "allreduce", "unpack", "update")
-COMM_PHASES = ("pack", "allreduce", "unpack")
 
 #: model -> (build kwargs, image size, per-rank batch, classes). Spatial sizes are small for the CPU:
 #: ResNet-50 at 64 px (not 224) keeps one iteration around a second on one core.
@@ -57,133 +57,6 @@ MODELS = {
 QUICK = {"resnet_small": ({"depth": 8, "width": 8}, 16, 16, 10), "resnet50": ({}, 32, 2, 100)}
 
 
-# ----------------------------------------------------------------------------- worker
-def _thread_info() -> list[dict]:
-    try:
-        from threadpoolctl import threadpool_info
-
-        return [{k: d.get(k) for k in ("internal_api", "num_threads", "architecture", "version")}
-                for d in threadpool_info()]
-    except Exception as e:  # informative only
-        return [{"error": str(e)}]
-
-
-def worker(a: argparse.Namespace) -> None:
-    import chainer
-    import chainer.functions as F
-    import numpy as np
-    from mpi4py import MPI
-
-    import hpcsgd.kernels
-    from hpcsgd.models import build_model, count_params
-    from hpcsgd.runtime.trace import get_tracer
-
-    hpcsgd.kernels.enable(threads=1)
-    world = MPI.COMM_WORLD
-    tracer = get_tracer()
-    tracer.rank = world.rank
-    if a.timeline:
-        from hpcsgd.runtime.trace import parse_iter_range
-
-        tracer.enable_timeline(a.timeline, parse_iter_range(a.timeline_iters), rank=world.rank)
-    kw, size, batch, classes = json.loads(a.spec)
-    chainer.config.train = True
-    model = build_model(a.model, n_classes=classes, in_channels=3, **kw)
-    rng = np.random.default_rng(world.rank)
-    batches = [(rng.standard_normal((batch, 3, size, size)).astype(np.float32),
-                rng.integers(0, classes, batch).astype(np.int32)) for _ in range(2)]
-    base = chainer.optimizers.MomentumSGD(lr=0.01, momentum=0.9)
-    reducer = None
-    if a.framework == "chainermn":
-        import chainermn
-
-        comm = chainermn.create_communicator("naive", mpi_comm=world)
-        mean_grad = comm.multi_node_mean_grad
-
-        def timed_mean_grad(*args, **kwargs):
-            with tracer.span("allreduce", bytes=4 * count_params(model), dtype="float32"):
-                return mean_grad(*args, **kwargs)
-
-        comm.multi_node_mean_grad = timed_mean_grad
-        opt = chainermn.create_multi_node_optimizer(base, comm)
-        opt.setup(model)
-    else:
-        import hpcsgd
-
-        comm = hpcsgd.create_communicator(a.communicator, mpi_comm=world)
-        if a.framework in ("hpcsgd-overlap", "hpcsgd-nooverlap"):
-            from hpcsgd.comm.overlap import OverlappedReducer
-
-            reducer = OverlappedReducer(comm, model, overlap=a.framework == "hpcsgd-overlap")
-            opt = base
-            opt.setup(model)
-            comm.bcast_data(model)
-        else:
-            opt = hpcsgd.create_multi_node_optimizer(base, comm)
-            opt.setup(model)
-    loadavg_before = os.getloadavg()
-    iters, phases = [], []
-    world.Barrier()
-    for it in range(a.warmup + a.iters):
-        tracer.start_iteration(it)
-        t0 = time.perf_counter()
-        with tracer.span("data_wait"):
-            x, t = batches[it % len(batches)]
-        with tracer.span("forward"):
-            loss = F.softmax_cross_entropy(model(x), t)
-        c0 = sum(tracer.phase_seconds.get(p, 0.0) for p in COMM_PHASES)
-        with tracer.span("backward"):
-            model.cleargrads()
-            if reducer is not None:
-                with reducer:
-                    loss.backward()
-            else:
-                loss.backward()
-        nested_comm = sum(tracer.phase_seconds.get(p, 0.0) for p in COMM_PHASES) - c0
-        if reducer is not None:
-            reducer.wait()
-            with tracer.span("update"):
-                opt.update()
-        elif a.framework == "chainermn":
-            with tracer.span("update"):
-                opt.update()
-        else:
-            opt.update()
-        t1 = time.perf_counter()
-        ph = tracer.pop_phases()
-        ph["backward"] = ph.get("backward", 0.0) - nested_comm  # comm hidden in backward is not compute
-        if a.framework == "chainermn":
-            ph["update"] = ph.get("update", 0.0) - ph.get("allreduce", 0.0)
-        if it >= a.warmup:
-            iters.append(t1 - t0)
-            phases.append(ph)
-        del loss
-    if a.timeline:
-        tracer.write(comm=world)
-    all_iters = world.gather(iters, root=0)
-    if world.rank != 0:
-        return
-    per_rank_median = [statistics.median(v) for v in all_iters]
-    names = sorted({k for p in phases for k in p})
-    med = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in names}
-    it_s = statistics.median(iters)
-    n_arrays = sum(1 for _ in model.params())
-    out = {
-        "model": a.model, "framework": a.framework, "ranks": world.size,
-        "nodes": int(os.environ.get("HPCSGD_BENCH_NODES", "1")),
-        "communicator": "naive (chainermn)" if a.framework == "chainermn" else a.communicator,
-        "wire_dtype": "float32", "per_rank_batch": batch, "image_size": size, "model_kwargs": kw,
-        "params": count_params(model), "param_arrays": n_arrays,
-        "iteration_s": it_s, "iteration_s_all": iters, "iteration_s_per_rank_median": per_rank_median,
-        "phases_s": med, "other_s": it_s - sum(med.get(k, 0.0) for k in PHASES),
-        "images_per_s": world.size * batch / it_s, "loadavg_before": loadavg_before,
-        "loadavg_after": os.getloadavg(), "threads": _thread_info(),
-        "overlap_stats": getattr(reducer, "stats", None) if reducer is not None else None,
-    }
-    with open(a.json, "w") as f:
-        json.dump(out, f, default=str)
-
-
 # ----------------------------------------------------------------------------- driver
 def _mpiexec() -> str:
     here = Path(sys.executable).parent / "mpiexec"
@@ -191,9 +64,15 @@ def _mpiexec() -> str:
 
 
 def bench_env(extra: dict | None = None) -> dict:
+    """Each job's environment: one thread per rank, OpenBLAS pinned to this CPU's best kernel."""
+    from hpcsgd.blas import cpu_coretype
+
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                "NUMBA_NUM_THREADS": "1", "OPENBLAS_CORETYPE": "SkylakeX", "PYTHONUNBUFFERED": "1"})
+                "NUMBA_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    coretype = cpu_coretype()  # SkylakeX on AVX-512, Haswell on AVX2 (a fixed SkylakeX is SIGILL there)
+    if coretype:
+        env["OPENBLAS_CORETYPE"] = coretype
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
                                                          if p])
     env.update(extra or {})
@@ -475,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         finish(json.loads(Path(args.out).with_suffix(".json").read_text()), args)
         return 0
     if args.worker:
+        from benchmarks._scaling_worker import worker
+
         worker(args)
         return 0
     return driver(args)

@@ -71,6 +71,20 @@ def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
     return frozenset()
 
 
+def cpu_coretype(cpu_flags: Optional[Iterable[str]] = None) -> Optional[str]:
+    """The OpenBLAS core type of this CPU's vector class: ``SkylakeX`` (AVX-512), ``Haswell`` (AVX2+FMA), else None.
+
+    What benchmarks force when they pin a kernel: a fixed ``SkylakeX`` dies with
+    SIGILL on a CPU without AVX-512 (e.g. AMD Zen 3).
+    """
+    flags = read_cpu_flags() if cpu_flags is None else frozenset(cpu_flags)
+    if AVX512_FLAGS <= flags:
+        return "SkylakeX"
+    if AVX2_FLAGS <= flags:
+        return "Haswell"
+    return None
+
+
 def probe_openblas(python: str = sys.executable, environ: Optional[Mapping[str, str]] = None,
                    timeout: float = 60.0) -> dict:
     """``{'architecture': .., 'version': ..}`` of the OpenBLAS numpy loads, probed in a subprocess.

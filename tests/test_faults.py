@@ -16,6 +16,7 @@ from cluster.faultlog import record
 from cluster.launch import run_job
 
 from hpcsgd.errors import ConfigError
+from hpcsgd.runtime import board as board_reader
 from hpcsgd.runtime import watchdog
 
 CHECK = ["python", "tests/mpi/check_fault.py"]
@@ -159,7 +160,7 @@ def _st(rank, op=None, seq=7, hb_age=0.0, since_age=0.0, host="h0", pid=None, no
 def test_explain_names_busy_dead_mismatched_and_unknown_ranks():
     board = {0: _st(0, "allreduce"), 1: _st(1, None, since_age=42.0), 2: _st(2, "bcast", seq=6),
              3: _st(3, None, hb_age=9.0, host="elsewhere"), 5: _st(5, "allreduce")}
-    rep = watchdog.explain(board, 7, name="allreduce", here="h0", stale_after=3.0, now=1000.0)
+    rep = board_reader.explain(board, 7, name="allreduce", here="h0", stale_after=3.0, now=1000.0)
     text = "\n".join(rep.lines)
     assert rep.waiting == [0, 5] and rep.missing == [1, 2, 3] and rep.unknown == [4, 6], text
     assert "ranks that did not arrive: 1, 2, 3" in text
@@ -172,10 +173,10 @@ def test_explain_names_busy_dead_mismatched_and_unknown_ranks():
 
 def test_explain_dead_local_process_and_stuck_network():
     board = {0: _st(0, "allreduce"), 1: _st(1, "allreduce", hb_age=5.0, pid=2**22 + 12345)}
-    rep = watchdog.explain(board, 2, name="allreduce", here="h0", stale_after=3.0, now=1000.0)
+    rep = board_reader.explain(board, 2, name="allreduce", here="h0", stale_after=3.0, now=1000.0)
     assert rep.missing == [1] and "process gone" in "\n".join(rep.lines)
     board = {r: _st(r, "allreduce") for r in range(4)}
-    rep = watchdog.explain(board, 4, name="allreduce", here="h0", now=1000.0)
+    rep = board_reader.explain(board, 4, name="allreduce", here="h0", now=1000.0)
     assert rep.missing == [] and "stuck in the network" in "\n".join(rep.lines)
 
 
@@ -215,7 +216,7 @@ def test_postmortem_reads_an_abandoned_board(tmp_path):
         st = _st(r, "allreduce" if r != 2 else None, hb_age=0.0 if r != 2 else 6.0, now=now)
         st["size"] = 3
         (board / f"rank{r}.json").write_text(json.dumps(st))
-    reports = watchdog.postmortem(tmp_path, remove=True)
+    reports = board_reader.postmortem(tmp_path, remove=True)
     assert len(reports) == 1 and "job abc123 ended abnormally" in reports[0], reports
     assert "ranks that did not arrive: 2" in reports[0] and "ranks waiting in 'allreduce': 0, 1" in reports[0]
     assert not board.exists()

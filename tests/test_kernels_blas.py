@@ -33,6 +33,13 @@ def test_decide(arch, flags, expected):
         assert f"OPENBLAS_CORETYPE={expected}" in line and arch in line
 
 
+def test_cpu_coretype_follows_the_vector_class():
+    """A pinned benchmark kernel must run on the CPU: SkylakeX on an AVX2-only CPU is SIGILL."""
+    assert blas.cpu_coretype(AVX512) == "SkylakeX"
+    assert blas.cpu_coretype(AVX2) == "Haswell"  # AMD Zen 3, Intel Haswell..Ice Lake client
+    assert blas.cpu_coretype({"sse4_2", "avx"}) is None
+
+
 def test_decide_user_setting_wins_and_old_openblas():
     assert blas.decide("Prescott", AVX512, user_value="Haswell")[0] is None
     assert blas.decide("Prescott", AVX512, version="0.2.20")[0] == "Haswell"

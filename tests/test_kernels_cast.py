@@ -4,6 +4,8 @@ import numpy as np
 from gpu_skip import require_cuda
 from numba import njit
 
+from hpcsgd.comm import wire_convert as C
+from hpcsgd.comm import wire_gpu as G
 from hpcsgd.comm import wire_kernels as K
 
 
@@ -32,13 +34,13 @@ def f16_bits_equal(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
 @njit
 def _soft_pack(src, dst):
     for i in range(src.size):
-        dst[i] = K._soft_f32_to_f16(src[i])
+        dst[i] = C.soft_f32_to_f16(src[i])
 
 
 @njit
 def _soft_unpack(src, dst):
     for i in range(src.size):
-        dst[i] = K._soft_f16_to_f32(src[i])
+        dst[i] = C.soft_f16_to_f32(src[i])
 
 
 def test_float16_pack_is_bit_exact_vs_numpy():
@@ -86,12 +88,12 @@ def test_bfloat16_round_trip_and_reference():
     x = tricky_f32()
     out = np.empty(x.size, np.uint16)
     K.pack_into(x, out, 1.0, "bfloat16")
-    assert (out == K.bf16_bits_reference(x)).all()
+    assert (out == C.bf16_bits_reference(x)).all()
     # ties round to even: 1 + 2^-8 (tie between 1 and 1+2^-7) -> 1
     t = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8)], np.float32)
     tb = np.empty(3, np.uint16)
     K.pack_into(t, tb, 1.0, "bfloat16")
-    assert list(K.bf16_to_f32_reference(tb)) == [1.0, 1 + 2 ** -6, -1.0]
+    assert list(C.bf16_to_f32_reference(tb)) == [1.0, 1 + 2 ** -6, -1.0]
     back = np.empty(x.size, np.float32)
     bad = K.unpack_from(out, back, 1.0, "bfloat16")
     assert bad == int((~np.isfinite(back)).sum()) and bad >= 4  # +-inf, +-nan at least
@@ -148,9 +150,9 @@ def test_cupy_kernels_match_cpu():
     for wire in ("float32", "float16", "bfloat16"):
         cpu = np.empty(x.size, K.wire_storage_dtype(wire))
         K.pack_into(x, cpu, 0.5, wire)
-        gpu = K.cupy_pack_kernel(wire)(cupy.asarray(x), np.float32(0.5))
+        gpu = G.cupy_pack_kernel(wire)(cupy.asarray(x), np.float32(0.5))
         assert (cupy.asnumpy(gpu).view(cpu.dtype) == cpu).all(), wire
-        y, bad = K.cupy_unpack_kernel(wire)(gpu, np.float32(2.0))
+        y, bad = G.cupy_unpack_kernel(wire)(gpu, np.float32(2.0))
         ref = np.empty(x.size, np.float32)
         nbad = K.unpack_from(cpu, ref, 2.0, wire)
         assert int(bad.sum()) == nbad and (cupy.asnumpy(y) == ref).all(), wire

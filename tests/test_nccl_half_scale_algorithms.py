@@ -112,8 +112,8 @@ def _numpy_wire_kernels(monkeypatch):
             _typed(out, wire)[...] = (x * s).astype(_typed(out, wire).dtype)
         return k
 
-    monkeypatch.setattr(gpu.wire_kernels, "cupy_unpack_kernel", unpack)
-    monkeypatch.setattr(gpu.wire_kernels, "cupy_pack_kernel", pack)
+    monkeypatch.setattr(gpu.wire_gpu, "cupy_unpack_kernel", unpack)
+    monkeypatch.setattr(gpu.wire_gpu, "cupy_pack_kernel", pack)
 
 
 @pytest.mark.parametrize("per_node, nodes, intra", [(4, 1, "float16"), (2, 4, "float32")])

@@ -46,7 +46,7 @@ import contextlib
 
 import numpy as np
 
-from hpcsgd.comm import wire_kernels
+from hpcsgd.comm import wire_gpu, wire_kernels
 from hpcsgd.comm.bucket_algorithm import BucketAlgorithm
 from hpcsgd.comm.dummy import pack_unpack_bucket
 from hpcsgd.comm.half_scale import NcclOps, WireScales, nccl_mean_bucket, uses_scale
@@ -117,16 +117,16 @@ class GpuBoundGrads(BoundGrads):
 
     def _batched(self):
         if GpuBoundGrads._kernels is None:
-            GpuBoundGrads._kernels = wire_kernels.cupy_batched_kernels()
+            GpuBoundGrads._kernels = wire_gpu.cupy_batched_kernels()
         return GpuBoundGrads._kernels
 
     def pack(self, lo, hi, dst, scale, wire):
         table, pieces = self._table(lo, hi)
         if table is not None:
             self._launch(self._batched()[0], hi - lo, *table, dst, np.int64(hi - lo),
-                         np.float32(scale), np.int32(wire_kernels.wire_code(wire)))
+                         np.float32(scale), np.int32(wire_gpu.wire_code(wire)))
             return
-        kern = wire_kernels.cupy_pack_kernel(wire)
+        kern = wire_gpu.cupy_pack_kernel(wire)
         for i, a, b in pieces:
             kern(self.piece(i, a, b).astype(np.float32, copy=False), np.float32(scale), dst[a - lo:b - lo])
 
@@ -135,9 +135,9 @@ class GpuBoundGrads(BoundGrads):
         table, pieces = self._table(lo, hi)
         if table is not None:
             self._launch(self._batched()[1], hi - lo, *table, src, np.int64(hi - lo),
-                         np.float32(scale), np.int32(wire_kernels.wire_code(wire)), self.bad)
+                         np.float32(scale), np.int32(wire_gpu.wire_code(wire)), self.bad)
             return 0
-        kern = wire_kernels.cupy_unpack_kernel(wire)
+        kern = wire_gpu.cupy_unpack_kernel(wire)
         for i, a, b in pieces:
             g = self.piece(i, a, b)
             y, flags = kern(src[a - lo:b - lo], np.float32(scale))
@@ -331,12 +331,12 @@ class GpuHierarchicalAlgorithm(_GpuAlgorithm):
         """This rank's shard (intra wire) summed over the nodes in the inter wire, in place."""
         chunk = mine.size
         s32 = self.shard32[:chunk]
-        s32[...] = wire_kernels.cupy_unpack_kernel(self.intra_wire)(mine, np.float32(1.0))[0]
+        s32[...] = wire_gpu.cupy_unpack_kernel(self.intra_wire)(mine, np.float32(1.0))[0]
         sw = self.shard_inter[:chunk]
-        wire_kernels.cupy_pack_kernel(self.inter_wire)(s32, np.float32(1.0), sw)
+        wire_gpu.cupy_pack_kernel(self.inter_wire)(s32, np.float32(1.0), sw)
         inter.allreduce(sw, _nccl_dtype(self.inter_wire), inter.nccl.NCCL_SUM)
-        s32[...] = wire_kernels.cupy_unpack_kernel(self.inter_wire)(sw, np.float32(1.0))[0]
-        wire_kernels.cupy_pack_kernel(self.intra_wire)(s32, np.float32(1.0), mine)
+        s32[...] = wire_gpu.cupy_unpack_kernel(self.inter_wire)(sw, np.float32(1.0))[0]
+        wire_gpu.cupy_pack_kernel(self.intra_wire)(s32, np.float32(1.0), mine)
 
 
 class NcclCommunicator(ReducingCommunicator):

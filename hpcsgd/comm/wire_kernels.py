@@ -1,7 +1,7 @@
 """Wire-format kernels of the communicators: cast, pack, unpack and sum gradients (not training compute).
 
 Not to be confused with :mod:`hpcsgd.kernels` (convolution, BN, ... for training). Fused
-one pass per array, on CPU (numba) and GPU (CuPy).
+one pass per array, on CPU (numba).
 
 Wire formats (``WIRE_FORMATS``): ``float32``, ``float16`` and ``bfloat16``. A
 16-bit wire buffer is stored as ``uint16`` bits (NumPy has no bfloat16, and the
@@ -22,27 +22,19 @@ CPU kernels (numba, ``nogil`` so a worker thread can overlap them with Python):
 * :func:`reduce_shards`: ``dst = (a + b + ...) * scale`` over float32 shared-memory
   segments, counting non-finite results.
 
-float32 <-> float16 conversion: numba has no CPU half type, so the conversion is
-an LLVM ``fptrunc``/``fpext`` to ``half`` emitted by a numba ``@intrinsic``. On
-x86 with F16C (every AVX2 CPU) LLVM lowers it to ``vcvtps2ph``/``vcvtph2ps`` and
-vectorises the loop. If that cannot be compiled (e.g. a target without
-half-precision support where the JIT cannot link ``__truncsfhf2``), a
-bit-manipulation version (round to nearest even, subnormals, inf, nan) is used.
-Both are bit-exact against ``numpy.astype`` for every float32 except signalling
-NaN payloads (the hardware quiets them; still NaN). bfloat16 uses
-round-to-nearest-even on the upper 16 bits (NaN stays NaN, quieted).
-
-GPU: :func:`cupy_pack_kernel`/:func:`cupy_unpack_kernel` are CuPy elementwise
-kernels (ChainerMN's ``batched_copy`` idea) with the same semantics; untested on
-this machine (no CUDA), exercised only where CuPy finds a device.
+The float32 <-> float16 / bfloat16 element conversions the loops inline come from
+:mod:`hpcsgd.comm.wire_convert` (LLVM's half conversion where it compiles, bit
+manipulation otherwise; both bit-exact against ``numpy.astype`` except signalling
+NaN payloads, which stay NaN). The CuPy twins of these kernels are in
+:mod:`hpcsgd.comm.wire_gpu`.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
+
+from hpcsgd.comm.wire_convert import bf16_to_f32, bits_f32, f32_bits, f32_to_bf16, from_f16, to_f16
 
 WIRE_FORMATS = ("float32", "float16", "bfloat16")
 
@@ -61,143 +53,6 @@ def wire_itemsize(wire: str) -> int:
     return wire_storage_dtype(wire).itemsize
 
 
-# -- scalar conversions -----------------------------------------------------------------------
-
-
-@intrinsic
-def _llvm_f32_to_f16(typingctx, x):
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
-
-@intrinsic
-def _llvm_f16_to_f32(typingctx, x):
-    if x != types.uint16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
-@intrinsic
-def _f32_bits(typingctx, x):
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-@intrinsic
-def _bits_f32(typingctx, x):
-    """Reinterpret the low 32 bits of an integer as a float32."""
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        if x.bitwidth > 32:
-            v = builder.trunc(v, ir.IntType(32))
-        elif x.bitwidth < 32:
-            v = builder.zext(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(x), codegen
-
-
-@njit(inline="always")
-def _soft_f32_to_f16(x):
-    """Round-to-nearest-even float32 -> float16 bits without hardware support."""
-    f = _f32_bits(x)
-    sign = np.uint16((f >> np.uint32(16)) & np.uint32(0x8000))
-    a = f & np.uint32(0x7FFFFFFF)
-    if a >= np.uint32(0x7F800000):  # inf or nan
-        if a == np.uint32(0x7F800000):
-            return sign | np.uint16(0x7C00)
-        return sign | np.uint16(0x7E00) | np.uint16((a >> np.uint32(13)) & np.uint32(0x3FF))
-    if a >= np.uint32(0x477FF000):  # rounds to >= 65520: overflow
-        return sign | np.uint16(0x7C00)
-    if a < np.uint32(0x38800000):  # float16 subnormal or zero
-        if a < np.uint32(0x33000000):  # below half the smallest subnormal: +-0
-            return sign
-        e = a >> np.uint32(23)
-        m = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
-        shift = np.uint32(126) - e  # 14 .. 24
-        half = m >> shift
-        rem = m & ((np.uint32(1) << shift) - np.uint32(1))
-        mid = np.uint32(1) << (shift - np.uint32(1))
-        if rem > mid or (rem == mid and (half & np.uint32(1)) != 0):
-            half += np.uint32(1)
-        return sign | np.uint16(half)
-    r = a - np.uint32(0x38000000)  # rebias exponent 127 -> 15
-    r = r + np.uint32(0xFFF) + ((r >> np.uint32(13)) & np.uint32(1))
-    return sign | np.uint16(r >> np.uint32(13))
-
-
-@njit(inline="always")
-def _soft_f16_to_f32(h):
-    h32 = np.uint32(h)
-    sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
-    e = (h32 >> np.uint32(10)) & np.uint32(0x1F)
-    m = h32 & np.uint32(0x3FF)
-    if e == np.uint32(0x1F):
-        return _bits_f32(sign | np.uint32(0x7F800000) | (m << np.uint32(13)))
-    if e == np.uint32(0):
-        # subnormal: m * 2^-24 is exact in float32
-        v = np.float32(m) * np.float32(5.9604644775390625e-08)
-        return -v if sign else v
-    return _bits_f32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13)))
-
-
-@njit(inline="always")
-def _f32_to_bf16(x):
-    f = _f32_bits(x)
-    if (f & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # nan: keep it nan (quiet bit)
-        return np.uint16((f >> np.uint32(16)) | np.uint32(0x40))
-    f = f + np.uint32(0x7FFF) + ((f >> np.uint32(16)) & np.uint32(1))
-    return np.uint16(f >> np.uint32(16))
-
-
-@njit(inline="always")
-def _bf16_to_f32(h):
-    return _bits_f32(np.uint32(h) << np.uint32(16))
-
-
-@njit(cache=True)
-def _probe_hardware_half(x, out):
-    for i in range(x.size):
-        out[i] = _llvm_f32_to_f16(x[i])
-
-
-def _hardware_half_works() -> bool:
-    """True if the LLVM half conversion compiles and matches NumPy on a few probes."""
-    try:
-        x = np.array([1.0, 65520.0, 1e-8, -2.0 ** -25 * 3, np.inf], np.float32)
-        out = np.empty(x.size, np.uint16)
-        _probe_hardware_half(x, out)
-        with np.errstate(over="ignore"):
-            ref = x.astype(np.float16).view(np.uint16)
-        return bool((out == ref).all())
-    except Exception:
-        return False
-
-
-HARDWARE_HALF = _hardware_half_works()
-if HARDWARE_HALF:
-    _to_f16, _from_f16 = _llvm_f32_to_f16, _llvm_f16_to_f32
-else:  # pragma: no cover - depends on the CPU/LLVM build
-    _to_f16, _from_f16 = _soft_f32_to_f16, _soft_f16_to_f32
-
-
 # -- array kernels ------------------------------------------------------------------------------
 
 
@@ -210,13 +65,13 @@ def _pack_f32(src, dst, scale):
 @njit(nogil=True, cache=True)
 def _pack_f16(src, dst, scale):
     for i in range(src.size):
-        dst[i] = _to_f16(src[i] * scale)
+        dst[i] = to_f16(src[i] * scale)
 
 
 @njit(nogil=True, cache=True)
 def _pack_bf16(src, dst, scale):
     for i in range(src.size):
-        dst[i] = _f32_to_bf16(src[i] * scale)
+        dst[i] = f32_to_bf16(src[i] * scale)
 
 
 @njit(nogil=True, cache=True)
@@ -233,7 +88,7 @@ def _unpack_f32(src, dst, scale):
 def _unpack_f16(src, dst, scale):
     bad = 0
     for i in range(src.size):
-        v = _from_f16(src[i]) * scale
+        v = from_f16(src[i]) * scale
         dst[i] = v
         bad += (v - v) != 0
     return bad
@@ -243,7 +98,7 @@ def _unpack_f16(src, dst, scale):
 def _unpack_bf16(src, dst, scale):
     bad = 0
     for i in range(src.size):
-        v = _bf16_to_f32(src[i]) * scale
+        v = bf16_to_f32(src[i]) * scale
         dst[i] = v
         bad += (v - v) != 0
     return bad
@@ -256,19 +111,19 @@ def _sum_rows_f16(rows, out, acc):
     if k == 2:
         a, b = rows[0], rows[1]
         for i in range(n):
-            h = _to_f16(_from_f16(a[i]) + _from_f16(b[i]))
+            h = to_f16(from_f16(a[i]) + from_f16(b[i]))
             out[i] = h
             bad += (h & np.uint16(0x7C00)) == np.uint16(0x7C00)
         return bad
     r0 = rows[0]
     for i in range(n):
-        acc[i] = _from_f16(r0[i])
+        acc[i] = from_f16(r0[i])
     for j in range(1, k):
         rj = rows[j]
         for i in range(n):
-            acc[i] += _from_f16(rj[i])
+            acc[i] += from_f16(rj[i])
     for i in range(n):
-        h = _to_f16(acc[i])
+        h = to_f16(acc[i])
         out[i] = h
         bad += (h & np.uint16(0x7C00)) == np.uint16(0x7C00)
     return bad
@@ -279,14 +134,14 @@ def _sum_rows_bf16(rows, out, acc):
     k, n = rows.shape
     r0 = rows[0]
     for i in range(n):
-        acc[i] = _bf16_to_f32(r0[i])
+        acc[i] = bf16_to_f32(r0[i])
     for j in range(1, k):
         rj = rows[j]
         for i in range(n):
-            acc[i] += _bf16_to_f32(rj[i])
+            acc[i] += bf16_to_f32(rj[i])
     bad = 0
     for i in range(n):
-        h = _f32_to_bf16(acc[i])
+        h = f32_to_bf16(acc[i])
         out[i] = h
         bad += (h & np.uint16(0x7F80)) == np.uint16(0x7F80)
     return bad
@@ -338,13 +193,13 @@ def _axpy_add_both_f32(g, scale, p, out):
 @njit(nogil=True, cache=True)
 def _acc_f16(acc, src):
     for i in range(acc.size):
-        acc[i] += _from_f16(src[i])
+        acc[i] += from_f16(src[i])
 
 
 @njit(nogil=True, cache=True)
 def _acc_bf16(acc, src):
     for i in range(acc.size):
-        acc[i] += _bf16_to_f32(src[i])
+        acc[i] += bf16_to_f32(src[i])
 
 
 # -- scaled float16 wire: power-of-two scales chosen per chunk ------------------------------------
@@ -378,7 +233,7 @@ def _half_exponent(m):
     """``e`` with ``m * 2^e`` in ``[2^14, 2^15)``, clamped; 0 for zero, inf or nan."""
     if not (m > 0) or m == np.inf:
         return 0
-    f = _f32_bits(np.float32(m))
+    f = f32_bits(np.float32(m))
     biased = np.int32((f >> np.uint32(23)) & np.uint32(0xFF))
     e = HALF_TARGET_EXP - (biased - 127) if biased > 0 else HALF_EXP_MAX  # float32 subnormal max
     return min(max(e, HALF_EXP_MIN), HALF_EXP_MAX)
@@ -397,14 +252,14 @@ def _sum_scaled_rows_f16(rows, acc):
         e = np.int32(rows[j, 0])
         if e >= 32768:
             e -= 65536
-        s = _bits_f32(np.uint32(127 - e) << np.uint32(23))  # 2^-e, exact
+        s = bits_f32(np.uint32(127 - e) << np.uint32(23))  # 2^-e, exact
         rj = rows[j]
         if j == 0:
             for i in range(n):
-                acc[i] = _from_f16(rj[i + 1]) * s
+                acc[i] = from_f16(rj[i + 1]) * s
         else:
             for i in range(n):
-                acc[i] += _from_f16(rj[i + 1]) * s
+                acc[i] += from_f16(rj[i + 1]) * s
 
 
 def absmax(x: np.ndarray) -> float:
@@ -545,116 +400,3 @@ def accumulate(acc: np.ndarray, src: np.ndarray, wire: str) -> None:
 def scale_and_count(x: np.ndarray, scale: float) -> int:
     """In place ``x *= scale`` (float32); returns the non-finite count."""
     return int(_scale_count_f32(x, np.float32(scale)))
-
-
-# -- reference conversions (NumPy, for tests and fallbacks) -----------------------------------------
-
-
-def bf16_bits_reference(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits with NumPy integer ops (round to nearest even)."""
-    f = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    nan = (f & 0x7FFFFFFF) > 0x7F800000
-    r = ((f + 0x7FFF + ((f >> 16) & 1)) >> 16) & 0xFFFF
-    r = np.where(nan, ((f >> 16) | 0x40) & 0xFFFF, r)
-    return r.astype(np.uint16)
-
-
-def bf16_to_f32_reference(h: np.ndarray) -> np.ndarray:
-    return (np.asarray(h, np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-# -- GPU (CuPy) ------------------------------------------------------------------------------------
-
-
-def cupy_pack_kernel(wire: str):
-    """CuPy ElementwiseKernel ``(float32 src, float32 scale) -> wire dst`` (one fused pass)."""
-    import cupy
-
-    if wire == "float32":
-        return cupy.ElementwiseKernel("float32 x, float32 s", "float32 y", "y = x * s", "hpcsgd_pack_f32")
-    if wire == "float16":
-        return cupy.ElementwiseKernel("float32 x, float32 s", "float16 y", "y = (float16)(x * s)",
-                                      "hpcsgd_pack_f16")
-    return cupy.ElementwiseKernel(
-        "float32 x, float32 s", "uint16 y",
-        """
-        float v = x * s; unsigned int f = __float_as_uint(v);
-        if ((f & 0x7fffffffu) > 0x7f800000u) { y = (unsigned short)((f >> 16) | 0x40u); }
-        else { y = (unsigned short)((f + 0x7fffu + ((f >> 16) & 1u)) >> 16); }
-        """, "hpcsgd_pack_bf16")
-
-
-def cupy_unpack_kernel(wire: str):
-    """CuPy ReductionKernel-free unpack: ``(wire src, float32 scale) -> float32 dst, int32 bad``.
-
-    ``bad`` is 1 where the result is not finite; ``bad.sum()`` gives the count.
-    """
-    import cupy
-
-    src_t = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[wire]
-    load = {"float32": "float v = (float)x;", "float16": "float v = (float)x;",
-            "bfloat16": "float v = __uint_as_float(((unsigned int)x) << 16);"}[wire]
-    return cupy.ElementwiseKernel(
-        f"{src_t} x, float32 s", "float32 y, int32 bad",
-        f"{load} v = v * s; y = v; bad = isfinite(v) ? 0 : 1;", f"hpcsgd_unpack_{wire}")
-
-
-_BATCHED_SRC = r"""
-#include <cuda_fp16.h>
-__device__ __forceinline__ int find_param(const long long* csum, int n_params, long long tid) {
-    int lo = 0, hi = n_params - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (csum[mid] <= tid) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-__device__ __forceinline__ unsigned short to_bf16(float v) {
-    unsigned int f = __float_as_uint(v);
-    if ((f & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((f >> 16) | 0x40u);
-    return (unsigned short)((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
-}
-extern "C" __global__ void hpcsgd_batched_pack(const long long* ptrs, const long long* csum, int n_params,
-                                               void* dst, long long n, float scale, int wire) {
-    long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (tid >= n) return;
-    int j = find_param(csum, n_params, tid);
-    float v = ((const float*)ptrs[j])[tid - csum[j]] * scale;
-    if (wire == 0) ((float*)dst)[tid] = v;
-    else if (wire == 1) ((__half*)dst)[tid] = __float2half_rn(v);
-    else ((unsigned short*)dst)[tid] = to_bf16(v);
-}
-extern "C" __global__ void hpcsgd_batched_unpack(const long long* ptrs, const long long* csum, int n_params,
-                                                 const void* src, long long n, float scale, int wire,
-                                                 unsigned long long* bad) {
-    long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (tid >= n) return;
-    int j = find_param(csum, n_params, tid);
-    float v;
-    if (wire == 0) v = ((const float*)src)[tid];
-    else if (wire == 1) v = __half2float(((const __half*)src)[tid]);
-    else v = __uint_as_float(((unsigned int)((const unsigned short*)src)[tid]) << 16);
-    v = v * scale;
-    ((float*)ptrs[j])[tid - csum[j]] = v;
-    if (!isfinite(v)) atomicAdd(bad, 1ULL);
-}
-"""
-_WIRE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
-
-
-def cupy_batched_kernels():
-    """``(pack, unpack)`` CuPy RawKernels: one launch for all float32 parameter pieces of a bucket.
-
-    ChainerMN's ``batched_copy`` idea: a device table of piece pointers and prefix sums;
-    each thread binary-searches its piece. ``pack(ptrs, csum, n_params, dst, n, scale, wire)``,
-    ``unpack(ptrs, csum, n_params, src, n, scale, wire, bad)`` (``bad``: one uint64 counter).
-    """
-    import cupy
-
-    mod = cupy.RawModule(code=_BATCHED_SRC, options=("--std=c++11",))
-    return mod.get_function("hpcsgd_batched_pack"), mod.get_function("hpcsgd_batched_unpack")
-
-
-def wire_code(wire: str) -> int:
-    """Integer code of ``wire`` for the batched CUDA wire_kernels."""
-    return _WIRE_CODE[wire]

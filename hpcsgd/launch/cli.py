@@ -237,7 +237,7 @@ def _log_postmortem(out: str, log, attempt_no: int) -> None:
     A killed job cannot clean its board, so the board says which rank stopped first
     and which collective the others waited in; the next attempt starts with none.
     """
-    from hpcsgd.runtime.watchdog import postmortem
+    from hpcsgd.runtime.board import postmortem
 
     for report in postmortem(os.path.join(out, "watchdog"), remove=True):
         log("note", report, attempt=attempt_no)

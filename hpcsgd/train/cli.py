@@ -115,7 +115,7 @@ def _report_dead_jobs(board_dir: str, rank: int, size: int) -> None:
     this job's ranks from creating their own board before the old ones are gone.
     """
     if rank == 0:
-        from hpcsgd.runtime.watchdog import postmortem
+        from hpcsgd.runtime.board import postmortem
 
         for report in postmortem(board_dir, remove=True):
             sys.stderr.write(report + "\n")
