@@ -11,7 +11,8 @@ data, BN in training mode) of ResNet-50 v1.5 at 8 x 224 px and 32 x 64 px for
   that has torch (an optional extra, never an hpcsgd dependency),
 
 at each thread count, in one run. Every measurement is a fresh subprocess
-with ``OPENBLAS_CORETYPE`` (default SkylakeX) set in its own environment (and,
+with ``OPENBLAS_CORETYPE`` (default: the CPU's vector class, SkylakeX on AVX-512
+and Haswell on AVX2) set in its own environment (and,
 for hpcsgd, ``OPENBLAS_THREAD_TIMEOUT=4`` as ``hpcsgd train`` sets it), so
 the BLAS trap is avoided here regardless of the caller's environment; the
 kernel that actually ran is recorded (threadpoolctl). Configurations are
@@ -35,6 +36,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from hpcsgd.blas import cpu_coretype  # noqa: E402  (imports no numpy: the workers pick the kernel)
+
 RESNET50_MACS_224 = 3.86e9
 NOMINAL_PEAK_PER_CORE = 150e9  # FLOP/s, AVX-512 FMA at ~2.3 GHz sustained
 
@@ -132,7 +136,8 @@ def _run(cmd: list, env: dict, timeout: float) -> dict | None:
 
 def _env(threads: int, coretype: str, impl: str = "") -> dict:
     env = dict(os.environ)
-    env["OPENBLAS_CORETYPE"] = coretype
+    if coretype:  # none: a CPU below AVX2, where OpenBLAS's own choice stands
+        env["OPENBLAS_CORETYPE"] = coretype
     if impl == "hpcsgd":  # what hpcsgd.blas.select_coretype sets in `hpcsgd train`
         from hpcsgd.blas import THREAD_TIMEOUT, THREAD_TIMEOUT_ENV
 
@@ -267,7 +272,9 @@ def main(argv=None) -> int:
                    choices=["chainer", "hpcsgd", "pytorch"])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--iters", type=int, default=2, help="timed steps per round and configuration")
-    p.add_argument("--coretype", default="SkylakeX", help="OPENBLAS_CORETYPE for the measured processes")
+    p.add_argument("--coretype", default=cpu_coretype() or "",
+                   help="OPENBLAS_CORETYPE for the measured processes (default: this CPU's vector class, "
+                        "SkylakeX on AVX-512, Haswell on AVX2)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement subprocess")
     p.add_argument("--out", default=os.path.join(HERE, "results", "compute"))
     p.add_argument("--worker", choices=["peak", "chainer", "hpcsgd"], help=argparse.SUPPRESS)

@@ -72,7 +72,7 @@ def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
 
 
 def cpu_coretype(cpu_flags: Optional[Iterable[str]] = None) -> Optional[str]:
-    """The OpenBLAS core type of this CPU's vector class: ``SkylakeX`` (AVX-512), ``Haswell`` (AVX2+FMA), else None.
+    """OpenBLAS core type of the CPU's vector class: ``SkylakeX`` (AVX-512), ``Haswell`` (AVX2+FMA), or None.
 
     What benchmarks force when they pin a kernel: a fixed ``SkylakeX`` dies with
     SIGILL on a CPU without AVX-512 (e.g. AMD Zen 3).

@@ -171,3 +171,26 @@ def test_resnet8_same_loss_and_grads_with_and_without_kernels():
     assert abs(loss - ref_loss) < 1e-5
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_the_other_vector_class_tiles_match_chainer():
+    """Both register-tile sets are correct on any CPU: this file again, under the class not picked here.
+
+    The tiles are compile-time constants, so the other set runs in a subprocess with
+    ``HPCSGD_CONV_DIRECT_TILES`` (uncached: a forced set never meets a disk cache).
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("HPCSGD_CONV_DIRECT_TILES"):
+        pytest.skip("already the forced run")
+    other = "avx2" if conv_direct.VECTOR_CLASS == "avx512" else "avx512"
+    env = dict(os.environ, HPCSGD_CONV_DIRECT_TILES=other)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "not resnet8 and not other_vector_class"],
+                         env=env, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "failed" not in res.stdout, res.stdout[-2000:]

@@ -15,11 +15,11 @@ from numba.extending import intrinsic
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
-def kernel(fn=None, *, parallel: bool = True):
+def kernel(fn=None, *, parallel: bool = True, cache: bool = True):
     """``numba.njit`` with hpcsgd's defaults: cached on disk, parallel, NaN-safe fastmath."""
 
     def wrap(f):
-        return numba.njit(parallel=parallel, cache=True, fastmath=FASTMATH, nogil=True)(f)
+        return numba.njit(parallel=parallel, cache=cache, fastmath=FASTMATH, nogil=True)(f)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -42,3 +42,18 @@ def stack_scratch(typingctx, like, size):
         return cgutils.alloca_once(builder, context.get_value_type(dtype), size=n)
 
     return types.CPointer(dtype)(like, size), codegen
+
+
+def host_vector_class() -> str:
+    """``"avx512"`` when the CPU numba compiles for has AVX-512F, else ``"avx2"`` (the narrow tiles).
+
+    What register tiles must fit: AVX-512 has 32 vector registers of 16 floats, AVX2 16 of
+    8, so a tile sized for one spills on the other (10x slower on AMD Zen 3). Read from
+    LLVM's host features, the ones numba targets.
+    """
+    from llvmlite import binding as llvm
+
+    try:
+        return "avx512" if llvm.get_host_cpu_features().get("avx512f") else "avx2"
+    except RuntimeError:  # features unreadable: the narrow tiles run everywhere
+        return "avx2"

@@ -18,7 +18,8 @@ kernel, :func:`_gather_conv`, that keeps ``COT`` output channels x ``OXT`` colum
 once (the earlier kernel loaded and stored its output row around every multiply-add:
 store-bound, 3-4x slower). The weight gradient keeps ``GCT`` output channels x ``JT``
 taps of vector partial sums in registers over up to ``ROW_POSITIONS`` output positions
-(:func:`_weight_grad`). Tasks run in parallel over image blocks; each keeps its own
+(:func:`_weight_grad`). The tile shapes depend on the CPU's vector registers (:data:`TILES`:
+AVX-512 or AVX2). Tasks run in parallel over image blocks; each keeps its own
 weight-gradient partial sum, summed at the end.
 
 :func:`applies` says which calls :func:`hpcsgd.kernels.conv.conv2d` routes here
@@ -36,18 +37,33 @@ from chainer import function_node
 from numba import prange
 
 from hpcsgd.kernels import conv_taps
-from hpcsgd.kernels._numba import kernel, stack_scratch
+from hpcsgd.kernels._numba import host_vector_class, kernel, stack_scratch
 from hpcsgd.kernels.conv_taps import ceil_div
 
 #: Images per block: the vector length of the inner loops (32 measured 10-30% faster than 16
 #: on 7-14 px maps with the earlier row kernels, equal on 28 px).
 NB = 32
-#: Register tile of :func:`_gather_conv`: ``COT`` output channels x ``OXT`` output columns x
-#: ``NB`` images (4 x 3 x 32 float32: 24 of the 32 AVX-512 registers; 2x4, 3x4, 1x8 measured
-#: 10-40% slower, 2x6, 2x7, 3x5 and 4x2 1.5-5x slower on AMD Zen 5).
-COT, OXT = 4, 3
-#: Register tile of :func:`_weight_grad`: ``GCT`` output channels x ``JT`` taps x ``NB`` images.
-GCT, JT = 4, 3
+#: Register tiles per vector class, ``(COT, OXT, GCT)``: :func:`_gather_conv` keeps ``COT``
+#: output channels x ``OXT`` output columns x ``NB`` images, :func:`_weight_grad` ``GCT`` output
+#: channels x ``JT`` taps x ``NB`` images of partial sums in registers.
+#:
+#: * ``avx512`` (32 registers of 16 floats): 4 x 3 x 32 floats, 24 registers. 2x4, 3x4, 1x8
+#:   measured 10-40% slower, 2x6, 2x7, 3x5 and 4x2 1.5-5x slower on AMD Zen 5.
+#: * ``avx2`` (16 registers of 8 floats): 1 x 3 x 32 floats, 12 registers. The 4 x 3 tile
+#:   needs 48 and spilled to the stack: the 8-channel 28x28 layer took 8.8 / 7.3 / 9.5 ms
+#:   (forward / input / weight gradient per 128 images) on AMD Zen 3, 10-20x Zen 5's time.
+#:
+#: The class is the host's (:func:`._numba.host_vector_class`); ``HPCSGD_CONV_DIRECT_TILES``
+#: forces one (tests run both), and then these kernels are not cached on disk: numba's cache
+#: key sees the CPU but not module constants, so a forced choice must never meet a cache.
+TILES = {"avx512": (4, 3, 4), "avx2": (1, 3, 1)}
+_FORCED = os.environ.get("HPCSGD_CONV_DIRECT_TILES", "")
+VECTOR_CLASS = _FORCED or host_vector_class()
+if VECTOR_CLASS not in TILES:
+    raise ValueError(f"HPCSGD_CONV_DIRECT_TILES={_FORCED!r}: choose one of {sorted(TILES)}")
+COT, OXT, GCT = TILES[VECTOR_CLASS]
+JT = 3  # taps per weight-gradient tile (the kernel below is written for 3)
+_CACHE = not _FORCED
 _ACC = COT * OXT * NB
 _GACC = GCT * JT * NB
 #: Output positions (rows x ``wo``) per register-tile reduction of :func:`_weight_grad`.
@@ -79,7 +95,7 @@ def applies(x_shape, w_shape, stride, pad) -> bool:
             and 0 <= ph < kh and 0 <= pw < kw and h + 2 * ph >= kh and w + 2 * pw >= kw)
 
 
-@kernel(parallel=False)
+@kernel(parallel=False, cache=_CACHE)
 def _to_block(x, n0, m, xb, left):
     """``xb[c, y, (x + left) % S, (x + left) // S, k] = x[n0 + k, c, y, x]`` for ``k < m``, zero elsewhere.
 
@@ -110,7 +126,7 @@ def _to_block(x, n0, m, xb, left):
                     dst[k] = 0
 
 
-@kernel(parallel=False)
+@kernel(parallel=False, cache=_CACHE)
 def _from_block(yb, y, n0, m):
     """``y[n0 + k, c, iy, q * S + p] = yb[c, iy, p, q, k]``, ``k < m`` (``S`` phases, extra columns dropped).
 
@@ -132,7 +148,7 @@ def _from_block(yb, y, n0, m):
                         sub[k, q * n_ph + p] = src[k]
 
 
-@kernel(parallel=False)
+@kernel(parallel=False, cache=_CACHE)
 def _gather_conv(src, Wt, taps, counts, dst):
     """``dst[cd, r, p, q] = sum_{cs, t < counts[r, p]} Wt[cd, cs, k_t] * src[cs][off_t + q]`` (overwritten).
 
@@ -169,7 +185,7 @@ def _gather_conv(src, Wt, taps, counts, dst):
                             ds[a] = acc[c * OXT * NB + a]
 
 
-@kernel(parallel=False)
+@kernel(parallel=False, cache=_CACHE)
 def _fold(acc):
     """Sum each ``NB``-vector of ``acc`` into its first element (a tree of vector adds).
 
@@ -188,7 +204,7 @@ def _fold(acc):
         acc[u * NB] += acc[u * NB + 1]
 
 
-@kernel(parallel=False)
+@kernel(parallel=False, cache=_CACHE)
 def _weight_grad(xb, gyb, s, ph, lg, wo, rows, gW):
     """``gW[co, ci, i, j] += sum_{oy, ox, n} gy[co, oy, ox, n] * x[ci, s*oy + i - ph, s*ox + j - pw, n]``.
 
@@ -225,7 +241,19 @@ def _weight_grad(xb, gyb, s, ph, lg, wo, rows, gW):
                             xr, gr = r * s * xrow, g + r * grow
                             x0, x1 = xf[o0 + xr:o0 + xr + n], xf[o1 + xr:o1 + xr + n]
                             x2 = xf[o2 + xr:o2 + xr + n]
-                            g0, g1 = gf[gr:gr + n], gf[gr + gs:gr + gs + n]
+                            g0 = gf[gr:gr + n]
+                            if GCT == 1:  # the AVX2 tile: 3 taps x NB; slices from 0 (no gathers)
+                                for ox in range(wo):
+                                    e = ox * NB
+                                    gv, y0 = g0[e:e + NB], x0[e:e + NB]
+                                    y1, y2 = x1[e:e + NB], x2[e:e + NB]
+                                    for q in range(NB):
+                                        v = gv[q]
+                                        acc[q] += v * y0[q]
+                                        acc[NB + q] += v * y1[q]
+                                        acc[2 * NB + q] += v * y2[q]
+                                continue
+                            g1 = gf[gr + gs:gr + gs + n]
                             g2, g3 = gf[gr + 2 * gs:gr + 2 * gs + n], gf[gr + 3 * gs:gr + 3 * gs + n]
                             for ox in range(wo):
                                 for q in range(NB):
@@ -253,7 +281,7 @@ def _weight_grad(xb, gyb, s, ph, lg, wo, rows, gW):
                                 gW[co0 + c, ci, i, j0 + jt] += acc[(c * JT + jt) * NB]
 
 
-@kernel
+@kernel(cache=_CACHE)
 def _forward(x, Wt, taps, counts, y, xbs, pw, qy):
     """``y = conv(x, W)``, NCHW, parallel over blocks of ``NB`` images; ``xbs[b]``: block ``b`` of ``x``."""
     n = x.shape[0]
@@ -267,7 +295,7 @@ def _forward(x, Wt, taps, counts, y, xbs, pw, qy):
         _from_block(yb, y, n0, m)
 
 
-@kernel
+@kernel(cache=_CACHE)
 def _backward(xbs, gy, WtT, btaps, bcounts, gx, gW_parts, s, ph, qg, lg, qgx, rows, need_gx, need_gW):
     """Input gradient ``gx`` (if ``need_gx``) and per-block weight gradients ``gW_parts[b]``.
 
