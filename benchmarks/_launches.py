@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._machine import machine
+
 DEFAULT_CASE = "hpcsgd default (hierarchical)"
 BASE_CASE = "chainermn naive"
 
@@ -71,7 +73,7 @@ def run_launches(args, script: Path) -> int:
         "launches": args.launches, "ranks": args.ranks, "repeats": args.repeats, "bind": args.bind,
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": platform.node(), "cpus": os.cpu_count(),
+        "host": platform.node(), "cpus": os.cpu_count(), "machine": machine(),
         "ratio_min": min(ratios), "ratio_max": max(ratios), "ratio_median": float(np.median(ratios)),
         "summary": summary, "per_launch": rows,
         "command": "python benchmarks/allreduce.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

@@ -44,6 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks._machine import machine  # noqa: E402
 
 
 def resnet50_shapes() -> list[tuple[str, tuple]]:
@@ -273,7 +274,8 @@ def report(args, times: dict, sweep: set, osu: list, meta: dict) -> int:
     out = {
         **meta, "quick": args.quick, "focus": args.focus,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": platform.node(), "cpus": os.cpu_count(), "mpi": MPI.Get_library_version().splitlines()[0],
+        "host": platform.node(), "cpus": os.cpu_count(), "machine": machine(),
+        "mpi": MPI.Get_library_version().splitlines()[0],
         "numba_hardware_half": wire_convert.HARDWARE_HALF,
         "osu_allreduce_f32": osu, "resnet50": results, "bucket_sweep": bucket_sweep,
         "command": ("mpiexec -n 2 python -m mpi4py benchmarks/allreduce.py"

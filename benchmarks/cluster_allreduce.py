@@ -39,8 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-
+from benchmarks._machine import machine  # noqa: E402
 
 # -- rank side ------------------------------------------------------------------------
 
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     (tmp / "shapes.json").write_text(json.dumps(shapes))
     t0 = time.time()
     data = {"runs": {}, "hosts": 2, "ranks_per_host": 2, "repeats": args.repeats, "cpus": os.cpu_count(),
+            "machine": machine(),
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
             "note": "4 ranks on this machine's cores (oversubscribed): CPU work (packing, casts, MPI over "
                     "TCP) is slower than on real hosts; lower rates make the link dominate. "

@@ -37,6 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from benchmarks._machine import machine  # noqa: E402  (imports no numpy either)
 from hpcsgd.blas import cpu_coretype  # noqa: E402  (imports no numpy: the workers pick the kernel)
 
 RESNET50_MACS_224 = 3.86e9
@@ -223,7 +224,7 @@ def summarise(args, runs, peaks, load_before, started) -> dict:
         "benchmark": "compute", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "openblas_coretype_env": args.coretype, "rounds": args.rounds, "iters_per_round": args.iters,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_seconds": time.time() - started, "cpus": os.cpu_count(),
+        "wall_seconds": time.time() - started, "cpus": os.cpu_count(), "machine": machine(),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "flops_per_train_image": {str(px): train_flops_per_image(px) for _, px in
                                   [tuple(int(v) for v in s.split("x")) for s in args.shapes]},

@@ -48,6 +48,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from benchmarks._machine import machine  # noqa: E402
+
 FMNIST = "/usr/share/datasets/fashion-mnist"
 MOMENTUM_SGD = {"recipe": "custom",
                 "optimizer": {"name": "momentum_sgd", "momentum": 0.9, "weight_decay": 1e-4},
@@ -315,6 +318,7 @@ def summarise(args, runs, meta) -> dict:
             "args": {k: v for k, v in vars(args).items() if k != "worker_meta"},
             "environment": {"OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
                             "cpu_count": os.cpu_count(), "loadavg_end": os.getloadavg()},
+            "machine": machine(),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 

@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._machine import machine  # noqa: E402
 from hpcsgd.comm import fp16_model  # noqa: E402
 
 SCHEMES = ("predivide", "chunk")
@@ -227,7 +228,7 @@ def main(argv=None) -> None:
         "layers": [{"name": s.name, "size": s.size} for s in layout.slots],
         "grad_rms": float(np.sqrt(np.mean(np.square(grads[0], dtype=np.float64)))),
         "gradient_seconds": t_grads,
-        "machine": {"platform": platform.platform(), "loadavg": os.getloadavg()},
+        "machine": {**machine(), "platform": platform.platform()},
     }
     res["results"] = study(grads, layout, ns, scales)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

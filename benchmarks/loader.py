@@ -44,6 +44,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks._machine import machine  # noqa: E402
 from hpcsgd.data import Loader, Normalize, RandomResizedCrop, ResizeCenterCrop, build_dataset  # noqa: E402
 from hpcsgd.data.jpeg import simplejpeg  # noqa: E402
 from hpcsgd.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -359,6 +360,7 @@ def main(argv=None) -> int:
                       "wait_fraction": frac, "wait_fraction_incl_queue_fill": frac_all,
                       "wait_s_per_step": waits, "compute": "sleep (off-CPU, like an accelerator step)"},
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
+        "machine": machine(),
         "python": platform.python_version(), "pillow": PIL.__version__,
         "decoder": "simplejpeg " + simplejpeg.__version__ if simplejpeg is not None else "pillow",
         "blas": [{k: i.get(k) for k in ("internal_api", "version", "architecture")}

@@ -41,6 +41,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks._machine import machine  # noqa: E402
 
 #: The reference table: (epoch range, B_noise range), measured outside hpcsgd on this trajectory.
 REFERENCE = [((0.0, 0.0), (60, 60)), ((0.1, 2.0), (170, 400)), ((4.3, 4.3), (1000, 1000)),
@@ -256,7 +257,7 @@ def write(args, cfg, points) -> None:
     doc = {"what": "gradient noise scale B_noise along a batch-128 trajectory (hpcsgd.train.noise_scale)",
            "fc_init": args.fc_init,
            "b_small": args.batch, "b_big": args.batch * args.micro_batches, "command": command(sys.argv[1:]),
-           "config": cfg, "reference": REFERENCE, "points": points}
+           "config": cfg, "reference": REFERENCE, "points": points, "machine": machine()}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
     plot(points, args.out.rsplit(".", 1)[0] + ".png")

@@ -40,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+from benchmarks._machine import machine  # noqa: E402
 
 
 def _args(argv=None):
@@ -260,8 +262,12 @@ def main(argv=None) -> int:
         _worker(a)
         return 0
     if a.replot:  # recompute the summary and redraw from the stored runs
-        runs = json.loads(Path(f"{a.out}.json").read_text())["runs"]
-        Path(f"{a.out}.json").write_text(json.dumps(_summary(runs), indent=1))
+        stored = json.loads(Path(f"{a.out}.json").read_text())
+        runs = stored["runs"]
+        summary = _summary(runs)
+        if "machine" in stored:  # the machine the runs were measured on, not the one redrawing them
+            summary["machine"] = stored["machine"]
+        Path(f"{a.out}.json").write_text(json.dumps(summary, indent=1))
         _plot(runs, Path(f"{a.out}.png"))
         return 0
     runs = [_launch(a, "plain", {})]
@@ -272,7 +278,7 @@ def main(argv=None) -> int:
         base = cfg.get("no_overlap_comm", cfg.get("no_overlap", cfg["compute"]))["median_s"]
         for entry in cfg.values():
             entry["speedup_vs_no_overlap"] = base / entry["median_s"]
-    summary = _summary(runs)
+    summary = {**_summary(runs), "machine": machine()}
     Path(f"{out}.json").write_text(json.dumps(summary, indent=1))
     _plot(runs, Path(f"{out}.png"))
     for run in runs:

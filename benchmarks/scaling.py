@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks._machine import machine  # noqa: E402
 from benchmarks._scaling_worker import COMM_PHASES, PHASES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -221,7 +222,7 @@ def driver(args: argparse.Namespace) -> int:
         return 1
     data = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "loadavg_start": os.getloadavg(), "repeats": args.repeats,
-            "cpus": os.cpu_count(), "iters": args.iters, "warmup": args.warmup,
+            "cpus": os.cpu_count(), "machine": machine(), "iters": args.iters, "warmup": args.warmup,
             "note": "synthetic data, 1 thread per rank, OPENBLAS_CORETYPE=SkylakeX; machine shared with "
                     "other jobs (see loadavg per config); ResNet-50 at reduced spatial size for the CPU",
             "configs": []}
