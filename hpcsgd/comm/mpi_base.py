@@ -13,11 +13,12 @@ Algorithm classes (naive, flat, hierarchical, nccl, dummy) derive from it throug
 * :meth:`check_params_consistent` names the first parameter the ranks disagree on, and
   :meth:`select_grads` agrees on the gradients a mean averages (unused parameters);
 * every blocking operation runs inside ``hpcsgd.runtime.watchdog.collective(name)``.
+
+The ``*_obj`` collectives come from :class:`~hpcsgd.comm.object_collectives.MpiObjectCollectives`.
 """
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from typing import Any
 
@@ -27,16 +28,16 @@ from mpi4py import MPI
 from hpcsgd.comm import _messages as msg
 from hpcsgd.comm._params import ConsistencyChecker, explain_mismatch, param_signature, signature_hash
 from hpcsgd.comm.base import CommunicatorBase
+from hpcsgd.comm.object_collectives import MpiObjectCollectives
 from hpcsgd.comm.packing import select_params
 from hpcsgd.errors import ParameterMismatchError
 from hpcsgd.runtime.topology import Topology, create_topology
 from hpcsgd.runtime.watchdog import collective
 
 _MPI_SUM_TYPE = {"int32": MPI.INT32_T, "int64": MPI.INT64_T, "float32": MPI.FLOAT, "float64": MPI.DOUBLE}
-_BCAST_OBJ_CHUNK = 256 * 1024 * 1024  # bytes per Bcast in bcast_obj (ChainerMN's max_buf_len)
 
 
-class MpiCommunicatorBase(CommunicatorBase):
+class MpiCommunicatorBase(MpiObjectCollectives, CommunicatorBase):
     """All of :class:`~hpcsgd.comm.base.CommunicatorBase` except ``multi_node_mean_grad``.
 
     Args:
@@ -279,62 +280,6 @@ class MpiCommunicatorBase(CommunicatorBase):
                 raise e[0](f"{e[1]} (on rank {r})")
         per_rank = {r: k for r, (_, k) in enumerate(infos)}
         raise ValueError(f"{op}: ranks disagree on (shape, dtype): {per_rank}")
-
-    # -- objects ------------------------------------------------------------------
-    def send_obj(self, obj: Any, dest: int, tag: int = 0) -> None:
-        with collective("send_obj", dest=dest, tag=tag):
-            self._mpi_comm.send(obj, dest=dest, tag=tag)
-
-    def recv_obj(self, source: int, status=None, tag: int = MPI.ANY_TAG) -> Any:
-        with collective("recv_obj", source=source, tag=tag):
-            return self._mpi_comm.recv(source=source, status=status, tag=tag)
-
-    def bcast_obj(self, obj: Any, max_buf_len: int | None = None, root: int = 0) -> Any:
-        chunk = int(max_buf_len or _BCAST_OBJ_CHUNK)
-        if chunk <= 0:
-            raise ValueError(f"bcast_obj: max_buf_len must be positive, got {max_buf_len}")
-        with collective("bcast_obj", root=root):
-            if self.rank == root:
-                try:
-                    data, error = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), None
-                except Exception as e:  # tell the other ranks before raising
-                    data, error = b"", f"bcast_obj: object on rank {root} cannot be pickled: {e}"
-                n, error = self._mpi_comm.bcast((len(data), error), root)
-            else:
-                n, error = self._mpi_comm.bcast(None, root)
-                data = bytearray(n)
-            if error:
-                raise TypeError(error)
-            view = memoryview(data)
-            for off in range(0, n, chunk):
-                self._mpi_comm.Bcast([view[off:off + chunk], MPI.BYTE], root)
-        return obj if self.rank == root else pickle.loads(data)
-
-    def gather_obj(self, obj: Any, root: int = 0):
-        with collective("gather_obj", root=root):
-            return self._mpi_comm.gather(obj, root=root)
-
-    def allgather_obj(self, obj: Any) -> list:
-        with collective("allgather_obj"):
-            return self._mpi_comm.allgather(obj)
-
-    def scatter_obj(self, objs: Any, root: int = 0) -> Any:
-        with collective("scatter_obj", root=root):
-            payload = None
-            if self.rank == root:
-                n = len(objs) if isinstance(objs, (list, tuple)) else None
-                if n != self.size:
-                    payload = [(f"scatter_obj: got {n} objects for {self.size} ranks", None)] * self.size
-                else:
-                    payload = [(None, o) for o in objs]
-            error, out = self._mpi_comm.scatter(payload, root=root)
-        if error:
-            raise ValueError(f"{error} (on rank {root})")
-        return out
-
-    def allreduce_obj(self, obj: Any) -> Any:
-        with collective("allreduce_obj"):
-            return self._mpi_comm.allreduce(obj, op=MPI.SUM)
 
     # -- model-level -----------------------------------------------------------------
     def _signatures_if_different(self, sig) -> list | None:
