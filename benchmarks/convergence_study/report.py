@@ -56,146 +56,157 @@ def targets(res: dict) -> list[str]:
 
 
 def markdown(res: dict, cost: dict, plan: dict) -> str:
+    """``convergence.md``: cost, the targets, then one table section per part that has results."""
     out = ["# Convergence study (steps to target, fixed epochs, Akiba BN, LARS gap)", ""]
-    out.append(
+    out += _cost_md(cost, plan)
+    out += targets(res)
+    sections = (("budget-check", _budget_md), ("fixed", _fixed_md), ("steps", _steps_md),
+                ("akiba-bn", _akiba_md), ("lars-gap", _lars_md))
+    for part, section in sections:
+        if res.get(part):
+            out += section(res[part])
+    return "\n".join(out) + "\n"
+
+
+def _cost_md(cost: dict, plan: dict) -> list[str]:
+    out = [
         f"Measured cost of the records used: {cost['runs']} runs, {cost['hours']:.2f} run-hours "
         f"({_parts(cost, '.2f')}). "
         f"CPU: {', '.join(cost['cpu_models'])}. Runs on a loaded machine: {len(cost['loaded_runs'])}."
-    )
+    ]
     if plan["runs"]:
         out.append(
             f"Still to run: {plan['runs']} runs, about {plan['hours']:.1f} run-hours by the cost model "
             f"({_parts(plan, '.1f')})."
         )
-    out += targets(res)
-    bc = res.get("budget-check")
-    if bc:
-        out += [
-            "",
-            "## Budget check (baseline at E and 2E)",
-            "",
-            "| E | 2E | error at E | at 2E | diff | ≤ tol |",
-            "|---|---|---|---|---|---|",
-        ]
-        out += [
-            f"| {p['epochs']:g} | {p['epochs_2x']:g} | {p['error']:.2f} | {p['error_2x']:.2f} | "
-            f"{p['difference']:+.2f} | {'yes' if p['within_tol'] else 'no'} |"
-            for p in bc["pairs"]
-        ]
+    return out
+
+
+def _budget_md(bc: dict) -> list[str]:
+    out = [
+        "",
+        "## Budget check (baseline at E and 2E)",
+        "",
+        "| E | 2E | error at E | at 2E | diff | ≤ tol |",
+        "|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {p['epochs']:g} | {p['epochs_2x']:g} | {p['error']:.2f} | {p['error_2x']:.2f} | "
+        f"{p['difference']:+.2f} | {'yes' if p['within_tol'] else 'no'} |"
+        for p in bc["pairs"]
+    ]
+    out.append(
+        f"\nChosen budget: {bc['chosen']:g} epochs (tolerance {bc['tol']} points)."
+        if bc["chosen"]
+        else f"\nNo budget passed (tolerance {bc['tol']} points): the other parts use the default budget."
+    )
+    tl = bc.get("at_tuned_lr")
+    for p in (tl or {}).get("pairs", []):
         out.append(
-            f"\nChosen budget: {bc['chosen']:g} epochs (tolerance {bc['tol']} points)."
-            if bc["chosen"]
-            else f"\nNo budget passed (tolerance {bc['tol']} points): the other parts use the default budget."
+            f"At the tuned LR {tl['lr']:g}: {p['error']:.2f}% after {p['epochs']:g} epochs, "
+            f"{p['error_2x']:.2f}% after {p['epochs_2x']:g} ({p['difference']:+.2f}, "
+            f"{'within' if p['within_tol'] else 'NOT within'} {bc['tol']} points; {p['seeds']} seeds)."
         )
-        tl = bc.get("at_tuned_lr")
-        for p in (tl or {}).get("pairs", []):
-            out.append(
-                f"At the tuned LR {tl['lr']:g}: {p['error']:.2f}% after {p['epochs']:g} epochs, "
-                f"{p['error_2x']:.2f}% after {p['epochs_2x']:g} ({p['difference']:+.2f}, "
-                f"{'within' if p['within_tol'] else 'NOT within'} {bc['tol']} points; {p['seeds']} seeds)."
-            )
-        if tl is not None and not tl.get("pairs"):
-            out.append(f"At the tuned LR {tl['lr']:g}: the 2E runs are still to run.")
-    fx = res.get("fixed")
-    if fx:
-        out += [
-            "",
-            f"## Fixed epochs ({fx['epochs']:g}; budget verified: {fx['budget_verified']})",
-            "",
-            "| batch | recipe | LR | tuned | steps | seeds | error % | ± | vs baseline | LR grid errors |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in fx["rows"]:
-            out.append(
-                f"| {r['batch']} | {D.LABELS.get(r['recipe'], r['recipe'])} | {r['lr']:g} | "
-                f"{'yes' if r['lr_tuned'] else 'no'} | {r['steps']:g} | {','.join(map(str, r['seeds']))} | "
-                f"{_fmt(r.get('mean'))} | {_fmt(r.get('half_spread'))} | "
-                f"{_fmt(r.get('vs_baseline'), '+.2f')} | "
-                f"{_grid(r['grid'])} |"
-            )
-        n = fx["b_noise"]
+    if tl is not None and not tl.get("pairs"):
+        out.append(f"At the tuned LR {tl['lr']:g}: the 2E runs are still to run.")
+    return out
+
+
+def _fixed_md(fx: dict) -> list[str]:
+    out = [
+        "",
+        f"## Fixed epochs ({fx['epochs']:g}; budget verified: {fx['budget_verified']})",
+        "",
+        "| batch | recipe | LR | tuned | steps | seeds | error % | ± | vs baseline | LR grid errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in fx["rows"]:
         out.append(
-            f"\nB_noise of the baseline (median over seeds): early {_fmt(n.get('early'), '.0f')}, "
-            f"late {_fmt(n.get('late'), '.0f')} images. Batch nearest the late B_noise: "
-            f"{fx['batch_nearest_late_b_noise']}; a recipe within 1 point there: "
-            f"{fx['target_within_1_at_b_noise']}. Best at 32x the baseline batch: {fx['best_at_32x']}."
+            f"| {r['batch']} | {D.LABELS.get(r['recipe'], r['recipe'])} | {r['lr']:g} | "
+            f"{'yes' if r['lr_tuned'] else 'no'} | {r['steps']:g} | {','.join(map(str, r['seeds']))} | "
+            f"{_fmt(r.get('mean'))} | {_fmt(r.get('half_spread'))} | "
+            f"{_fmt(r.get('vs_baseline'), '+.2f')} | "
+            f"{_grid(r['grid'])} |"
         )
-    sp = res.get("steps")
-    if sp:
-        out += [
-            "",
-            f"## Steps to {_fmt(sp['target_error'])}% test error ({sp['epochs']:g}-epoch schedules)",
-            "",
-            "Baseline reaches the target: "
-            + "; ".join(
-                f"seed {x['seed']}: {_fmt(x.get('steps'), '.0f')} steps ({_fmt(x.get('fraction_of_budget'))} "
-                "of its budget)"
-                for x in sp["baseline_reaches_target"]
-            ),
-            "",
-            "| recipe | "
-            + " | ".join(str(b) for b in sorted({p["batch"] for c in sp["curves"].values() for p in c}))
-            + " |",
-        ]
-        batches = sorted({p["batch"] for c in sp["curves"].values() for p in c})
-        out.append("|---" * (len(batches) + 1) + "|")
-        for recipe, pts in sp["curves"].items():
-            by = {p["batch"]: p for p in pts}
-            out.append(
-                f"| {D.LABELS[recipe]} | "
-                + " | ".join(
-                    (f"{by[b]['steps']:.0f}" if by[b]["reached"] else f">{by[b]['cap']:.0f}")
-                    if b in by
-                    else "–"
-                    for b in batches
-                )
-                + " |"
-            )
-        out += [
-            "",
-            "| recipe | largest batch within 1 point | early B_noise | late B_noise | ratio to early | "
-            "predicted within 2x |",
-            "|---|---|---|---|---|---|",
-        ]
-        for recipe, lb in sp["largest_within"].items():
-            pred = lb["prediction"]
-            out.append(
-                f"| {D.LABELS[recipe]} | {lb['batch']}{' (top of grid)' if lb['censored'] else ''}"
-                f"{'' if lb.get('complete', True) else ' (grid incomplete)'} | "
-                f"{_fmt(sp['b_noise'].get('early'), '.0f')} | {_fmt(sp['b_noise'].get('late'), '.0f')} | "
-                f"{_fmt(pred['ratio'])} | {pred['verdict']} |"
-            )
-    ak = res.get("akiba-bn")
-    if ak:
-        out += [
-            "",
-            "## Akiba's BN under accumulation",
-            "",
-            "| batch | BN | LR | error % | ± |",
-            "|---|---|---|---|---|",
-        ]
-        out += [
-            f"| {r['batch']} | {r['variant']} | {r['lr']:g} | {_fmt(r.get('mean'))} | "
-            f"{_fmt(r.get('half_spread'))} |"
-            for r in ak["rows"]
-        ]
-    lg = res.get("lars-gap")
-    if lg:
-        out += [
-            "",
-            f"## LARS gap at 1k ({lg['epochs']:g} epochs; reference: baseline "
-            f"{lg['reference']['baseline_error']}%, LARS {lg['reference']['lars_1k_error']}%)",
-            "",
-            "| config | seeds | error % | ± | gap vs baseline | SE | verdict |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in lg["rows"]:
-            v = r.get("vs_reference_gap", {})
-            out.append(
-                f"| {r['config']} | {r.get('n', 0)} | {_fmt(r.get('mean'))} | {_fmt(r.get('half_spread'))} | "
-                f"{_fmt(v.get('gap'), '+.2f')} | {_fmt(v.get('se'))} | {v.get('verdict', '')} |"
-            )
-    return "\n".join(out) + "\n"
+    n = fx["b_noise"]
+    out.append(
+        f"\nB_noise of the baseline (median over seeds): early {_fmt(n.get('early'), '.0f')}, "
+        f"late {_fmt(n.get('late'), '.0f')} images. Batch nearest the late B_noise: "
+        f"{fx['batch_nearest_late_b_noise']}; a recipe within 1 point there: "
+        f"{fx['target_within_1_at_b_noise']}. Best at 32x the baseline batch: {fx['best_at_32x']}."
+    )
+    return out
+
+
+def _steps_md(sp: dict) -> list[str]:
+    batches = sorted({p["batch"] for c in sp["curves"].values() for p in c})
+    out = [
+        "",
+        f"## Steps to {_fmt(sp['target_error'])}% test error ({sp['epochs']:g}-epoch schedules)",
+        "",
+        "Baseline reaches the target: "
+        + "; ".join(
+            f"seed {x['seed']}: {_fmt(x.get('steps'), '.0f')} steps ({_fmt(x.get('fraction_of_budget'))} "
+            "of its budget)"
+            for x in sp["baseline_reaches_target"]
+        ),
+        "",
+        "| recipe | " + " | ".join(str(b) for b in batches) + " |",
+        "|---" * (len(batches) + 1) + "|",
+    ]
+    for recipe, pts in sp["curves"].items():
+        by = {p["batch"]: p for p in pts}
+        cells = ((f"{by[b]['steps']:.0f}" if by[b]["reached"] else f">{by[b]['cap']:.0f}") if b in by else "–"
+                 for b in batches)
+        out.append(f"| {D.LABELS[recipe]} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "| recipe | largest batch within 1 point | early B_noise | late B_noise | ratio to early | "
+        "predicted within 2x |",
+        "|---|---|---|---|---|---|",
+    ]
+    for recipe, lb in sp["largest_within"].items():
+        pred = lb["prediction"]
+        out.append(
+            f"| {D.LABELS[recipe]} | {lb['batch']}{' (top of grid)' if lb['censored'] else ''}"
+            f"{'' if lb.get('complete', True) else ' (grid incomplete)'} | "
+            f"{_fmt(sp['b_noise'].get('early'), '.0f')} | {_fmt(sp['b_noise'].get('late'), '.0f')} | "
+            f"{_fmt(pred['ratio'])} | {pred['verdict']} |"
+        )
+    return out
+
+
+def _akiba_md(ak: dict) -> list[str]:
+    out = [
+        "",
+        "## Akiba's BN under accumulation",
+        "",
+        "| batch | BN | LR | error % | ± |",
+        "|---|---|---|---|---|",
+    ]
+    return out + [
+        f"| {r['batch']} | {r['variant']} | {r['lr']:g} | {_fmt(r.get('mean'))} | "
+        f"{_fmt(r.get('half_spread'))} |"
+        for r in ak["rows"]
+    ]
+
+
+def _lars_md(lg: dict) -> list[str]:
+    out = [
+        "",
+        f"## LARS gap at 1k ({lg['epochs']:g} epochs; reference: baseline "
+        f"{lg['reference']['baseline_error']}%, LARS {lg['reference']['lars_1k_error']}%)",
+        "",
+        "| config | seeds | error % | ± | gap vs baseline | SE | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in lg["rows"]:
+        v = r.get("vs_reference_gap", {})
+        out.append(
+            f"| {r['config']} | {r.get('n', 0)} | {_fmt(r.get('mean'))} | {_fmt(r.get('half_spread'))} | "
+            f"{_fmt(v.get('gap'), '+.2f')} | {_fmt(v.get('se'))} | {v.get('verdict', '')} |"
+        )
+    return out
 
 
 def plots(res: dict, records: dict, out) -> list[str]:
@@ -205,7 +216,6 @@ def plots(res: dict, records: dict, out) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
     noise = (res.get("steps") or res.get("fixed") or {}).get("b_noise", {})
 
     def mark_noise(ax):
@@ -213,94 +223,92 @@ def plots(res: dict, records: dict, out) -> list[str]:
             if noise.get(phase):
                 ax.axvline(noise[phase], color="k", ls=ls, lw=1, label=f"B_noise ({phase})")
 
-    sp = res.get("steps")
-    if sp and sp["curves"]:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        base_pts = [p for p in sp["curves"].get("sgd", []) if p["reached"]]
-        for recipe, pts in sp["curves"].items():
-            ok = [p for p in pts if p["reached"]]
-            line = ax.plot([p["batch"] for p in ok], [p["steps"] for p in ok], "o-", label=D.LABELS[recipe])
-            miss = [p for p in pts if not p["reached"]]
-            ax.plot(
-                [p["batch"] for p in miss],
-                [p["cap"] for p in miss],
-                "^",
-                mfc="none",
-                color=line[0].get_color(),
-            )
-        if base_pts:
-            b0 = min(base_pts, key=lambda p: p["batch"])
-            xs = sorted({p["batch"] for c in sp["curves"].values() for p in c})
-            ax.plot(
-                xs, [b0["steps"] * b0["batch"] / b for b in xs], color="0.5", ls="-.", label="perfect scaling"
-            )
-        mark_noise(ax)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("global batch (images)")
-        ax.set_ylabel(f"optimizer steps to {sp['target_error']}% test error")
-        ax.set_title("Steps to target (open triangles: not reached by the step cap)")
-        ax.legend(fontsize=7)
+    sp, fx = res.get("steps"), res.get("fixed")
+    drawn = [
+        ("steps_to_target.png", (7, 5), _plot_steps, sp if sp and sp["curves"] else None),
+        ("error_vs_batch.png", (7, 4.5), _plot_error_vs_batch, (fx, sp) if fx or sp else None),
+        ("curves.png", (12, 4.5), _plot_curves, (fx, records) if fx else None),
+    ]
+    written = []
+    for name, size, draw, data in drawn:
+        if data is None:
+            continue
+        fig = plt.figure(figsize=size)
+        draw(fig, data, mark_noise)
         fig.tight_layout()
-        fig.savefig(out / "steps_to_target.png", dpi=120)
+        fig.savefig(out / name, dpi=120)
         plt.close(fig)
-        written.append("steps_to_target.png")
-    fx = res.get("fixed")
-    if fx or sp:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        base = fx["rows"][0] if fx and "mean" in fx["rows"][0] else None
-        if base:
-            ax.axhline(base["mean"], color="gray", ls="--", label="baseline")
-            ax.axhspan(base["mean"], base["mean"] + 1.0, color="gray", alpha=0.15, label="within 1 point")
-        for recipe, lb in (sp or {}).get("largest_within", {}).items():
-            errs = {int(b): e for b, e in lb["errors"].items()}  # keys are strings once read from JSON
-            xs = sorted(errs)
-            ax.plot(xs, [errs[b] for b in xs], "o-", label=D.LABELS[recipe])
-        if fx and not (sp or {}).get("largest_within"):
-            for recipe in {r["recipe"] for r in fx["rows"][1:]}:
-                rows = [r for r in fx["rows"] if r["recipe"] == recipe and "mean" in r]
-                ax.errorbar(
-                    [r["batch"] for r in rows],
-                    [r["mean"] for r in rows],
-                    yerr=[r["half_spread"] for r in rows],
-                    marker="o",
-                    capsize=3,
-                    label=D.LABELS[recipe],
-                )
-        mark_noise(ax)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("global batch (images)")
-        ax.set_ylabel("test top-1 error (%) at the fixed epoch budget")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "error_vs_batch.png", dpi=120)
-        plt.close(fig)
-        written.append("error_vs_batch.png")
-    if fx:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for row in fx["rows"]:
-            rec = records.get(row["runs"][0]) if row["runs"] else None
-            if rec and (row["batch"] in (D.Design.base_batch, max(r["batch"] for r in fx["rows"]))):
-                axes[0].plot(
-                    [e["epoch"] for e in rec["evals"]],
-                    [e["error"] for e in rec["evals"]],
-                    label=f"{D.LABELS.get(row['recipe'], row['recipe'])} ({row['batch']})",
-                )
-            if rec and rec.get("noise") and row["recipe"] == "baseline":
-                axes[1].plot(
-                    [p["epoch"] for p in rec["noise"]], [p["b_noise"] for p in rec["noise"]], label="baseline"
-                )
-        axes[0].set_xlabel("epoch")
-        axes[0].set_ylabel("test top-1 error (%)")
-        shown = [y for line in axes[0].get_lines() for y in line.get_ydata()]
-        if shown:  # zoom on the converged part: up to 30% error, or just above the best if worse
-            axes[0].set_ylim(max(0.0, min(shown) - 1.0), max(30.0, min(shown) + 5.0))
-        axes[0].legend(fontsize=6)
-        axes[1].set_xlabel("epoch")
-        axes[1].set_ylabel("B_noise (images, EMA)")
-        axes[1].set_yscale("log")
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=120)
-        plt.close(fig)
-        written.append("curves.png")
+        written.append(name)
     return written
+
+
+def _plot_steps(fig, sp: dict, mark_noise) -> None:
+    """Steps to the target error vs batch, log-log, per recipe; open triangles: the cap, not reached."""
+    ax = fig.add_subplot()
+    base_pts = [p for p in sp["curves"].get("sgd", []) if p["reached"]]
+    for recipe, pts in sp["curves"].items():
+        ok = [p for p in pts if p["reached"]]
+        line = ax.plot([p["batch"] for p in ok], [p["steps"] for p in ok], "o-", label=D.LABELS[recipe])
+        miss = [p for p in pts if not p["reached"]]
+        ax.plot([p["batch"] for p in miss], [p["cap"] for p in miss], "^", mfc="none",
+                color=line[0].get_color())
+    if base_pts:
+        b0 = min(base_pts, key=lambda p: p["batch"])
+        xs = sorted({p["batch"] for c in sp["curves"].values() for p in c})
+        ax.plot(xs, [b0["steps"] * b0["batch"] / b for b in xs], color="0.5", ls="-.",
+                label="perfect scaling")
+    mark_noise(ax)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("global batch (images)")
+    ax.set_ylabel(f"optimizer steps to {sp['target_error']}% test error")
+    ax.set_title("Steps to target (open triangles: not reached by the step cap)")
+    ax.legend(fontsize=7)
+
+
+def _plot_error_vs_batch(fig, data, mark_noise) -> None:
+    """Error at the fixed budget vs batch per recipe, the baseline and its 1-point band."""
+    fx, sp = data
+    ax = fig.add_subplot()
+    base = fx["rows"][0] if fx and "mean" in fx["rows"][0] else None
+    if base:
+        ax.axhline(base["mean"], color="gray", ls="--", label="baseline")
+        ax.axhspan(base["mean"], base["mean"] + 1.0, color="gray", alpha=0.15, label="within 1 point")
+    for recipe, lb in (sp or {}).get("largest_within", {}).items():
+        errs = {int(b): e for b, e in lb["errors"].items()}  # keys are strings once read from JSON
+        xs = sorted(errs)
+        ax.plot(xs, [errs[b] for b in xs], "o-", label=D.LABELS[recipe])
+    if fx and not (sp or {}).get("largest_within"):
+        for recipe in {r["recipe"] for r in fx["rows"][1:]}:
+            rows = [r for r in fx["rows"] if r["recipe"] == recipe and "mean" in r]
+            ax.errorbar([r["batch"] for r in rows], [r["mean"] for r in rows],
+                        yerr=[r["half_spread"] for r in rows], marker="o", capsize=3, label=D.LABELS[recipe])
+    mark_noise(ax)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch (images)")
+    ax.set_ylabel("test top-1 error (%) at the fixed epoch budget")
+    ax.legend(fontsize=7)
+
+
+def _plot_curves(fig, data, mark_noise) -> None:
+    """Test error vs epoch of the baseline and the largest batch; the baseline's B_noise vs epoch."""
+    fx, records = data
+    axes = fig.subplots(1, 2)
+    for row in fx["rows"]:
+        rec = records.get(row["runs"][0]) if row["runs"] else None
+        if rec and (row["batch"] in (D.Design.base_batch, max(r["batch"] for r in fx["rows"]))):
+            axes[0].plot([e["epoch"] for e in rec["evals"]], [e["error"] for e in rec["evals"]],
+                         label=f"{D.LABELS.get(row['recipe'], row['recipe'])} ({row['batch']})")
+        if rec and rec.get("noise") and row["recipe"] == "baseline":
+            axes[1].plot([p["epoch"] for p in rec["noise"]], [p["b_noise"] for p in rec["noise"]],
+                         label="baseline")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("test top-1 error (%)")
+    shown = [y for line in axes[0].get_lines() for y in line.get_ydata()]
+    if shown:  # zoom on the converged part: up to 30% error, or just above the best if worse
+        axes[0].set_ylim(max(0.0, min(shown) - 1.0), max(30.0, min(shown) + 5.0))
+    if axes[0].get_lines():
+        axes[0].legend(fontsize=6)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("B_noise (images, EMA)")
+    axes[1].set_yscale("log")
