@@ -248,29 +248,9 @@ def data_wait_fraction(ds, batch, workers, step_s, steps):
     return steady, sum(waits) / sum(t_steps), statistics.median(t_steps), waits
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small run (fewer images, one repeat)")
-    ap.add_argument("--cache", default=os.environ.get(
-        "HPCSGD_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "hpcsgd-bench-cache")))
-    ap.add_argument("--images", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "loader.json"))
-    args = ap.parse_args(argv)
-    n_images = args.images or (128 if args.quick else 320)
-    repeats = args.repeats or (1 if args.quick else 3)
-    epochs = 1
-    load_before = os.getloadavg()
-    root = generate(args.cache, n_images)
-    ds = build_dataset("imagenet_folder", root, split="train")
-    sizes = [os.path.getsize(p) for p in ds.paths]
-    print(f"{len(ds)} JPEGs 500x375 q90, mean {np.mean(sizes) / 1e3:.0f} kB, in {root}", flush=True)
-
-    sample, large = ds.paths[:32], generate_large(args.cache)
-    reps = 2 if args.quick else 5
+def decode_costs(ds, large: list, reps: int) -> dict:
+    """CPU ms per image of each decode + transform path, in this process (32 images, median of ``reps``)."""
+    sample = ds.paths[:32]
     micro = {}
     fused_norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     slot, crop = np.empty((3, 224, 224), np.float32), RandomResizedCrop(224)
@@ -293,7 +273,11 @@ def main(argv=None) -> int:
             large, ResizeCenterCrop(256, 224, decoder="simplejpeg"), reps)
     print("CPU ms per image, decode + transform, 1 process:",
           ", ".join(f"{k} {v:.2f}" for k, v in micro.items()), flush=True)
+    return micro
 
+
+def loader_throughput(ds, batch: int, workers: list, repeats: int, epochs: int) -> tuple[dict, dict]:
+    """images/s and CPU ms per image of each loader variant: ``{variant: {workers: [per repeat]}}`` twice."""
     variants = {"hpcsgd": (loader_iter, {"decoder": "pillow"}),
                 "chainer_standard": (chainer_iter, {"standard": True}),
                 "chainer_mpiter": (chainer_iter, {"decoder": "pillow"})}
@@ -302,17 +286,17 @@ def main(argv=None) -> int:
         variants["chainer_mpiter_simplejpeg"] = (chainer_iter, {"decoder": "simplejpeg"})
     throughput: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     cpu_ms: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
-    for w in args.workers:
+    for w in workers:
         for rep in range(repeats):
             for name, (make, kw) in variants.items():
                 holder = {}
 
                 def make_iter(make=make, kw=kw, holder=holder, w=w):
-                    gen, obj = make(ds, args.batch, w, **kw)
+                    gen, obj = make(ds, batch, w, **kw)
                     holder["obj"] = obj
                     return gen
                 try:
-                    ips, cpu = time_epochs(make_iter, len(ds), args.batch, epochs, warmup=2 * w)
+                    ips, cpu = time_epochs(make_iter, len(ds), batch, epochs, warmup=2 * w)
                 finally:
                     if "obj" in holder:
                         (holder["obj"].close if hasattr(holder["obj"], "close") else holder["obj"].finalize)()
@@ -320,8 +304,11 @@ def main(argv=None) -> int:
                 cpu_ms[name].setdefault(str(w), []).append(cpu)
                 print(f"workers={w} rep={rep} {name:22s} {ips:7.1f} images/s {cpu:6.2f} CPU ms/image "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
-    med = {name: {w: statistics.median(v) for w, v in d.items()} for name, d in throughput.items()}
-    med_cpu = {name: {w: statistics.median(v) for w, v in d.items()} for name, d in cpu_ms.items()}
+    return throughput, cpu_ms
+
+
+def _ratios(med: dict, med_cpu: dict) -> dict:
+    """hpcsgd's loader against Chainer's iterators, per worker count (images/s and CPU per image)."""
     ratios = {}
     for w in med["hpcsgd"]:
         std, std_cpu = med["chainer_standard"][w], med_cpu["chainer_standard"][w]
@@ -336,6 +323,35 @@ def main(argv=None) -> int:
                 med["hpcsgd_simplejpeg"][w] / med["chainer_mpiter_simplejpeg"][w])
             ratios[w]["cpu_per_image_simplejpeg_vs_chainer"] = (
                 med_cpu["chainer_mpiter"][w] / med_cpu["hpcsgd_simplejpeg"][w])
+    return ratios
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small run (fewer images, one repeat)")
+    ap.add_argument("--cache", default=os.environ.get(
+        "HPCSGD_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "hpcsgd-bench-cache")))
+    ap.add_argument("--images", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results", "loader.json"))
+    args = ap.parse_args(argv)
+    n_images = args.images or (128 if args.quick else 320)
+    repeats = args.repeats or (1 if args.quick else 3)
+    epochs = 1
+    load_before = os.getloadavg()
+    root = generate(args.cache, n_images)
+    ds = build_dataset("imagenet_folder", root, split="train")
+    sizes = [os.path.getsize(p) for p in ds.paths]
+    print(f"{len(ds)} JPEGs 500x375 q90, mean {np.mean(sizes) / 1e3:.0f} kB, in {root}", flush=True)
+
+    micro = decode_costs(ds, generate_large(args.cache), 2 if args.quick else 5)
+    throughput, cpu_ms = loader_throughput(ds, args.batch, args.workers, repeats, epochs)
+    med = {name: {w: statistics.median(v) for w, v in d.items()} for name, d in throughput.items()}
+    med_cpu = {name: {w: statistics.median(v) for w, v in d.items()} for name, d in cpu_ms.items()}
+    ratios = _ratios(med, med_cpu)
 
     w_max = max(args.workers)
     batch_s = args.batch / med["hpcsgd"][str(w_max)]
