@@ -9,7 +9,7 @@ gradient-reduction engine, ``hpcsgd.comm.reducer.GradReducer``, driven three way
 
 * ``compute``: forward + backward only (no communication): the compute time;
 * ``sync_<name>``: backward, then the communicator's own ``multi_node_mean_grad``
-  (ChainerMN-style, after backward; ``per_param`` when the algorithm modules are missing);
+  (ChainerMN-style, after backward);
 * ``double_buffer_<name>``: ChainerMN's double buffering: step t waits for step t-1's
   mean and starts its own with ``multi_node_mean_grad_async`` (one step stale);
 * ``no_overlap_comm``: the overlapped driver with overlap off (backward order, all buckets
@@ -55,7 +55,8 @@ def _args(argv=None):
     p.add_argument("--bucket-mb", default="0.25,1,4,16,64", help="bucket sizes (MiB of float32) to sweep")
     p.add_argument("--async-bucket-mb", default="4",
                    help="bucket sizes for the (slow) launch with MPICH's async progress thread")
-    p.add_argument("--communicator", default="hierarchical", help="sync_<name> baseline if it exists")
+    p.add_argument("--communicator", default="hierarchical",
+                   help="the communicator (its sync_<name> and double_buffer_<name> baselines)")
     p.add_argument("--engines", default="comm", help="overlap engines (only 'comm' exists now)")
     p.add_argument("--no-async", action="store_true", help="accepted for compatibility (no async launch)")
     p.add_argument("--replot", action="store_true", help="only redraw OUT.png from OUT.json")
@@ -68,89 +69,19 @@ def _args(argv=None):
 # -- rank side ---------------------------------------------------------------------------------
 
 def _worker(a) -> None:
-    import copy
-
-    import chainer.functions as F
-    import numpy as np
+    """Rank side: every configuration, round-robin, ``--warmup + --repeats`` times; rank 0 writes JSON."""
     from mpi4py import MPI
-    from threadpoolctl import threadpool_info, threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-    from hpcsgd.comm import check_combination, create_communicator
-    from hpcsgd.comm.mpi_base import MpiCommunicatorBase
-    from hpcsgd.comm.overlap import OverlappedReducer
-    from hpcsgd.errors import ConfigError
+    from hpcsgd.comm import create_communicator
     from hpcsgd.models import build_model
 
     threadpool_limits(1)  # one thread per rank: the machine has 2 cores
     world = MPI.COMM_WORLD
-
-    class PerParamCommunicator(MpiCommunicatorBase):
-        """Fallback when the algorithm modules are missing: one Allreduce per parameter (like naive)."""
-
-        def multi_node_mean_grad(self, model, zero_fill=False):
-            for _, p in sorted(model.namedparams()):
-                if p.grad is None and zero_fill:
-                    p.grad = p.xp.zeros_like(p.array)
-                if p.grad is not None:
-                    self._multi_node_mean(None, p.grad)
-
-    comm = PerParamCommunicator()
-    try:
-        algo, algo_name = create_communicator(a.communicator), a.communicator
-    except (ValueError, ImportError, NotImplementedError):
-        algo, algo_name = comm, "per_param"
+    algo = create_communicator(a.communicator)  # an unknown name raises: no silent fallback
     model = build_model(a.model, 1000 if a.model.startswith("resnet") and a.model != "resnet_small" else 10,
                         bn_mode="batch")
-    rng = np.random.default_rng(comm.rank)
-    x = rng.standard_normal((a.batch, 3, a.hw, a.hw)).astype(np.float32)
-    t = rng.integers(0, 10, a.batch).astype(np.int32)
-    model(x)
-    comm.bcast_data(model)
-    n_floats = sum(p.size for p in model.params())
-
-    def fwd_bwd(reducer=None):
-        model.cleargrads()
-        loss = F.softmax_cross_entropy(model(x), t)
-        if reducer is None:
-            loss.backward()
-        else:
-            with reducer:
-                loss.backward()
-
-    configs = {"compute": lambda: fwd_bwd()}
-    reducers = {}
-    configs[f"sync_{algo_name}"] = lambda: (fwd_bwd(), algo.multi_node_mean_grad(model, True))
-    shadow, pending = copy.deepcopy(model), []
-
-    def double_buffered():
-        """ChainerMN double buffering: wait for step t-1's mean, start step t's in the background."""
-        fwd_bwd()
-        if pending:
-            pending.pop().wait()  # the optimizer would apply these (one step stale) now
-        for (_, p), (_, q) in zip(sorted(model.namedparams()), sorted(shadow.namedparams())):
-            p.grad, q.grad = q.grad, p.grad
-        pending.append(algo.multi_node_mean_grad_async(shadow, True))
-
-    configs[f"double_buffer_{algo_name}"] = double_buffered
-    unknown = set(a.engines.split(",")) - {"comm", "poll", "thread", "none"}
-    if unknown:
-        raise SystemExit(f"unknown --engines {sorted(unknown)}")
-    try:
-        check_combination(algo, overlap=True)
-        overlap_ok = True
-    except ConfigError as e:  # e.g. the per-parameter fallback: no bucket algorithm
-        print(f"rank {world.rank}: no overlap configs: {e}", file=sys.stderr)
-        overlap_ok = False
-    if overlap_ok:  # the same algorithm and copies as comm_<MB>, all buckets after backward
-        nocomm = OverlappedReducer(algo, model, bucket_bytes=4 << 20, overlap=False)
-        reducers["no_overlap_comm"] = nocomm
-        configs["no_overlap_comm"] = lambda: (fwd_bwd(nocomm), nocomm.wait())
-        for mb in [float(v) for v in a.bucket_mb.split(",")]:
-            name = f"comm_{mb:g}MB"
-            r = OverlappedReducer(algo, model, bucket_bytes=int(mb * (1 << 20)))
-            reducers[name] = r
-            configs[name] = (lambda r=r: (fwd_bwd(r), r.wait()))
-
+    configs, reducers, pending = _configs(a, algo, model)
     times = {k: [] for k in configs}
     stats = {k: [] for k in reducers}
     for rep in range(a.warmup + a.repeats):
@@ -167,10 +98,78 @@ def _worker(a) -> None:
         pending.pop().wait()
     for r in reducers.values():
         r.finalize()
-    if world.rank != 0:
-        return
+    if world.rank == 0:
+        n_floats = sum(p.size for p in model.params())
+        Path(a.worker).write_text(json.dumps(_record(a, world.size, n_floats, times, stats), indent=1))
+
+
+def _configs(a, algo, model) -> tuple[dict, dict, list]:
+    """``(name -> step function, name -> OverlappedReducer, pending async means)`` on one fixed batch."""
+    import copy
+
+    import chainer.functions as F
+    import numpy as np
+
+    from hpcsgd.comm import check_combination
+    from hpcsgd.comm.overlap import OverlappedReducer
+    from hpcsgd.errors import ConfigError
+
+    rng = np.random.default_rng(algo.rank)
+    x = rng.standard_normal((a.batch, 3, a.hw, a.hw)).astype(np.float32)
+    t = rng.integers(0, 10, a.batch).astype(np.int32)
+    model(x)
+    algo.bcast_data(model)
+
+    def fwd_bwd(reducer=None):
+        model.cleargrads()
+        loss = F.softmax_cross_entropy(model(x), t)
+        if reducer is None:
+            loss.backward()
+        else:
+            with reducer:
+                loss.backward()
+
+    shadow, pending = copy.deepcopy(model), []
+
+    def double_buffered():
+        """ChainerMN double buffering: wait for step t-1's mean, start step t's in the background."""
+        fwd_bwd()
+        if pending:
+            pending.pop().wait()  # the optimizer would apply these (one step stale) now
+        for (_, p), (_, q) in zip(sorted(model.namedparams()), sorted(shadow.namedparams())):
+            p.grad, q.grad = q.grad, p.grad
+        pending.append(algo.multi_node_mean_grad_async(shadow, True))
+
+    configs = {"compute": lambda: fwd_bwd(),
+               f"sync_{a.communicator}": lambda: (fwd_bwd(), algo.multi_node_mean_grad(model, True)),
+               f"double_buffer_{a.communicator}": double_buffered}
+    reducers = {}
+    unknown = set(a.engines.split(",")) - {"comm", "poll", "thread", "none"}
+    if unknown:
+        raise SystemExit(f"unknown --engines {sorted(unknown)}")
+    try:
+        check_combination(algo, overlap=True)
+    except ConfigError as e:  # a communicator without a bucket algorithm
+        print(f"rank {algo.rank}: no overlap configs: {e}", file=sys.stderr)
+        return configs, reducers, pending
+    # the same algorithm and copies as comm_<MB>, all buckets after backward
+    nocomm = OverlappedReducer(algo, model, bucket_bytes=4 << 20, overlap=False)
+    reducers["no_overlap_comm"] = nocomm
+    configs["no_overlap_comm"] = lambda: (fwd_bwd(nocomm), nocomm.wait())
+    for mb in [float(v) for v in a.bucket_mb.split(",")]:
+        name = f"comm_{mb:g}MB"
+        r = OverlappedReducer(algo, model, bucket_bytes=int(mb * (1 << 20)))
+        reducers[name] = r
+        configs[name] = (lambda r=r: (fwd_bwd(r), r.wait()))
+    return configs, reducers, pending
+
+
+def _record(a, ranks: int, n_floats: int, times: dict, stats: dict) -> dict:
+    """Rank 0's record: per configuration the median step (s) and its exposed communication."""
+    from threadpoolctl import threadpool_info
+
     compute = statistics.median(times["compute"])
-    out = {"tag": a.tag, "ranks": world.size, "model": a.model, "hw": a.hw, "batch": a.batch,
+    out = {"tag": a.tag, "ranks": ranks, "model": a.model, "hw": a.hw, "batch": a.batch,
            "grad_floats": int(n_floats), "grad_bytes": int(4 * n_floats),
            "async_progress_env": os.environ.get("MPIR_CVAR_ASYNC_PROGRESS"),
            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
@@ -186,7 +185,7 @@ def _worker(a) -> None:
             entry["buckets"] = stats[name][-1]["buckets"]
             entry["wait_after_backward_s"] = statistics.median(s["wait_s"] for s in stats[name])
         out["configs"][name] = entry
-    Path(a.worker).write_text(json.dumps(out, indent=1))
+    return out
 
 
 # -- driver ------------------------------------------------------------------------------------
