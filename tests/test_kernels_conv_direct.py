@@ -194,3 +194,20 @@ def test_the_other_vector_class_tiles_match_chainer():
                          text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "failed" not in res.stdout, res.stdout[-2000:]
+
+
+def test_vector_class_follows_the_cpu_numba_compiles_for(monkeypatch):
+    """The host's class agrees with /proc/cpuinfo; a named numba target's features decide instead."""
+    from hpcsgd.blas import read_cpu_flags
+    from hpcsgd.kernels._numba import host_vector_class
+
+    monkeypatch.delenv("NUMBA_CPU_NAME", raising=False)
+    flags = read_cpu_flags()
+    if flags:
+        assert host_vector_class() == ("avx512" if "avx512f" in flags else "avx2")
+    monkeypatch.setenv("NUMBA_CPU_NAME", "skylake-avx512")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma,+avx512f")
+    assert host_vector_class() == "avx512"
+    monkeypatch.setenv("NUMBA_CPU_NAME", "haswell")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma")
+    assert host_vector_class() == "avx2"

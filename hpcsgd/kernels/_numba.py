@@ -49,10 +49,16 @@ def host_vector_class() -> str:
 
     What register tiles must fit: AVX-512 has 32 vector registers of 16 floats, AVX2 16 of
     8, so a tile sized for one spills on the other (10x slower on AMD Zen 3). Read from
-    LLVM's host features, the ones numba targets.
+    LLVM's host features, the ones numba targets (or ``NUMBA_CPU_FEATURES`` when
+    ``NUMBA_CPU_NAME`` names another CPU).
     """
+    import os
+
     from llvmlite import binding as llvm
 
+    target = os.environ.get("NUMBA_CPU_NAME", "host")
+    if target != "host":  # numba compiles for a named CPU (e.g. portable caches): its features decide
+        return "avx512" if "+avx512f" in os.environ.get("NUMBA_CPU_FEATURES", "") else "avx2"
     try:
         return "avx512" if llvm.get_host_cpu_features().get("avx512f") else "avx2"
     except RuntimeError:  # features unreadable: the narrow tiles run everywhere
