@@ -186,74 +186,25 @@ class Study:
         return rec
 
     def _execute(self, label: str, settings: dict) -> dict | None:
+        """One ``hpcsgd train`` run to its record (cached in ``runs/``), or None when it failed."""
         name = D.run_name(label, settings)
         work = self.out / "work" / name
         work.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            mpiexec(),
-            "-n",
-            str(self.d.ranks),
-            sys.executable,
-            "-m",
-            "mpi4py",
-            "-m",
-            "hpcsgd",
-            "train",
-            str(BASE_CONFIG),
-            "--out",
-            str(work),
-            "--resume",
-            "auto",
-        ]
-        for key, value in settings.items():
-            cmd += ["--set", f"{key}={json.dumps(value)}"]
-        timeout = 4 * D.run_cost_seconds(self.d, settings) + 600
-        load0, t0 = os.getloadavg(), time.perf_counter()
-        cpu0 = _children_cpu_seconds()
+        load0 = os.getloadavg()
         self.log(
             f"[convergence] {name}: lr {settings['recipe_options']['lr']}, {settings['epochs']:g} epochs "
             f"(load {load0[0]:.2f})"
         )
-        env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        )
-        with open(work / "launcher.log", "a") as out:
-            proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
-            )
-            try:
-                rc = proc.wait(timeout=timeout)
-            except BaseException:  # timeout or Ctrl-C: end the job's whole process group, then report
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                if sys.exc_info()[0] is KeyboardInterrupt:
-                    _add_seconds(work, time.perf_counter() - t0)
-                    raise
-                rc = -1
-        elapsed, load1 = time.perf_counter() - t0, os.getloadavg()
-        cpu_share = (_children_cpu_seconds() - cpu0) / max(elapsed * self.d.ranks, 1e-9)
-        elapsed = _add_seconds(work, elapsed)  # earlier, interrupted attempts count too
+        rc, elapsed, cpu_share = self._launch(work, settings)
+        load1 = os.getloadavg()
         launcher = (work / "launcher.log").read_text()
         tail = launcher[-4000:]
-        rec = read_run(work)
         diverged = rc != 0 and ("non-finite" in tail.lower() or "nonfinite" in tail.lower())
         if rc != 0 and not diverged:
-            self.failures.append({"name": name, "exit_code": rc, "tail": tail[-1500:]})
-            self.log(
-                f"[convergence] {name} FAILED (exit {rc}); kept {work} for a resume; tail:\n{tail[-1500:]}"
-            )
-            self._failed_in_a_row += 1
-            if rc == CONFIG_ERROR_EXIT or self._failed_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                why = ("a config error" if rc == CONFIG_ERROR_EXIT
-                       else f"{self._failed_in_a_row} failures in a row")
-                raise StudyAborted(f"{name} failed with {why}; every later run would fail alike "
-                                   f"(see the tail above and {work / 'launcher.log'})")
+            self._failed(name, work, rc, tail)
             return None
         self._failed_in_a_row = 0
+        rec = read_run(work)
         rec.update(
             key=D.run_key(settings),
             name=name,
@@ -290,6 +241,53 @@ class Study:
             + (" (LOADED machine)" if rec["loaded"] else "")
         )
         return rec
+
+    def _launch(self, work: Path, settings: dict) -> tuple[int, float, float]:
+        """``mpiexec ... hpcsgd train --resume auto`` in ``work``: (exit code, seconds, ranks' CPU share).
+
+        The seconds include earlier, interrupted attempts at the same run. A timeout ends the
+        job's process group (exit code -1); Ctrl-C ends it too and is re-raised.
+        """
+        cmd = [mpiexec(), "-n", str(self.d.ranks), sys.executable, "-m", "mpi4py", "-m", "hpcsgd", "train",
+               str(BASE_CONFIG), "--out", str(work), "--resume", "auto"]
+        for key, value in settings.items():
+            cmd += ["--set", f"{key}={json.dumps(value)}"]
+        timeout = 4 * D.run_cost_seconds(self.d, settings) + 600
+        t0, cpu0 = time.perf_counter(), _children_cpu_seconds()
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        )
+        with open(work / "launcher.log", "a") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+            )
+            try:
+                rc = proc.wait(timeout=timeout)
+            except BaseException:  # timeout or Ctrl-C: end the job's whole process group, then report
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                if sys.exc_info()[0] is KeyboardInterrupt:
+                    _add_seconds(work, time.perf_counter() - t0)
+                    raise
+                rc = -1
+        elapsed = time.perf_counter() - t0
+        cpu_share = (_children_cpu_seconds() - cpu0) / max(elapsed * self.d.ranks, 1e-9)
+        return rc, _add_seconds(work, elapsed), cpu_share
+
+    def _failed(self, name: str, work: Path, rc: int, tail: str) -> None:
+        """Note a failed run; abort the study on a config error or too many failures in a row."""
+        self.failures.append({"name": name, "exit_code": rc, "tail": tail[-1500:]})
+        self.log(f"[convergence] {name} FAILED (exit {rc}); kept {work} for a resume; tail:\n{tail[-1500:]}")
+        self._failed_in_a_row += 1
+        if rc == CONFIG_ERROR_EXIT or self._failed_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            why = ("a config error" if rc == CONFIG_ERROR_EXIT
+                   else f"{self._failed_in_a_row} failures in a row")
+            raise StudyAborted(f"{name} failed with {why}; every later run would fail alike "
+                               f"(see the tail above and {work / 'launcher.log'})")
 
     def cost(self) -> dict:
         """Measured cost per part (sum of launch-to-exit seconds of the runs it used) and in total."""
