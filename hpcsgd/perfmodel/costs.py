@@ -224,24 +224,41 @@ def allreduce_cost(communicator: str, nbytes: float, nodes: int, per_node: int, 
             return _inter_allreduce(nbytes, per_node, intra, inter_algorithm, 1)
         return allreduce_cost("leader", nbytes, nodes, per_node, intra, inter, inter_algorithm)
     if communicator == "nccl":
-        if nodes == 1:
-            return ring_allreduce(nbytes, p, intra)
-        if per_node == 1:
-            return ring_allreduce(nbytes, p, inter, inter.rails)
-        slow_alpha = max(intra.alpha, inter.alpha)
-        slow_beta = max(intra.beta, inter.beta / inter.rails)
-        frac = (p - 1) / p
-        return CommCost(2 * (p - 1) * slow_alpha, 2 * frac * nbytes * slow_beta,
-                        frac * nbytes * max(intra.gamma, inter.gamma))
+        return _nccl_cost(nbytes, nodes, per_node, intra, inter)
     if communicator == "leader":
-        cost = ZERO
-        if per_node > 1:
-            cost = cost + chain_reduce(nbytes, per_node, intra)
-        cost = cost + _inter_allreduce(nbytes, nodes, inter, inter_algorithm, 1)
-        if per_node > 1:
-            cost = cost + chain_broadcast(nbytes, per_node, intra)
-        return cost
-    # hierarchical
+        return _leader_cost(nbytes, nodes, per_node, intra, inter, inter_algorithm)
+    return _hierarchical_cost(nbytes, nodes, per_node, intra, inter, inter_algorithm)
+
+
+def _nccl_cost(nbytes: float, nodes: int, per_node: int, intra: Level | None, inter: Level) -> CommCost:
+    """One ring over all devices; each of its 2(P-1) steps as slow as the slowest hop."""
+    p = nodes * per_node
+    if nodes == 1:
+        return ring_allreduce(nbytes, p, intra)
+    if per_node == 1:
+        return ring_allreduce(nbytes, p, inter, inter.rails)
+    slow_alpha = max(intra.alpha, inter.alpha)
+    slow_beta = max(intra.beta, inter.beta / inter.rails)
+    frac = (p - 1) / p
+    return CommCost(2 * (p - 1) * slow_alpha, 2 * frac * nbytes * slow_beta,
+                    frac * nbytes * max(intra.gamma, inter.gamma))
+
+
+def _leader_cost(nbytes: float, nodes: int, per_node: int, intra: Level | None, inter: Level,
+                 inter_algorithm: str) -> CommCost:
+    """Reduce to a node leader, allreduce among the leaders, broadcast back."""
+    cost = ZERO
+    if per_node > 1:
+        cost = cost + chain_reduce(nbytes, per_node, intra)
+    cost = cost + _inter_allreduce(nbytes, nodes, inter, inter_algorithm, 1)
+    if per_node > 1:
+        cost = cost + chain_broadcast(nbytes, per_node, intra)
+    return cost
+
+
+def _hierarchical_cost(nbytes: float, nodes: int, per_node: int, intra: Level | None, inter: Level,
+                       inter_algorithm: str) -> CommCost:
+    """Reduce-scatter in the node, per_node concurrent shard allreduces across nodes, allgather."""
     cost = ZERO
     if per_node > 1:
         cost = cost + ring_reduce_scatter(nbytes, per_node, intra)

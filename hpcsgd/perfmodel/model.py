@@ -171,20 +171,7 @@ def predict(cluster: Cluster, devices: int, global_batch: int, epochs: float = 9
     the cluster's (ResNet-50 when it has none). A cluster whose device compute was taken for
     one model refuses another: its per-image time would be meaningless.
     """
-    wl = workload or cluster.workload or RESNET50
-    if cluster.workload is not None and wl.name != cluster.workload.name:
-        raise ValueError(f"cluster {cluster.name!r}: its device compute is for {cluster.workload.name}, "
-                         f"not {wl.name}")
-    workload = wl
-    if devices < 1:
-        raise ValueError(f"devices must be >= 1, got {devices}")
-    if global_batch % devices:
-        raise ValueError(f"global batch {global_batch} is not divisible by {devices} devices")
-    k = min(cluster.devices_per_node, devices)
-    if devices % k:
-        raise ValueError(f"{devices} devices do not fill whole nodes of {k}")
-    nodes = devices // k
-    b = global_batch // devices
+    workload, k, nodes, b = _layout(cluster, workload, devices, global_batch)
     comm_name = communicator or cluster.communicator
     if comm_name == "nccl" and inter_algorithm not in (None, "ring"):
         raise ValueError(f"communicator 'nccl' is one ring over all devices; inter_algorithm "
@@ -203,17 +190,7 @@ def predict(cluster: Cluster, devices: int, global_batch: int, epochs: float = 9
     update = workload.params * cluster.update_bytes_per_param / dev.mem_bandwidth
     straggler = cv * compute * math.sqrt(2 * math.log(devices)) if devices > 1 else 0.0
 
-    nbytes = workload.params * dtype_bytes(wire)
-    if devices > 1:
-        ar = allreduce_cost(comm_name, nbytes, nodes, k, cluster.intra, cluster.inter, algo,
-                            workload.param_arrays)
-        batched = cluster.batched_pack and comm_name != "naive"
-        casting = dtype_bytes(wire) != dtype_bytes(grad_dtype) and dev.cast_bandwidth
-        pack = pack_cost(workload.params, dtype_bytes(grad_dtype), dtype_bytes(wire),
-                         dev.cast_bandwidth if casting else dev.mem_bandwidth,
-                         workload.param_arrays, cluster.per_array_s, batched)
-    else:
-        ar, pack = CommCost(), 0.0
+    ar, pack = _comm(cluster, workload, nodes, k, comm_name, algo, wire, grad_dtype)
     comm = pack + ar.total
     exposed_comm = comm - min(ov * comm, backward)
     iteration = compute + update + straggler + exposed_comm
@@ -229,6 +206,40 @@ def predict(cluster: Cluster, devices: int, global_batch: int, epochs: float = 9
         allreduce=ar, exposed_comm_s=exposed_comm, exposed_data_s=data, iteration_s=iteration,
         single_device_iteration_s=compute + update, iterations=iterations, epochs=epochs,
         extrapolated=devices > cluster.max_devices)
+
+
+def _layout(cluster: Cluster, workload: Workload | None, devices: int,
+            global_batch: int) -> tuple[Workload, int, int, int]:
+    """``(workload, devices per node, nodes, per-device batch)``; a ValueError names what does not fit."""
+    wl = workload or cluster.workload or RESNET50
+    if cluster.workload is not None and wl.name != cluster.workload.name:
+        raise ValueError(f"cluster {cluster.name!r}: its device compute is for {cluster.workload.name}, "
+                         f"not {wl.name}")
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    if global_batch % devices:
+        raise ValueError(f"global batch {global_batch} is not divisible by {devices} devices")
+    k = min(cluster.devices_per_node, devices)
+    if devices % k:
+        raise ValueError(f"{devices} devices do not fill whole nodes of {k}")
+    return wl, k, devices // k, global_batch // devices
+
+
+def _comm(cluster: Cluster, workload: Workload, nodes: int, k: int, comm_name: str, algo: str, wire: str,
+          grad_dtype: str) -> tuple[CommCost, float]:
+    """``(allreduce cost, pack + unpack seconds)`` of one step's gradients; zero on one device."""
+    if nodes * k == 1:
+        return CommCost(), 0.0
+    dev = cluster.device
+    nbytes = workload.params * dtype_bytes(wire)
+    ar = allreduce_cost(comm_name, nbytes, nodes, k, cluster.intra, cluster.inter, algo,
+                        workload.param_arrays)
+    batched = cluster.batched_pack and comm_name != "naive"
+    casting = dtype_bytes(wire) != dtype_bytes(grad_dtype) and dev.cast_bandwidth
+    pack = pack_cost(workload.params, dtype_bytes(grad_dtype), dtype_bytes(wire),
+                     dev.cast_bandwidth if casting else dev.mem_bandwidth,
+                     workload.param_arrays, cluster.per_array_s, batched)
+    return ar, pack
 
 
 def derive_per_image_s(cluster: Cluster, devices: int, global_batch: int, iteration_s: float,
