@@ -211,3 +211,23 @@ def test_vector_class_follows_the_cpu_numba_compiles_for(monkeypatch):
     monkeypatch.setenv("NUMBA_CPU_NAME", "haswell")
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma")
     assert host_vector_class() == "avx2"
+
+
+def test_row_groups_cover_every_tap_once():
+    """Grouping a tap table keeps every (weight, column) term: groups expand back to the table."""
+    from hpcsgd.kernels import conv_taps
+
+    nb = 4
+    for args in [(9, 7, 3, 3, 1, 1, 1), (8, 6, 5, 5, 1, 2, 2), (7, 9, 3, 3, 2, 1, 1), (6, 7, 3, 3, 1, 0, 0)]:
+        h, w, kh, kw, s, ph, pw = args
+        flat = conv_taps.plan(h, w, kh, kw, s, ph, pw, nb, 3, 3, False)
+        grouped = conv_taps.plan(h, w, kh, kw, s, ph, pw, nb, 3, 3, True)
+        for (_, _, taps, counts), (g3, gc, rest, rc) in ((flat.fwd, grouped.fwd), (flat.bwd, grouped.bwd)):
+            for r, p in np.ndindex(counts.shape):
+                want = sorted(tuple(taps[r, p, t]) for t in range(counts[r, p]))
+                got = [tuple(rest[r, p, t]) for t in range(rc[r, p])]
+                for ka, kb, kc, off in (g3[r, p, g] for g in range(gc[r, p])):
+                    got += [(ka, off), (kb, off + nb), (kc, off + 2 * nb)]
+                assert sorted(got) == want, (args, r, p)
+        if s == 1:  # stride 1, 3 or more taps per kernel row: every full run becomes a group
+            assert grouped.fwd[1].sum() > 0 and grouped.bwd[1].sum() > 0
