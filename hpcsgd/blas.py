@@ -117,18 +117,14 @@ def decide(architecture: Optional[str], cpu_flags: Iterable[str], user_value: Op
         return None, f"hpcsgd.blas: {ENV}={user_value} set by the user; kept"
     if not architecture:
         return None, "hpcsgd.blas: numpy does not use OpenBLAS (or it could not be probed); nothing to select"
-    flags = frozenset(cpu_flags)
     arch = architecture.lower()
-    if AVX512_FLAGS <= flags:
-        wanted, good = "SkylakeX", AVX512_KERNELS
-        # SkylakeX kernels are in DYNAMIC_ARCH builds from OpenBLAS 0.3.0 on.
-        if version and _version_tuple(version) < (0, 3, 0):
-            wanted, good = "Haswell", AVX2_KERNELS
-        cls = "AVX-512"
-    elif AVX2_FLAGS <= flags:
-        wanted, good, cls = "Haswell", AVX2_KERNELS, "AVX2"
-    else:
+    wanted = cpu_coretype(cpu_flags)
+    if wanted is None:
         return None, f"hpcsgd.blas: OpenBLAS runs its {architecture} kernel; no AVX2 here; nothing to select"
+    good, cls = (AVX512_KERNELS, "AVX-512") if wanted == "SkylakeX" else (AVX2_KERNELS, "AVX2")
+    # SkylakeX kernels are in DYNAMIC_ARCH builds from OpenBLAS 0.3.0 on.
+    if wanted == "SkylakeX" and version and _version_tuple(version) < (0, 3, 0):
+        wanted, good = "Haswell", AVX2_KERNELS
     if arch in good:
         return None, f"hpcsgd.blas: OpenBLAS runs its {architecture} kernel on this {cls} CPU; nothing to do"
     return wanted, (f"hpcsgd.blas: OpenBLAS {version or ''} would run its generic {architecture} kernel "
