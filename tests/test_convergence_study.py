@@ -158,6 +158,27 @@ def test_cost_model_counts_whole_steps_and_evaluations():
     assert D.run_cost_seconds(d, s16) == pytest.approx(15 + 60 * 16384 / 60000 * 26 + 30 * 1.5)
 
 
+def test_cost_model_uses_the_seconds_measured_for_the_cpus_vector_class():
+    d = D.Design(eval_seconds=0.0, startup_seconds=0.0)  # sec_per_epoch not set: per vector class
+    s = D.run_settings(d, "sgd", 128, 0, 0.05, 1.0)  # 468 steps of 128 = 59,904 images
+    images = 468 * 128 / 60000
+    for cls, per_epoch in (("avx512", 10.5), ("avx2", 37.0), ("other", 37.0)):
+        assert D.run_cost_seconds(d, dict(s, eval_interval=1.0), cls) == pytest.approx(images * per_epoch)
+    with pytest.raises(ValueError, match="vector class None"):
+        D.run_cost_seconds(d, s)
+    # a design's own figure (--sec-per-epoch) wins over the class
+    assert D.run_cost_seconds(D.Design(sec_per_epoch=5.0, eval_seconds=0.0, startup_seconds=0.0),
+                              dict(s, eval_interval=1.0), "avx2") == pytest.approx(images * 5.0)
+
+
+def test_records_name_the_cpu_by_family_and_vector_class_where_recorded():
+    from convergence_study.runner import cpu_label
+
+    zen3 = {"cpu_model": "AMD EPYC", "cpu_family": 25, "cpu_model_number": 1, "vector_class": "avx2"}
+    assert cpu_label({"cpu_model": "AMD EPYC", "machine": zen3}) == "AMD EPYC (family 25 model 1, avx2)"
+    assert cpu_label({"cpu_model": "AMD EPYC"}) == "AMD EPYC"  # records before the machine field
+    assert cpu_label({}) == "?"
+
 def fake_record(d, settings, error, label="x"):
     return {
         "key": D.run_key(settings),

@@ -67,9 +67,11 @@ class Design:
     # and weight decay on BN and bias too, the form the LARS-gap part found to close the gap
     # (7.96 +- 0.05% over 3 seeds at 1k vs 10.31 +- 0.56% with the TF skip list; baseline 8.03)
     compare_extra: dict = field(default_factory=lambda: {"lars": {"skip_bn_bias": False}})
-    # cost model, measured 2026-12-02 on the quiet 2-core AMD EPYC VM with the register-tiled
-    # kernels: 20-epoch runs at 2 x 64 trained for 196-224 s and took 223-253 s launch to exit
-    sec_per_epoch: float = 10.5  # one 60k-image epoch, 2 ranks (was 26 before those kernels)
+    # cost model: seconds per 60k-image epoch of a 2-rank run on 2 cores, per vector class of
+    # the CPU (the direct convolution's register tiles differ). Measured 2026-12-02 on quiet
+    # AMD EPYC VMs: Zen 5 (AVX-512), 20-epoch runs trained 196-224 s (10.5 s/epoch); Zen 3
+    # (AVX2 only) 709-790 s launch to exit (37 s/epoch). None: the host's class.
+    sec_per_epoch: float | None = None
     eval_seconds: float = 0.4  # one 10k-image evaluation
     startup_seconds: float = 12.0  # launch, imports, data load, final checkpoint
     extra: dict = field(default_factory=dict)
@@ -188,8 +190,25 @@ def run_name(label: str, settings: dict) -> str:
     return f"{label}-b{settings['global_batch']}-s{settings['seed']}-{run_key(settings)}"
 
 
-def run_cost_seconds(d: Design, settings: dict) -> float:
+#: seconds per epoch of the cost model by CPU vector class (see ``Design.sec_per_epoch``)
+SEC_PER_EPOCH = {"avx512": 10.5, "avx2": 37.0, "other": 37.0}
+
+
+def sec_per_epoch(d: Design, vector_class: str | None) -> float:
+    """The cost model's seconds per 60k-image epoch: the design's, else the one measured for the class."""
+    if d.sec_per_epoch is not None:
+        return d.sec_per_epoch
+    if vector_class not in SEC_PER_EPOCH:
+        raise ValueError(f"cost model: no seconds per epoch for vector class {vector_class!r}; "
+                         f"set Design.sec_per_epoch (--sec-per-epoch)")
+    return SEC_PER_EPOCH[vector_class]
+
+
+def run_cost_seconds(d: Design, settings: dict, vector_class: str | None = None) -> float:
     """Predicted launch-to-exit seconds of a run on a quiet machine (the cost model).
+
+    ``vector_class`` ("avx512", "avx2", "other": ``_machine.machine()``) picks the
+    measured seconds per epoch unless the design sets its own.
 
     Training time is proportional to the images actually trained (whole steps
     per epoch only), plus one evaluation per ``eval_interval`` and a fixed
@@ -198,7 +217,7 @@ def run_cost_seconds(d: Design, settings: dict) -> float:
     """
     batch, epochs = settings["global_batch"], settings["epochs"]
     steps = int(epochs * iters_per_epoch(batch) + 0.999999)
-    train = steps * batch / TRAIN_IMAGES * d.sec_per_epoch
+    train = steps * batch / TRAIN_IMAGES * sec_per_epoch(d, vector_class)
     every = max(1, round(settings["eval_interval"] * iters_per_epoch(batch)))  # as the trainer rounds
     evals = -(-steps // every)  # the last one is the final evaluation
     return d.startup_seconds + train + evals * d.eval_seconds

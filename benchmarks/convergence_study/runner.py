@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from _machine import cpu_model  # benchmarks/_machine.py: found where convergence_study is
+from _machine import machine  # benchmarks/_machine.py: found where convergence_study is
 
 from convergence_study import design as D
 from convergence_study.analysis import CHANCE_ERROR
@@ -152,6 +152,18 @@ def final_error(rec: dict) -> float:
     return err if math.isfinite(err) else CHANCE_ERROR
 
 
+def cpu_label(rec: dict) -> str:
+    """A record's CPU as the report names it: model name, and family/model and vector class where recorded.
+
+    Why: "AMD EPYC" alone is both the Zen 5 (AVX-512) and the Zen 3 (AVX2) VM, whose runs differ
+    3.5x in speed; records before 2026-12-02 evening have only the model name.
+    """
+    m = rec.get("machine")
+    if not m:
+        return rec.get("cpu_model", "?")
+    return f"{m['cpu_model']} (family {m['cpu_family']} model {m['cpu_model_number']}, {m['vector_class']})"
+
+
 class Study:
     """The record cache and the way runs get executed (``mode``: 'run', 'plan' or 'report')."""
 
@@ -165,6 +177,7 @@ class Study:
             self.cache[rec["key"]] = rec
         self.planned, self.failures, self.used = {}, [], {}
         self._failed_in_a_row = 0
+        self.vector_class = machine()["vector_class"]  # picks the cost model's seconds per epoch
 
     def run(self, label: str, settings: dict, part: str) -> dict | None:
         """The run's record: cached, or executed now (mode 'run'); None if not available."""
@@ -178,7 +191,7 @@ class Study:
                 {
                     "name": D.run_name(label, settings),
                     "part": part,
-                    "seconds": D.run_cost_seconds(self.d, settings),
+                    "seconds": D.run_cost_seconds(self.d, settings, self.vector_class),
                 },
             )
             return None
@@ -197,6 +210,7 @@ class Study:
         )
         rc, elapsed, cpu_share = self._launch(work, settings)
         load1 = os.getloadavg()
+        host = machine()
         launcher = (work / "launcher.log").read_text()
         tail = launcher[-4000:]
         diverged = rc != 0 and ("non-finite" in tail.lower() or "nonfinite" in tail.lower())
@@ -220,7 +234,8 @@ class Study:
             elapsed_s=elapsed,
             loadavg_start=load0,
             loadavg_end=load1,
-            cpu_model=cpu_model(),
+            cpu_model=host["cpu_model"],
+            machine=host,  # family/model number and vector class tell Zen 3 from Zen 5
             cpus=os.cpu_count(),
             loaded=load1[1] > self.max_load,
             # CPU seconds of the job's processes / (wall seconds x ranks): below ~0.9 the ranks
@@ -252,7 +267,7 @@ class Study:
                str(BASE_CONFIG), "--out", str(work), "--resume", "auto"]
         for key, value in settings.items():
             cmd += ["--set", f"{key}={json.dumps(value)}"]
-        timeout = 4 * D.run_cost_seconds(self.d, settings) + 600
+        timeout = 4 * D.run_cost_seconds(self.d, settings, self.vector_class) + 600
         t0, cpu0 = time.perf_counter(), _children_cpu_seconds()
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -302,7 +317,7 @@ class Study:
             "runs": len(every),
             "hours": sum(r["elapsed_s"] for r in every.values()) / 3600,
             "loaded_runs": loaded,
-            "cpu_models": sorted({r.get("cpu_model", "?") for r in every.values()}),
+            "cpu_models": sorted({cpu_label(r) for r in every.values()}),
         }
 
     def plan_cost(self) -> dict:
