@@ -65,13 +65,25 @@ def test_spread_and_best_run():
 def test_largest_batch_within_is_contiguous_and_flags_the_top_of_the_grid():
     errs = {256: 8.3, 512: 8.9, 1024: 9.5, 2048: 8.5}
     lb = A.largest_batch_within(errs, baseline_error=8.0, tol=1.0)
-    assert lb == {"batch": 512, "censored": False, "tol": 1.0, "complete": True}  # 1024 failed below 2048
+    assert {k: lb[k] for k in ("batch", "censored", "tol", "complete")} == {
+        "batch": 512, "censored": False, "tol": 1.0, "complete": True}  # 1024 failed below 2048
+    assert lb["bracket"] == {"within": 512, "out": 1024}  # 2048's lucky pass lies above the failure
     assert A.largest_batch_within({256: 8.1, 512: 8.2}, 8.0)["censored"] is True
     assert A.largest_batch_within({256: 12.0}, 8.0)["batch"] is None
     # with the design's grid: an unmeasured batch below the first failure leaves a lower bound only
     part = A.largest_batch_within({128: 8.0, 8192: 18.0}, 8.0, grid=(128, 256, 512, 8192))
-    assert part == {"batch": 128, "censored": False, "tol": 1.0, "complete": False}
+    assert {k: part[k] for k in ("batch", "censored", "complete")} == {
+        "batch": 128, "censored": False, "complete": False}
+    assert part["bracket"] == {"within": 128, "out": 8192}
     assert A.prediction_check(200.0, part)["verdict"].startswith("pending")
+    # measured cells already 5x above the early B_noise: a miss, whatever the unmeasured batches do
+    # below them (if error grows with the batch)
+    grid = (128, 256, 512, 1024, 2048, 4096)
+    gap = A.largest_batch_within({128: 7.3, 1024: 8.0, 4096: 9.9}, 7.3, grid=grid)
+    assert gap["batch"] == 128 and not gap["complete"] and gap["bracket"] == {"within": 1024, "out": 4096}
+    pred = A.prediction_check(200.0, gap)
+    assert pred["ratio"] == pytest.approx(1024 / 200) and pred["verdict"].startswith("no (from the measured")
+    assert A.prediction_check(600.0, gap)["verdict"].startswith("pending")  # 1024 / 600 < 2: undecided
     done = A.largest_batch_within({128: 8.0, 256: 8.5, 512: 9.5}, 8.0, grid=(128, 256, 512, 8192))
     assert done["batch"] == 256 and done["complete"]  # 512 fails: 8192 unmeasured does not matter
 

@@ -127,7 +127,19 @@ def largest_batch_within(
         else:
             break
     censored = complete and largest is not None and largest == batches[-1]
-    return {"batch": largest, "censored": censored, "tol": tol, "complete": complete}
+    out = [b for b in batches if errors_by_batch[b] - baseline_error > tol]
+    first_out = out[0] if out else None
+    below = [b for b in batches if first_out is None or b < first_out]
+    inside = [b for b in below if errors_by_batch[b] - baseline_error <= tol]
+    return {
+        "batch": largest,
+        "censored": censored,
+        "tol": tol,
+        "complete": complete,
+        # the measured cells around the limit, whatever is still missing below it: if the error
+        # grows with the batch (as every recipe's measured cells do), the limit lies in [within, out)
+        "bracket": {"within": inside[-1] if inside else None, "out": first_out},
+    }
 
 
 def nearest_batch(batches: list[int], b_noise: float | None) -> int | None:
@@ -180,6 +192,10 @@ def prediction_check(b_noise_early: float | None, largest: dict) -> dict:
     """
     b = largest.get("batch")
     if not largest.get("complete", True):
+        lo = (largest.get("bracket") or {}).get("within")
+        if b_noise_early and lo and lo / b_noise_early > 2.0:
+            # the measured cells already put the limit above 2x the prediction (if error grows with batch)
+            return {"ratio": lo / b_noise_early, "verdict": "no (from the measured cells; grid incomplete)"}
         return {"ratio": None, "verdict": "pending (grid incomplete)"}
     if b_noise_early is None or b is None:
         return {"ratio": None, "verdict": "unknown"}

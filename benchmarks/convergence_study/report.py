@@ -47,7 +47,7 @@ def targets(res: dict) -> list[str]:
     )
     for recipe, lb in sp.get("largest_within", {}).items():
         more = " or more" if lb["censored"] else ""
-        more = more if lb.get("complete", True) else " so far (grid incomplete)"
+        more = more if lb.get("complete", True) else f" so far (grid incomplete{_bracket(lb)})"
         out.append(
             f"- {D.LABELS[recipe]}: largest batch within 1 point {lb['batch']}{more}; "
             f"early B_noise predicts it within 2x: {lb['prediction']['verdict']}."
@@ -169,11 +169,19 @@ def _steps_md(sp: dict) -> list[str]:
         pred = lb["prediction"]
         out.append(
             f"| {D.LABELS[recipe]} | {lb['batch']}{' (top of grid)' if lb['censored'] else ''}"
-            f"{'' if lb.get('complete', True) else ' (grid incomplete)'} | "
+            f"{'' if lb.get('complete', True) else f' (grid incomplete{_bracket(lb)})'} | "
             f"{_fmt(sp['b_noise'].get('early'), '.0f')} | {_fmt(sp['b_noise'].get('late'), '.0f')} | "
             f"{_fmt(pred['ratio'])} | {pred['verdict']} |"
         )
     return out
+
+
+def _bracket(lb: dict) -> str:
+    """'; measured cells: within at A, beyond at B' for a largest batch whose grid is incomplete."""
+    br = lb.get("bracket") or {}
+    parts = ([f"within at {br['within']}"] if br.get("within") else []) + (
+        [f"beyond at {br['out']}"] if br.get("out") else [])
+    return ("; measured cells: " + ", ".join(parts)) if parts else ""
 
 
 def _akiba_md(ak: dict) -> list[str]:
