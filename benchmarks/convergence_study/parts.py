@@ -226,35 +226,7 @@ def steps(st) -> dict:
     reach = [A.steps_to_target(r["evals"], target) for r in base_recs] if target is not None else []
     curves, largest, noise = {}, {}, baseline_noise(st, epochs, "steps")
     for recipe in d.recipes:
-        points, errs = [], {}
-        for b in d.batches:
-            if recipe != "sgd" and b == d.base_batch:
-                continue
-            runs = grid(st, recipe, b, epochs, "steps")
-            if not runs:
-                continue
-            for r in runs:
-                r["to_target"] = A.steps_to_target(r["evals"], target) if target is not None else None
-                r["steps_to_target"] = r["to_target"]["steps"] if r["to_target"] else None
-            best = A.best_run(runs, "steps_to_target")
-            points.append(
-                {
-                    "batch": b,
-                    "steps": best["steps_to_target"],
-                    "lr": best["lr"],
-                    "first_eval": (best["to_target"] or {}).get("first_eval"),
-                    "cap": D.iters_per_epoch(b) * epochs,
-                    "reached": best["to_target"] is not None,
-                }
-            )
-            lr, _ = tuned_lr(st, recipe, b, epochs, "steps")
-            seeds = {*d.seeds, d.tune_seed}
-            extra = d.compare_extra.get(recipe)
-            keys = {D.run_key(D.run_settings(d, recipe, b, s, lr, epochs, recipe_extra=extra)) for s in seeds}
-            same = [st.cache[k] for k in keys if k in st.cache]  # the tuned LR's seeds of this design only
-            if same:
-                errs[b] = statistics.fmean(r["final_error"] for r in same)
-        curves[recipe] = points
+        curves[recipe], errs = _steps_curve(st, recipe, epochs, target)
         if errs and "mean" in base:
             grid_b = [b for b in d.batches if recipe == "sgd" or b != d.base_batch]  # as run above
             lb = A.largest_batch_within(errs, base["mean"], d.tol, grid=grid_b)
@@ -278,6 +250,44 @@ def steps(st) -> dict:
         "b_noise": noise,
         "baseline_error": base.get("mean"),
     }
+
+
+def _steps_curve(st, recipe: str, epochs: float, target: float | None) -> tuple[list[dict], dict]:
+    """One recipe's steps-to-target points over the batch grid, and its tuned final error per batch.
+
+    The points take each batch's LR with the fewest steps to the target (Shallue et al.); the
+    errors are the seed mean at the LR with the lowest final error, this design's runs only.
+    """
+    d = st.d
+    points, errs = [], {}
+    for b in d.batches:
+        if recipe != "sgd" and b == d.base_batch:
+            continue
+        runs = grid(st, recipe, b, epochs, "steps")
+        if not runs:
+            continue
+        for r in runs:
+            r["to_target"] = A.steps_to_target(r["evals"], target) if target is not None else None
+            r["steps_to_target"] = r["to_target"]["steps"] if r["to_target"] else None
+        best = A.best_run(runs, "steps_to_target")
+        points.append(
+            {
+                "batch": b,
+                "steps": best["steps_to_target"],
+                "lr": best["lr"],
+                "first_eval": (best["to_target"] or {}).get("first_eval"),
+                "cap": D.iters_per_epoch(b) * epochs,
+                "reached": best["to_target"] is not None,
+            }
+        )
+        lr, _ = tuned_lr(st, recipe, b, epochs, "steps")
+        seeds = {*d.seeds, d.tune_seed}
+        extra = d.compare_extra.get(recipe)
+        keys = {D.run_key(D.run_settings(d, recipe, b, s, lr, epochs, recipe_extra=extra)) for s in seeds}
+        same = [st.cache[k] for k in keys if k in st.cache]  # the tuned LR's seeds of this design only
+        if same:
+            errs[b] = statistics.fmean(r["final_error"] for r in same)
+    return points, errs
 
 
 # -- Akiba's BN -----------------------------------------------------------------------------------
