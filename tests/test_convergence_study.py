@@ -102,6 +102,9 @@ def test_noise_windows_nearest_batch_and_prediction():
     assert nl["early"] == pytest.approx(statistics_median([100.0 * (1 + e) for e in range(1, 9)]))
     assert nl["late"] == pytest.approx(statistics_median([100.0 * (1 + e) for e in range(60, 81)]))
     assert A.noise_early_late([], 20.0) == {"early": None, "late": None}
+    # at an epoch: the median of the points within 1 epoch (epochs 9..11: 100 x (37..45))
+    assert A.noise_at_epoch(series, 10.0) == pytest.approx(100.0 * (1 + 40))
+    assert A.noise_at_epoch(series, 30.0) is None
     combined = A.combine_noise([{"early": 100, "late": 900}, {"early": 300, "late": None}])
     assert combined == {"early": 200, "early_runs": 2, "late": 900, "late_runs": 1}
     assert A.nearest_batch([256, 512, 1024, 2048], 1500) == 2048  # log2: 1500 is nearer 2048 than 1024
@@ -313,6 +316,10 @@ def test_parts_aggregate_synthetic_records_into_the_targets(tmp_path):
     assert sp["largest_within"]["sgd"]["batch"] == 512
     assert sp["largest_within"]["lars"]["batch"] == 1024 and sp["largest_within"]["lars"]["censored"]
     assert sp["largest_within"]["sgd"]["prediction"]["verdict"] == "yes"  # 512 / 300 < 2
+    # the baseline reaches 9.1% at its last evaluation (epoch 20), where B_noise is 600
+    assert sp["b_noise"]["at_target"] == 600.0
+    at = sp["largest_within"]["sgd"]["prediction_at_target"]
+    assert at["ratio"] == pytest.approx(512 / 600) and at["verdict"] == "yes"
     sgd = {p["batch"]: p for p in sp["curves"]["sgd"]}
     assert not sgd[1024]["reached"] and sgd[256]["reached"]  # 9.6 > 9.1 never reaches the target
     md = R.markdown(res, st.cost(), st.plan_cost())

@@ -173,6 +173,17 @@ def noise_early_late(
     }
 
 
+def noise_at_epoch(series: list[dict], epoch: float, half_width: float = 1.0) -> float | None:
+    """B_noise around ``epoch`` (median over [epoch - half_width, epoch + half_width]).
+
+    Why: McCandlish et al.'s critical batch for a target is the noise scale *at that target's
+    loss*; B_noise grows ~100x over a run here, so the early and late windows bracket it widely.
+    Read at the epoch where the baseline reaches the steps part's target, it is their prediction
+    of the largest batch that still reaches the target without a large step penalty.
+    """
+    return noise_window(series, epoch - half_width, epoch + half_width)
+
+
 def combine_noise(per_run: list[dict]) -> dict:
     """Median over runs of their early and late B_noise; None where no run measured it."""
     out = {}
@@ -184,7 +195,7 @@ def combine_noise(per_run: list[dict]) -> dict:
 
 
 def prediction_check(b_noise_early: float | None, largest: dict) -> dict:
-    """Does the early B_noise predict the largest batch within 1 point, within a factor of 2?
+    """Does the early B_noise (or another B_noise given) predict the largest batch within 1 point, within 2x?
 
     ``ratio`` = largest batch / early B_noise. A censored largest batch (the
     grid's top passed) is a lower bound, so only ``ratio < 0.5`` can be judged

@@ -225,12 +225,17 @@ def steps(st) -> dict:
     ]
     reach = [A.steps_to_target(r["evals"], target) for r in base_recs] if target is not None else []
     curves, largest, noise = {}, {}, baseline_noise(st, epochs, "steps")
+    at = [A.noise_at_epoch(r["noise"], x["steps"] / D.iters_per_epoch(d.base_batch))
+          for r, x in zip(base_recs, reach) if x and r.get("noise")]
+    at = [v for v in at if v is not None]
+    noise["at_target"] = statistics.median(at) if at else None  # median over the baseline's seeds
     for recipe in d.recipes:
         curves[recipe], errs = _steps_curve(st, recipe, epochs, target)
         if errs and "mean" in base:
             grid_b = [b for b in d.batches if recipe == "sgd" or b != d.base_batch]  # as run above
             lb = A.largest_batch_within(errs, base["mean"], d.tol, grid=grid_b)
-            largest[recipe] = dict(lb, errors=errs, prediction=A.prediction_check(noise.get("early"), lb))
+            largest[recipe] = dict(lb, errors=errs, prediction=A.prediction_check(noise.get("early"), lb),
+                                   prediction_at_target=A.prediction_check(noise["at_target"], lb))
     return {
         "epochs": epochs,
         "budget_verified": verified,

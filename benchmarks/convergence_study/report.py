@@ -162,17 +162,24 @@ def _steps_md(sp: dict) -> list[str]:
     out += [
         "",
         "| recipe | largest batch within 1 point | early B_noise | late B_noise | ratio to early | "
-        "predicted within 2x |",
-        "|---|---|---|---|---|---|",
+        "predicted within 2x | B_noise at the target | ratio to it | predicted within 2x |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    n = sp["b_noise"]
     for recipe, lb in sp["largest_within"].items():
-        pred = lb["prediction"]
+        pred, at = lb["prediction"], lb.get("prediction_at_target") or {"ratio": None, "verdict": "–"}
         out.append(
             f"| {D.LABELS[recipe]} | {lb['batch']}{' (top of grid)' if lb['censored'] else ''}"
             f"{'' if lb.get('complete', True) else f' (grid incomplete{_bracket(lb)})'} | "
-            f"{_fmt(sp['b_noise'].get('early'), '.0f')} | {_fmt(sp['b_noise'].get('late'), '.0f')} | "
-            f"{_fmt(pred['ratio'])} | {pred['verdict']} |"
+            f"{_fmt(n.get('early'), '.0f')} | {_fmt(n.get('late'), '.0f')} | "
+            f"{_fmt(pred['ratio'])} | {pred['verdict']} | "
+            f"{_fmt(n.get('at_target'), '.0f')} | {_fmt(at['ratio'])} | {at['verdict']} |"
         )
+    out += [
+        "",
+        "B_noise at the target: the baseline's smoothed B_noise within 1 epoch of where it reaches "
+        "the target error (median over seeds), McCandlish et al.'s critical batch for that loss.",
+    ]
     return out
 
 
@@ -227,9 +234,10 @@ def plots(res: dict, records: dict, out) -> list[str]:
     noise = (res.get("steps") or res.get("fixed") or {}).get("b_noise", {})
 
     def mark_noise(ax):
-        for phase, ls in (("early", ":"), ("late", "--")):
+        for phase, ls in (("early", ":"), ("at_target", "-."), ("late", "--")):
             if noise.get(phase):
-                ax.axvline(noise[phase], color="k", ls=ls, lw=1, label=f"B_noise ({phase})")
+                ax.axvline(noise[phase], color="k", ls=ls, lw=1,
+                           label=f"B_noise ({phase.replace('_', ' ')})")
 
     sp, fx = res.get("steps"), res.get("fixed")
     drawn = [
