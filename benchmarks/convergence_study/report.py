@@ -234,9 +234,9 @@ def plots(res: dict, records: dict, out) -> list[str]:
     noise = (res.get("steps") or res.get("fixed") or {}).get("b_noise", {})
 
     def mark_noise(ax):
-        for phase, ls in (("early", ":"), ("at_target", "-."), ("late", "--")):
+        for phase, ls in (("early", ":"), ("at_target", "-"), ("late", "--")):
             if noise.get(phase):
-                ax.axvline(noise[phase], color="k", ls=ls, lw=1,
+                ax.axvline(noise[phase], color="k", ls=ls, lw=0.8,
                            label=f"B_noise ({phase.replace('_', ' ')})")
 
     sp, fx = res.get("steps"), res.get("fixed")
@@ -273,6 +273,12 @@ def _plot_steps(fig, sp: dict, mark_noise) -> None:
         xs = sorted({p["batch"] for c in sp["curves"].values() for p in c})
         ax.plot(xs, [b0["steps"] * b0["batch"] / b for b in xs], color="0.5", ls="-.",
                 label="perfect scaling")
+        bn = sp.get("b_noise", {}).get("at_target")
+        if bn:  # McCandlish et al.: S(B) = S_min (1 + B_noise / B), through the smallest batch's point
+            s_min = b0["steps"] / (1 + bn / b0["batch"])
+            dense = [xs[0] * (xs[-1] / xs[0]) ** (k / 63) for k in range(64)]  # smooth on the log axis
+            ax.plot(dense, [s_min * (1 + bn / b) for b in dense], color="tab:purple", ls=":",
+                    label="S_min (1 + B_noise/B), B_noise at the target")
     mark_noise(ax)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
