@@ -127,10 +127,8 @@ def largest_batch_within(
         else:
             break
     censored = complete and largest is not None and largest == batches[-1]
-    out = [b for b in batches if errors_by_batch[b] - baseline_error > tol]
-    first_out = out[0] if out else None
-    below = [b for b in batches if first_out is None or b < first_out]
-    inside = [b for b in below if errors_by_batch[b] - baseline_error <= tol]
+    first_out = next((b for b in batches if errors_by_batch[b] - baseline_error > tol), None)
+    inside = [b for b in batches if first_out is None or b < first_out]  # all within, by first_out's choice
     return {
         "batch": largest,
         "censored": censored,
@@ -194,23 +192,23 @@ def combine_noise(per_run: list[dict]) -> dict:
     return out
 
 
-def prediction_check(b_noise_early: float | None, largest: dict) -> dict:
-    """Does the early B_noise (or another B_noise given) predict the largest batch within 1 point, within 2x?
+def prediction_check(b_noise: float | None, largest: dict) -> dict:
+    """Does ``b_noise`` (early, or at the target) predict the largest batch within 1 point, within 2x?
 
-    ``ratio`` = largest batch / early B_noise. A censored largest batch (the
+    ``ratio`` = largest batch / ``b_noise``. A censored largest batch (the
     grid's top passed) is a lower bound, so only ``ratio < 0.5`` can be judged
     a miss then; ``verdict`` is 'yes', 'no', 'at least' or 'unknown'.
     """
     b = largest.get("batch")
     if not largest.get("complete", True):
         lo = (largest.get("bracket") or {}).get("within")
-        if b_noise_early and lo and lo / b_noise_early > 2.0:
+        if b_noise and lo and lo / b_noise > 2.0:
             # the measured cells already put the limit above 2x the prediction (if error grows with batch)
-            return {"ratio": lo / b_noise_early, "verdict": "no (from the measured cells; grid incomplete)"}
+            return {"ratio": lo / b_noise, "verdict": "no (from the measured cells; grid incomplete)"}
         return {"ratio": None, "verdict": "pending (grid incomplete)"}
-    if b_noise_early is None or b is None:
+    if b_noise is None or b is None:
         return {"ratio": None, "verdict": "unknown"}
-    ratio = b / b_noise_early
+    ratio = b / b_noise
     if 0.5 <= ratio <= 2.0:
         verdict = "yes"
     elif largest.get("censored") and ratio > 2.0:

@@ -191,6 +191,7 @@ def run_name(label: str, settings: dict) -> str:
 
 
 #: seconds per epoch of the cost model by CPU vector class (see ``Design.sec_per_epoch``)
+#: "other" (neither AVX2 nor AVX-512) is not measured: assumed no faster than AVX2
 SEC_PER_EPOCH = {"avx512": 10.5, "avx2": 37.0, "other": 37.0}
 
 
