@@ -67,8 +67,8 @@ def parse_args(argv=None):
         "--sec-per-epoch",
         type=float,
         default=None,
-        help="cost model: seconds per 60k-image epoch (default: measured per vector class, "
-        "10.5 on AVX-512, 37 on AVX2)",
+        help="cost model: seconds per 60k-image epoch (default: the median of this host's own "
+        "finished runs, else per vector class: 10.5 on AVX-512, 37 on AVX2)",
     )
     p.add_argument(
         "--max-load",
@@ -134,7 +134,13 @@ def main(argv=None) -> int:
         return 0
     old = json.loads((out / "convergence.json").read_text()) if (out / "convergence.json").exists() else {}
     merged = dict(old.get("parts", {}), **results)
-    design = dict(vars(d), sec_per_epoch=D.sec_per_epoch(d, st.vector_class), vector_class=st.vector_class)
+    design = dict(
+        vars(d),
+        sec_per_epoch=D.sec_per_epoch(d, st.vector_class, st.measured_sec_per_epoch),
+        sec_per_epoch_source="design" if d.sec_per_epoch is not None
+        else f"this host's {st.measured_runs} finished runs" if st.measured_runs else "vector-class table",
+        vector_class=st.vector_class,
+    )
     (out / "convergence.json").write_text(
         json.dumps(
             {

@@ -440,3 +440,29 @@ def test_every_run_the_parts_make_is_a_valid_train_config():
     for settings in made:
         cfg = config.resolve({**config.defaults(), **settings}, world_size=d.ranks, check_paths=False)
         checks.check_recipe(cfg)
+
+
+def test_cost_model_takes_this_hosts_own_quiet_whole_runs_first():
+    from convergence_study.runner import host_sec_per_epoch
+
+    d = D.Design(eval_seconds=0.5, startup_seconds=10.0)
+    s = D.run_settings(d, "sgd", 1024, 0, 0.8, 20.0)  # 58 steps/epoch, eval every 29 steps: 40 evals
+    images = 1160 * 1024 / 60000
+    host = {"cpu_model": "AMD EPYC", "cpu_family": 25, "cpu_model_number": 17, "vector_class": "avx512",
+            "cpus": 2}
+
+    def rec(per_epoch, **kw):
+        return dict({"settings": s, "iterations_this_run": 1160, "completed": True, "resumed": False,
+                     "loaded": False, "machine": host, "elapsed_s": 10 + images * per_epoch + 40 * 0.5}, **kw)
+
+    assert D.measured_sec_per_epoch(d, rec(17.0)) == pytest.approx(17.0)  # the model, solved for it
+    other_cpu = dict(host, cpu_model_number=1, vector_class="avx2")
+    records = [rec(16.0), rec(17.0), rec(30.0), rec(99.0, resumed=True), rec(99.0, loaded=True),
+               rec(99.0, machine=other_cpu), {"settings": s, "elapsed_s": 1.0}]  # last: before 'machine'
+    assert host_sec_per_epoch(d, records, host) == (pytest.approx(17.0), 3)  # median of the three
+    assert host_sec_per_epoch(d, records[3:], host) == (None, 0)
+    # the host's figure wins over the class table, the design's own over both
+    assert D.sec_per_epoch(d, "avx512", 17.0) == 17.0
+    assert D.sec_per_epoch(d, "avx512", None) == 10.5
+    assert D.sec_per_epoch(D.Design(sec_per_epoch=5.0), "avx512", 17.0) == 5.0
+    assert D.run_cost_seconds(d, s, "avx512", 17.0) == pytest.approx(10 + images * 17 + 40 * 0.5)

@@ -195,30 +195,53 @@ def run_name(label: str, settings: dict) -> str:
 SEC_PER_EPOCH = {"avx512": 10.5, "avx2": 37.0, "other": 37.0}
 
 
-def sec_per_epoch(d: Design, vector_class: str | None) -> float:
-    """The cost model's seconds per 60k-image epoch: the design's, else the one measured for the class."""
+def sec_per_epoch(d: Design, vector_class: str | None, measured: float | None = None) -> float:
+    """The cost model's seconds per 60k-image epoch, from the most specific source there is.
+
+    In order: the design's own figure (``--sec-per-epoch``); ``measured``, this host's figure
+    from its own finished runs (:func:`measured_sec_per_epoch`); the class table. Why the host
+    first: one vector class spans CPUs 2x apart (the Zen 5 VM's 10.5 s, a Zen 4's 17 s, both AVX-512).
+    """
     if d.sec_per_epoch is not None:
         return d.sec_per_epoch
+    if measured is not None:
+        return measured
     if vector_class not in SEC_PER_EPOCH:
         raise ValueError(f"cost model: no seconds per epoch for vector class {vector_class!r}; "
                          f"set Design.sec_per_epoch (--sec-per-epoch)")
     return SEC_PER_EPOCH[vector_class]
 
 
-def run_cost_seconds(d: Design, settings: dict, vector_class: str | None = None) -> float:
+def _images_and_evals(settings: dict, steps: int) -> tuple[float, int]:
+    """(epochs' worth of images trained, evaluations) over ``steps`` steps of a run."""
+    batch = settings["global_batch"]
+    every = max(1, round(settings["eval_interval"] * iters_per_epoch(batch)))  # as the trainer rounds
+    return steps * batch / TRAIN_IMAGES, -(-steps // every)  # the last one is the final evaluation
+
+
+def measured_sec_per_epoch(d: Design, rec: dict) -> float:
+    """One finished record's seconds per 60k-image epoch: :func:`run_cost_seconds` solved for it.
+
+    The start-up and evaluation terms keep their design values, so the model reproduces the
+    record's launch-to-exit seconds exactly.
+    """
+    images, evals = _images_and_evals(rec["settings"], rec["iterations_this_run"])
+    return (rec["elapsed_s"] - d.startup_seconds - evals * d.eval_seconds) / images
+
+
+def run_cost_seconds(d: Design, settings: dict, vector_class: str | None = None,
+                     measured: float | None = None) -> float:
     """Predicted launch-to-exit seconds of a run on a quiet machine (the cost model).
 
-    ``vector_class`` ("avx512", "avx2", "other": ``_machine.machine()``) picks the
-    measured seconds per epoch unless the design sets its own.
+    ``vector_class`` ("avx512", "avx2", "other": ``_machine.machine()``) and ``measured``
+    (this host's seconds per epoch, if it has finished runs) pick the seconds per epoch as
+    :func:`sec_per_epoch` does.
 
     Training time is proportional to the images actually trained (whole steps
     per epoch only), plus one evaluation per ``eval_interval`` and a fixed
     start-up; the per-image cost does not depend on the batch (accumulation
     keeps the per-rank micro-batch fixed).
     """
-    batch, epochs = settings["global_batch"], settings["epochs"]
-    steps = int(epochs * iters_per_epoch(batch) + 0.999999)
-    train = steps * batch / TRAIN_IMAGES * sec_per_epoch(d, vector_class)
-    every = max(1, round(settings["eval_interval"] * iters_per_epoch(batch)))  # as the trainer rounds
-    evals = -(-steps // every)  # the last one is the final evaluation
-    return d.startup_seconds + train + evals * d.eval_seconds
+    steps = int(settings["epochs"] * iters_per_epoch(settings["global_batch"]) + 0.999999)
+    images, evals = _images_and_evals(settings, steps)
+    return d.startup_seconds + images * sec_per_epoch(d, vector_class, measured) + evals * d.eval_seconds

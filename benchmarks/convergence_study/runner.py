@@ -16,6 +16,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -164,6 +165,25 @@ def cpu_label(rec: dict) -> str:
     return f"{m['cpu_model']} (family {m['cpu_family']} model {m['cpu_model_number']}, {m['vector_class']})"
 
 
+#: what makes two records' seconds comparable: the same CPU model, vector class and CPU count
+HOST_KEYS = ("cpu_model", "cpu_family", "cpu_model_number", "vector_class", "cpus")
+
+
+def host_sec_per_epoch(d: D.Design, records, host: dict) -> tuple[float | None, int]:
+    """This host's seconds per epoch from its own finished runs: (median, runs used), or (None, 0).
+
+    Only whole, quiet runs count: not resumed (a resumed record's seconds cover part of it), not
+    loaded, and on a CPU with the same model, vector class and CPU count as ``host``.
+    """
+    same = [
+        D.measured_sec_per_epoch(d, r)
+        for r in records
+        if r.get("machine") and r.get("completed") and not r.get("resumed") and not r.get("loaded")
+        and all(r["machine"].get(k) == host.get(k) for k in HOST_KEYS)
+    ]
+    return (statistics.median(same), len(same)) if same else (None, 0)
+
+
 class Study:
     """The record cache and the way runs get executed (``mode``: 'run', 'plan' or 'report')."""
 
@@ -177,7 +197,14 @@ class Study:
             self.cache[rec["key"]] = rec
         self.planned, self.failures, self.used = {}, [], {}
         self._failed_in_a_row = 0
-        self.vector_class = machine()["vector_class"]  # picks the cost model's seconds per epoch
+        host = machine()
+        self.vector_class = host["vector_class"]  # picks the cost model's seconds per epoch ...
+        # ... unless this host has finished runs of its own: their median
+        self.measured_sec_per_epoch, self.measured_runs = host_sec_per_epoch(d, self.cache.values(), host)
+
+    def cost_seconds(self, settings: dict) -> float:
+        """The cost model's seconds for one run on this host (:func:`design.run_cost_seconds`)."""
+        return D.run_cost_seconds(self.d, settings, self.vector_class, self.measured_sec_per_epoch)
 
     def run(self, label: str, settings: dict, part: str) -> dict | None:
         """The run's record: cached, or executed now (mode 'run'); None if not available."""
@@ -191,7 +218,7 @@ class Study:
                 {
                     "name": D.run_name(label, settings),
                     "part": part,
-                    "seconds": D.run_cost_seconds(self.d, settings, self.vector_class),
+                    "seconds": self.cost_seconds(settings),
                 },
             )
             return None
@@ -267,7 +294,7 @@ class Study:
                str(BASE_CONFIG), "--out", str(work), "--resume", "auto"]
         for key, value in settings.items():
             cmd += ["--set", f"{key}={json.dumps(value)}"]
-        timeout = 4 * D.run_cost_seconds(self.d, settings, self.vector_class) + 600
+        timeout = 4 * self.cost_seconds(settings) + 600
         t0, cpu0 = time.perf_counter(), _children_cpu_seconds()
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
