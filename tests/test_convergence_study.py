@@ -394,6 +394,7 @@ def test_lr_grid_extends_past_an_edge_optimum_once(tmp_path):
     assert tuned and lr == pytest.approx(4 * D.rule_lr("sgd", 128))
     row = P.cell(st, "sgd", 128, 20.0, "fixed")
     assert row["grid"] == {"0.5": 11.0, "1.0": 10.0, "2.0": 9.0, "4.0": 8.0}
+    assert row["lr_at_grid_edge"]  # the extension's 4x still wins: the optimum may lie further out
     d0 = D.Design(recipes=("sgd",), lr_factors=(0.5, 1.0, 2.0), lr_extend=0, seeds=(0,))
     st0 = EdgeStudy(d0, tmp_path / "no-extension", log=lambda _m: None)
     assert sorted(r["lr_factor"] for r in P.grid(st0, "sgd", 128, 20.0, "fixed")) == [0.5, 1.0, 2.0]
@@ -403,6 +404,7 @@ def test_lr_grid_extends_past_an_edge_optimum_once(tmp_path):
     st1._execute = lambda label, s: dict(FakeStudy._execute(st1, label, s), final_error=8.0 + abs(
         math.log2(s["recipe_options"]["lr"] / D.rule_lr("sgd", 128))))
     assert sorted(r["lr_factor"] for r in P.grid(st1, "sgd", 128, 20.0, "fixed")) == [0.5, 1.0, 2.0]
+    assert not P.cell(st1, "sgd", 128, 20.0, "fixed")["lr_at_grid_edge"]
 
 
 def test_budget_is_checked_again_at_the_tuned_lr_once_the_grid_exists(tmp_path):

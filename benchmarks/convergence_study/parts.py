@@ -159,6 +159,10 @@ def cell(st, recipe: str, batch: int, epochs: float, part: str, seeds=None) -> d
             for r in sorted(grid(st, recipe, batch, epochs, part), key=lambda r: r["lr_factor"])
         },
     }
+    # the best LR at an end of the grid even after its extensions: the optimum may lie beyond it
+    factors = [float(f) for f in row["grid"]]
+    ends = (min(factors), max(factors)) if len(factors) > 1 else ()
+    row["lr_at_grid_edge"] = tuned and any(math.isclose(lr, D.rule_lr(recipe, batch) * f) for f in ends)
     if recs:
         row.update(A.spread([r["final_error"] for r in recs]))
     return row

@@ -112,6 +112,13 @@ def _budget_md(bc: dict) -> list[str]:
     return out
 
 
+def _tuned(row: dict) -> str:
+    """The 'tuned' column: 'edge' when the best LR is an end of the grid after its extensions."""
+    if not row["lr_tuned"]:
+        return "no"
+    return "yes, at the grid's edge" if row.get("lr_at_grid_edge") else "yes"
+
+
 def _fixed_md(fx: dict) -> list[str]:
     out = [
         "",
@@ -123,7 +130,7 @@ def _fixed_md(fx: dict) -> list[str]:
     for r in fx["rows"]:
         out.append(
             f"| {r['batch']} | {D.LABELS.get(r['recipe'], r['recipe'])} | {r['lr']:g} | "
-            f"{'yes' if r['lr_tuned'] else 'no'} | {r['steps']:g} | {','.join(map(str, r['seeds']))} | "
+            f"{_tuned(r)} | {r['steps']:g} | {','.join(map(str, r['seeds']))} | "
             f"{_fmt(r.get('mean'))} | {_fmt(r.get('half_spread'))} | "
             f"{_fmt(r.get('vs_baseline'), '+.2f')} | "
             f"{_grid(r['grid'])} |"
