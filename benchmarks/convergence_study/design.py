@@ -200,7 +200,7 @@ def sec_per_epoch(d: Design, vector_class: str | None, measured: float | None = 
 
     In order: the design's own figure (``--sec-per-epoch``); ``measured``, this host's figure
     from its own finished runs (:func:`measured_sec_per_epoch`); the class table. Why the host
-    first: one vector class spans CPUs 2x apart (the Zen 5 VM's 10.5 s, a Zen 4's 17 s, both AVX-512).
+    first: one vector class spans CPUs 2x apart (the Zen 5 VM's 10.5 s, a Zen 4 VM's 18 s, both AVX-512).
     """
     if d.sec_per_epoch is not None:
         return d.sec_per_epoch

@@ -113,7 +113,7 @@ def _budget_md(bc: dict) -> list[str]:
 
 
 def _tuned(row: dict) -> str:
-    """The 'tuned' column: 'edge' when the best LR is an end of the grid after its extensions."""
+    """The 'tuned' column; it names a best LR that is still an end of the grid after its extensions."""
     if not row["lr_tuned"]:
         return "no"
     return "yes, at the grid's edge" if row.get("lr_at_grid_edge") else "yes"
