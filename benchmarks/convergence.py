@@ -134,13 +134,10 @@ def main(argv=None) -> int:
         return 0
     old = json.loads((out / "convergence.json").read_text()) if (out / "convergence.json").exists() else {}
     merged = dict(old.get("parts", {}), **results)
-    design = dict(
-        vars(d),
-        sec_per_epoch=D.sec_per_epoch(d, st.vector_class, st.measured_sec_per_epoch),
-        sec_per_epoch_source="design" if d.sec_per_epoch is not None
-        else f"this host's {st.measured_runs} finished runs" if st.measured_runs else "vector-class table",
-        vector_class=st.vector_class,
-    )
+    per_epoch, source = D.sec_per_epoch_and_source(d, st.vector_class, st.measured_sec_per_epoch)
+    if source == "host":
+        source = f"this host's {st.measured_runs} finished runs"
+    design = dict(vars(d), sec_per_epoch=per_epoch, sec_per_epoch_source=source, vector_class=st.vector_class)
     (out / "convergence.json").write_text(
         json.dumps(
             {

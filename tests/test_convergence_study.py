@@ -467,4 +467,7 @@ def test_cost_model_takes_this_hosts_own_quiet_whole_runs_first():
     assert D.sec_per_epoch(d, "avx512", 17.0) == 17.0
     assert D.sec_per_epoch(d, "avx512", None) == 10.5
     assert D.sec_per_epoch(D.Design(sec_per_epoch=5.0), "avx512", 17.0) == 5.0
+    sources = [D.sec_per_epoch_and_source(dd, "avx512", m)[1]
+               for dd, m in ((D.Design(sec_per_epoch=5.0), 17.0), (d, 17.0), (d, None))]
+    assert sources == ["design", "host", "vector-class table"]
     assert D.run_cost_seconds(d, s, "avx512", 17.0) == pytest.approx(10 + images * 17 + 40 * 0.5)

@@ -195,21 +195,28 @@ def run_name(label: str, settings: dict) -> str:
 SEC_PER_EPOCH = {"avx512": 10.5, "avx2": 37.0, "other": 37.0}
 
 
-def sec_per_epoch(d: Design, vector_class: str | None, measured: float | None = None) -> float:
-    """The cost model's seconds per 60k-image epoch, from the most specific source there is.
+def sec_per_epoch_and_source(d: Design, vector_class: str | None,
+                             measured: float | None = None) -> tuple[float, str]:
+    """The cost model's seconds per 60k-image epoch, from the most specific source there is,
+    and that source ("design", "host" or "vector-class table").
 
     In order: the design's own figure (``--sec-per-epoch``); ``measured``, this host's figure
     from its own finished runs (:func:`measured_sec_per_epoch`); the class table. Why the host
-    first: one vector class spans CPUs 2x apart (the Zen 5 VM's 10.5 s, a Zen 4 VM's 18 s, both AVX-512).
+    first: one vector class spans CPUs 2x apart (the Zen 5 VM's 10.5 s, a Zen 4 VM's 15.5 s, both AVX-512).
     """
     if d.sec_per_epoch is not None:
-        return d.sec_per_epoch
+        return d.sec_per_epoch, "design"
     if measured is not None:
-        return measured
+        return measured, "host"
     if vector_class not in SEC_PER_EPOCH:
         raise ValueError(f"cost model: no seconds per epoch for vector class {vector_class!r}; "
                          f"set Design.sec_per_epoch (--sec-per-epoch)")
-    return SEC_PER_EPOCH[vector_class]
+    return SEC_PER_EPOCH[vector_class], "vector-class table"
+
+
+def sec_per_epoch(d: Design, vector_class: str | None, measured: float | None = None) -> float:
+    """The cost model's seconds per 60k-image epoch (:func:`sec_per_epoch_and_source`)."""
+    return sec_per_epoch_and_source(d, vector_class, measured)[0]
 
 
 def _images_and_evals(settings: dict, steps: int) -> tuple[float, int]:
