@@ -116,7 +116,7 @@ def osu_sweep(comm, sizes, repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few sizes, 3 repeats (< 20 s)")
     ap.add_argument("--repeats", type=int, default=15)
@@ -131,7 +131,11 @@ def main() -> int:
     ap.add_argument("--ranks", type=int, default=2, help="ranks per launch (--launches)")
     ap.add_argument("--bind", default="core", help="hydra -bind-to of each launch, or 'none' (--launches)")
     ap.add_argument("--launch-timeout", type=float, default=300, help="seconds per launch (--launches)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.launches:
         from benchmarks._launches import run_launches
 
@@ -167,14 +171,7 @@ def main() -> int:
             np.copyto(p.grad, g)
 
     cases, sweep, default = build_cases(args, comm, model, originals)
-    for fn in cases.values():  # warm-up: JIT, windows, page faults
-        timed(comm, fn, reset)
-    times: dict[str, list] = {k: [] for k in cases}
-    cpus = set()
-    for _ in range(repeats):
-        for k, fn in cases.items():
-            times[k].append(timed(comm, fn, reset))
-            cpus.add(current_cpu())
+    times, cpus = time_cases(comm, cases, reset, repeats)
     placement = {"cpus": sorted(c for c in cpus if c is not None), "anon_huge_mb": anon_huge_mb(),
                  # the default communicator's probe (one node): core-to-core round trip, ns
                  "round_trip_ns": getattr(default, "node_round_trip_ns", None)}
@@ -186,6 +183,20 @@ def main() -> int:
             "loadavg_after": os.getloadavg(), "bucket_bytes": default.get_config("bucket_bytes"),
             "placement": placement, "ranks": comm.Get_size(), "repeats": repeats}
     return report(args, times, set(sweep), osu, meta)
+
+
+def time_cases(comm, cases: dict, reset, repeats: int) -> tuple[dict, set]:
+    """Seconds of each case per repeat (cases interleaved, after one warm-up each: JIT, windows, page
+    faults), and the CPUs this rank ran on."""
+    for fn in cases.values():
+        timed(comm, fn, reset)
+    times: dict[str, list] = {k: [] for k in cases}
+    cpus = set()
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            times[k].append(timed(comm, fn, reset))
+            cpus.add(current_cpu())
+    return times, cpus
 
 
 def current_cpu() -> int | None:

@@ -80,13 +80,35 @@ def rank_main(shapes_file: str, repeats: int, out_file: str) -> None:
         for n, p in params:
             p.grad = grads[n].copy()
 
+    n_total = sum(int(np.prod(s)) for s in shapes)
+    methods, errors = _methods(world, model, params, n_total)
+    first_name, first_param = params[0]
+    ref = np.mean([np.random.default_rng(r).standard_normal(first_param.shape).astype(np.float64)
+                   for r in range(world.size)], axis=0)
+    results = {}
+    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    for label, fn in methods.items():
+        times, sent = _time_method(world, local, fn, reset, repeats)
+        err = float(np.max(np.abs(first_param.grad.astype(np.float64) - ref)))
+        results[label] = {"median_s": statistics.median(times), "times_s": times,
+                          "host_tx_bytes": int(statistics.median(sent)),
+                          f"max_abs_error_{first_name}": err}
+    if world.rank == 0:
+        Path(out_file).write_text(json.dumps({"methods": results, "missing": errors,
+                                              "params": n_total, "arrays": len(shapes)}))
+
+
+def _methods(world, model, params, n_total: int) -> tuple[dict, dict]:
+    """The allreduces compared: ``{label: fn}``, and ``{label: why missing}`` for those not built."""
+    import numpy as np
+    from mpi4py import MPI
+
     def chainermn_naive():
         for _, p in params:
             buf = np.empty_like(p.grad)
             world.Allreduce(p.grad, buf, op=MPI.SUM)
             p.grad = buf * np.float32(1.0 / world.size)
 
-    n_total = sum(int(np.prod(s)) for s in shapes)
     packed = np.empty(n_total, np.float32)
     reduced = np.empty_like(packed)
 
@@ -116,33 +138,28 @@ def rank_main(shapes_file: str, repeats: int, out_file: str) -> None:
             continue
         comm = hpcsgd.create_communicator(name, **kw)
         methods[label] = (lambda c: (lambda: c.multi_node_mean_grad(model)))(comm)
+    return methods, errors
 
-    first_name, first_param = params[0]
-    ref = np.mean([np.random.default_rng(r).standard_normal(first_param.shape).astype(np.float64)
-                   for r in range(world.size)], axis=0)
-    results = {}
-    local = world.Split_type(MPI.COMM_TYPE_SHARED)
-    for label, fn in methods.items():
-        times, sent = [], []
-        for rep in range(repeats + 1):
-            reset()
-            world.Barrier()
-            tx0 = _iface_tx() if local.rank == 0 else 0
-            t0 = MPI.Wtime()
-            fn()
-            t = MPI.Wtime() - t0
-            slowest = world.allreduce(t, op=MPI.MAX)
-            tx = world.allreduce((_iface_tx() - tx0) if local.rank == 0 else 0, op=MPI.MAX)
-            if rep > 0:
-                times.append(slowest)
-                sent.append(tx)
-        err = float(np.max(np.abs(first_param.grad.astype(np.float64) - ref)))
-        results[label] = {"median_s": statistics.median(times), "times_s": times,
-                          "host_tx_bytes": int(statistics.median(sent)),
-                          f"max_abs_error_{first_name}": err}
-    if world.rank == 0:
-        Path(out_file).write_text(json.dumps({"methods": results, "missing": errors,
-                                              "params": n_total, "arrays": len(shapes)}))
+
+def _time_method(world, local, fn, reset, repeats: int) -> tuple[list, list]:
+    """``repeats`` timings of ``fn`` after one warm-up: the slowest rank's seconds, and the bytes the
+    nodes' interfaces sent (the most of any node, read by each node's first rank)."""
+    from mpi4py import MPI
+
+    times, sent = [], []
+    for rep in range(repeats + 1):
+        reset()
+        world.Barrier()
+        tx0 = _iface_tx() if local.rank == 0 else 0
+        t0 = MPI.Wtime()
+        fn()
+        t = MPI.Wtime() - t0
+        slowest = world.allreduce(t, op=MPI.MAX)
+        tx = world.allreduce((_iface_tx() - tx0) if local.rank == 0 else 0, op=MPI.MAX)
+        if rep > 0:
+            times.append(slowest)
+            sent.append(tx)
+    return times, sent
 
 
 # -- driver -----------------------------------------------------------------------------

@@ -326,7 +326,7 @@ def _ratios(med: dict, med_cpu: dict) -> dict:
     return ratios
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run (fewer images, one repeat)")
     ap.add_argument("--cache", default=os.environ.get(
@@ -338,7 +338,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "loader.json"))
     args = ap.parse_args(argv)
-    n_images = args.images or (128 if args.quick else 320)
+    args.images = args.images or (128 if args.quick else 320)
+    if args.images < args.batch:  # an epoch of no batch: the timed loops would wait forever
+        ap.error(f"--images {args.images} holds no batch of --batch {args.batch}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    n_images = args.images
     repeats = args.repeats or (1 if args.quick else 3)
     epochs = 1
     load_before = os.getloadavg()
@@ -353,18 +361,7 @@ def main(argv=None) -> int:
     med_cpu = {name: {w: statistics.median(v) for w, v in d.items()} for name, d in cpu_ms.items()}
     ratios = _ratios(med, med_cpu)
 
-    w_max = max(args.workers)
-    batch_s = args.batch / med["hpcsgd"][str(w_max)]
-    step_s = 2.0 * batch_s  # compute-bound: the step takes twice what the workers need per batch
-    frac, frac_all, step_med, waits = data_wait_fraction(ds, args.batch, w_max, step_s,
-                                                         12 if args.quick else 30)
-    print(f"data wait: {100 * frac:.2f}% of step time in steady state, {100 * frac_all:.2f}% with the "
-          f"queue filling (step {step_med * 1e3:.0f} ms = synthetic compute {step_s * 1e3:.0f} ms, "
-          f"{w_max} workers)", flush=True)
-
-    import PIL
-    from threadpoolctl import threadpool_info
-
+    wait = _data_wait(ds, args, med)
     result = {
         "benchmark": "loader", "quick": args.quick, "images": len(ds), "image_size": [500, 375],
         "jpeg_quality": 90, "mean_file_kB": float(np.mean(sizes) / 1e3), "batch": args.batch,
@@ -372,22 +369,42 @@ def main(argv=None) -> int:
         "repeats": repeats, "epochs_timed": epochs, "throughput_images_per_s": throughput,
         "median_images_per_s": med, "cpu_ms_per_image": cpu_ms, "median_cpu_ms_per_image": med_cpu,
         "ratios": ratios, "per_image_decode_augment": micro,
-        "data_wait": {"workers": w_max, "synthetic_compute_s": step_s, "median_step_s": step_med,
-                      "wait_fraction": frac, "wait_fraction_incl_queue_fill": frac_all,
-                      "wait_s_per_step": waits, "compute": "sleep (off-CPU, like an accelerator step)"},
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
-        "machine": machine(),
-        "python": platform.python_version(), "pillow": PIL.__version__,
-        "decoder": "simplejpeg " + simplejpeg.__version__ if simplejpeg is not None else "pillow",
-        "blas": [{k: i.get(k) for k in ("internal_api", "version", "architecture")}
-                 for i in threadpool_info()],
+        "data_wait": wait, "loadavg_before": load_before, **_environment(),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.splitext(args.out)[0] + ".png")
-    print(json.dumps({"ratios": ratios, "data_wait_fraction": frac}, indent=1))
+    print(json.dumps({"ratios": ratios, "data_wait_fraction": wait["wait_fraction"]}, indent=1))
     return 0
+
+
+def _data_wait(ds, args, med: dict) -> dict:
+    """The loader's data wait under a compute-bound step (twice what the workers need per batch)."""
+    w_max = max(args.workers)
+    step_s = 2.0 * args.batch / med["hpcsgd"][str(w_max)]
+    frac, frac_all, step_med, waits = data_wait_fraction(ds, args.batch, w_max, step_s,
+                                                         12 if args.quick else 30)
+    print(f"data wait: {100 * frac:.2f}% of step time in steady state, {100 * frac_all:.2f}% with the "
+          f"queue filling (step {step_med * 1e3:.0f} ms = synthetic compute {step_s * 1e3:.0f} ms, "
+          f"{w_max} workers)", flush=True)
+    return {"workers": w_max, "synthetic_compute_s": step_s, "median_step_s": step_med,
+            "wait_fraction": frac, "wait_fraction_incl_queue_fill": frac_all,
+            "wait_s_per_step": waits, "compute": "sleep (off-CPU, like an accelerator step)"}
+
+
+def _environment() -> dict:
+    """Load after the run, the machine, and the versions of what decodes and computes."""
+    import PIL
+    from threadpoolctl import threadpool_info
+
+    return {
+        "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(), "machine": machine(),
+        "python": platform.python_version(), "pillow": PIL.__version__,
+        "decoder": "simplejpeg " + simplejpeg.__version__ if simplejpeg is not None else "pillow",
+        "blas": [{k: i.get(k) for k in ("internal_api", "version", "architecture")}
+                 for i in threadpool_info()],
+    }
 
 
 def plot(result: dict, path: str) -> None:

@@ -186,7 +186,7 @@ def endless(loader):
         epoch += 1
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=float, nargs="+", default=DEFAULT_EPOCHS, help="measurement epochs")
     p.add_argument("--micro-batches", type=int, default=32,
@@ -209,7 +209,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if sorted(args.epochs) != args.epochs or args.epochs[0] < 0:
         p.error("--epochs must be ascending and >= 0")
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import tempfile
 
     from hpcsgd.train.build import build_run, make_loader
@@ -234,22 +238,27 @@ def main(argv=None) -> int:
                 if args.save_dir:
                     os.makedirs(args.save_dir, exist_ok=True)
                     save_checkpoint(run, os.path.join(args.save_dir, f"iter{run.iteration:05d}.npz"))
-                meas = [measure(run, stream, args.micro_batches, args.bn_eval) for _ in range(args.repeats)]
-                bn = [m["b_noise"] for m in meas]
-                points.append({"epoch": run.epoch(), "iteration": run.iteration, "measurements": meas,
-                               "b_noise": [x for x in bn], "elapsed_s": time.perf_counter() - t0,
-                               "train_loss_since_last": float(np.mean(losses)) if losses else None})
-                shown = ", ".join("n/a" if x is None else f"{x:.0f}" for x in bn)
-                extra = ", ".join(f"{k} {m[k]:.0f}" for m in meas for k in ("b_noise_jk_se", "b_noise_pairs",
-                                                                             "b_noise_bn_eval")
-                                  if m.get(k) is not None)
-                print(f"epoch {run.epoch():5.2f} (iteration {run.iteration:5d}): B_noise {shown} ({extra})",
-                      flush=True)
+                points.append(measure_point(run, stream, args, losses, t0))
                 write(args, cfg, points)
         finally:
             probe_loader.close()
             run.close()
     return 0
+
+
+def measure_point(run, stream, args, losses: list, t0: float) -> dict:
+    """``args.repeats`` measurements at the run's current point, printed in one line; the point's record
+    (``elapsed_s``: seconds since ``t0``, a ``time.perf_counter()`` reading, to the measurements' end)."""
+    meas = [measure(run, stream, args.micro_batches, args.bn_eval) for _ in range(args.repeats)]
+    bn = [m["b_noise"] for m in meas]
+    shown = ", ".join("n/a" if x is None else f"{x:.0f}" for x in bn)
+    extra = ", ".join(f"{k} {m[k]:.0f}" for m in meas for k in ("b_noise_jk_se", "b_noise_pairs",
+                                                                 "b_noise_bn_eval")
+                      if m.get(k) is not None)
+    print(f"epoch {run.epoch():5.2f} (iteration {run.iteration:5d}): B_noise {shown} ({extra})", flush=True)
+    return {"epoch": run.epoch(), "iteration": run.iteration, "measurements": meas, "b_noise": bn,
+            "elapsed_s": time.perf_counter() - t0,
+            "train_loss_since_last": float(np.mean(losses)) if losses else None}
 
 
 def write(args, cfg, points) -> None:
