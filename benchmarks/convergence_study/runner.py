@@ -79,44 +79,7 @@ def read_run(work: Path) -> dict:
     ``noise_scale`` entry, or a flat ``b_noise``); a trainer without the
     estimator gives an empty series and ``noise_summary`` None.
     """
-    evals, losses, noise = [], [], []
-    log = work / "log.rank0.jsonl"
-    if log.exists():
-        for line in log.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            kind = rec.get("kind")
-            if kind == "eval" and "top1" in rec:
-                evals.append(
-                    {
-                        "iteration": rec["iteration"],
-                        "epoch": rec["epoch"],
-                        "error": 100.0 * (1.0 - rec["top1"]),
-                        "loss": rec.get("loss"),
-                    }
-                )
-            elif kind == "train" and "loss" in rec:
-                losses.append(
-                    {
-                        "iteration": rec["iteration"],
-                        "epoch": rec["epoch"],
-                        "loss": rec["loss"],
-                        "lr": rec.get("lr"),
-                    }
-                )
-                ns = rec.get("noise_scale") if isinstance(rec.get("noise_scale"), dict) else {}
-                b, raw = ns.get("b_noise", rec.get("b_noise")), ns.get("b_noise_raw", rec.get("b_noise_raw"))
-                if b is not None or raw is not None:
-                    noise.append(
-                        {
-                            "iteration": rec["iteration"],
-                            "epoch": rec["epoch"],
-                            "b_noise": b,
-                            "b_noise_raw": raw,
-                        }
-                    )
+    evals, losses, noise = _log_series(work / "log.rank0.jsonl")
     summary = {}
     if (work / "summary.json").exists():
         summary = json.loads((work / "summary.json").read_text())
@@ -135,6 +98,31 @@ def read_run(work: Path) -> dict:
         "skipped_steps": summary.get("skipped_steps", 0),
         "versions": summary.get("versions"),
     }
+
+
+def _log_series(log: Path) -> tuple[list, list, list]:
+    """(evaluations, train losses, B_noise) of a rank's JSONL log, in its order; empty when absent."""
+    evals, losses, noise = [], [], []
+    if not log.exists():
+        return evals, losses, noise
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        kind = rec.get("kind")
+        if kind not in ("eval", "train"):
+            continue
+        at = {"iteration": rec["iteration"], "epoch": rec["epoch"]}
+        if kind == "eval" and "top1" in rec:
+            evals.append({**at, "error": 100.0 * (1.0 - rec["top1"]), "loss": rec.get("loss")})
+        elif kind == "train" and "loss" in rec:
+            losses.append({**at, "loss": rec["loss"], "lr": rec.get("lr")})
+            ns = rec.get("noise_scale") if isinstance(rec.get("noise_scale"), dict) else {}
+            b, raw = ns.get("b_noise", rec.get("b_noise")), ns.get("b_noise_raw", rec.get("b_noise_raw"))
+            if b is not None or raw is not None:
+                noise.append({**at, "b_noise": b, "b_noise_raw": raw})
+    return evals, losses, noise
 
 
 def _add_seconds(work: Path, seconds: float) -> float:
