@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._bandwidth import allreduce_bandwidth
+
 
 def run(args, resnet50_shapes, grad_model) -> int:
     from mpi4py import MPI
@@ -90,20 +92,30 @@ def run(args, resnet50_shapes, grad_model) -> int:
     world.destroy()
     if rank != 0:
         return 0
+    meta = {"ranks": n, "gpu": cupy.cuda.runtime.getDeviceProperties(device)["name"].decode(),
+            "cupy": cupy.__version__, "nccl": int(nccl.get_version()), "quick": args.quick,
+            "repeats": repeats, "arrays": len(shapes), "grad_bytes": nbytes}
+    return report(args, times, errors, meta)
+
+
+def report(args, times: dict, errors: dict, meta: dict) -> int:
+    """Rank 0: medians, algbw/busbw and the ratio to NCCL's packed allreduce, as JSON and a table.
+
+    ``times``: seconds per repeat of each case (the slowest rank's); ``meta``: ranks, gpu, cupy,
+    nccl, quick, repeats, arrays, grad_bytes. Returns 1 when a case failed, else 0.
+    """
+    n, nbytes, repeats = meta["ranks"], meta["grad_bytes"], meta["repeats"]
     base_key = "NCCL allreduce packed f32 (no pack)"
     base = float(np.median(times[base_key])) if base_key in times else None
     results = {}
     for k, ts in times.items():
         t = float(np.median(ts))
-        algbw = nbytes / t / 1e9
-        results[k] = {"median_ms": t * 1e3, "min_ms": float(np.min(ts)) * 1e3, "algbw_GBps": algbw,
-                      "busbw_GBps": algbw * 2 * (n - 1) / n,
+        results[k] = {"median_ms": t * 1e3, "min_ms": float(np.min(ts)) * 1e3,
+                      **allreduce_bandwidth(nbytes, t, n),
                       "ratio_to_nccl_packed": t / base if base else None,
                       "repeats_ms": [x * 1e3 for x in ts]}
-    out = {"ranks": n, "gpu": cupy.cuda.runtime.getDeviceProperties(device)["name"].decode(),
-           "cupy": cupy.__version__, "nccl": int(nccl.get_version()), "quick": args.quick,
-           "repeats": repeats, "arrays": len(shapes), "grad_bytes": nbytes, "resnet50_gpu": results,
-           "errors": errors, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    out = {**meta, "resnet50_gpu": results, "errors": errors,
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "host": platform.node(), "cpus": os.cpu_count(),
            "note": "1 rank per GPU; on one GPU NCCL's allreduce is a local copy: this measures hpcsgd's "
                    "pack/unpack/launch cost against NCCL's floor, not link bandwidth",
@@ -113,10 +125,11 @@ def run(args, resnet50_shapes, grad_model) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     w = max((len(k) for k in results), default=10)
-    print(f"ResNet-50 gradients on {out['gpu']}: {len(shapes)} arrays, {nbytes / 1e6:.1f} MB, {n} rank(s)")
+    print(f"ResNet-50 gradients on {out['gpu']}: {meta['arrays']} arrays, {nbytes / 1e6:.1f} MB, {n} rank(s)")
     for k, r in results.items():
         ratio = f"x{r['ratio_to_nccl_packed']:.2f} of NCCL packed" if r["ratio_to_nccl_packed"] else ""
-        print(f"  {k:<{w}}  {r['median_ms']:8.3f} ms  algbw {r['algbw_GBps']:7.1f} GB/s  {ratio}")
+        print(f"  {k:<{w}}  {r['median_ms']:8.3f} ms  algbw {r['algbw_GBps']:7.1f} GB/s  "
+              f"busbw {r['busbw_GBps']:7.1f} GB/s  {ratio}")
     for k, e in errors.items():
         print(f"  {k:<{w}}  FAILED: {e}")
     print(f"wrote {path}")

@@ -44,6 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks._bandwidth import allreduce_bandwidth  # noqa: E402
 from benchmarks._machine import machine  # noqa: E402
 
 
@@ -110,9 +111,7 @@ def osu_sweep(comm, sizes, repeats: int) -> list[dict]:
                 comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
             meds.append(comm.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
         t = float(np.median(meds))
-        algbw = buf.nbytes / t / 1e9
-        rows.append({"bytes": int(buf.nbytes), "us": t * 1e6, "algbw_GBps": algbw,
-                     "busbw_GBps": algbw * 2 * (n - 1) / n})
+        rows.append({"bytes": int(buf.nbytes), "us": t * 1e6, **allreduce_bandwidth(buf.nbytes, t, n)})
     return rows
 
 
@@ -277,9 +276,8 @@ def report(args, times: dict, sweep: set, osu: list, meta: dict) -> int:
     results = {}
     for k, ts in times.items():
         t = float(np.median(ts))
-        algbw = nbytes / t / 1e9
         results[k] = {"median_ms": t * 1e3, "min_ms": float(np.min(ts)) * 1e3,
-                      "algbw_GBps": algbw, "busbw_GBps": algbw * 2 * (n - 1) / n,
+                      **allreduce_bandwidth(nbytes, t, n),
                       "ratio_to_chainermn_naive": t / base, "repeats_ms": [x * 1e3 for x in ts]}
     bucket_sweep = {k: results.pop(k) for k in sweep}
     out = {
