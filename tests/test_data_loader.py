@@ -89,3 +89,13 @@ def test_device_batches_match_host_batches():  # pragma: no cover - no GPU on th
         dev = [(cupy.asnumpy(x), cupy.asnumpy(t)) for x, t in loader]
     for (xh, th), (xd, td) in zip(host, dev):
         assert np.array_equal(th, td) and np.abs(xh - xd).max() < 1e-5
+
+
+def test_a_dataset_smaller_than_the_global_batch_is_refused_not_spun_on():
+    """50 samples hold no global batch of 2 x 32 = 64: an epoch would yield nothing, and a loop
+    over epochs would spin forever. Without drop_remainder the one padded batch is fine."""
+    with pytest.raises(ConfigError, match="50 samples hold no global batch of 64 .2 ranks x 32."):
+        Loader(small(), 32, workers=0, rank=0, size=2)
+    loader = Loader(small(), 32, workers=0, rank=0, size=2, drop_remainder=False)
+    assert len(list(loader)) == 1
+    loader.close()

@@ -66,6 +66,10 @@ class Loader:
                               f"prefetch={prefetch} rank={rank} size={size}")
         if len(dataset) == 0:
             raise DataError("the dataset is empty")
+        if drop_remainder and len(dataset) < batch_size * size:  # an epoch of no batch: a silent spin
+            raise ConfigError(f"the dataset's {len(dataset)} samples hold no global batch of "
+                              f"{batch_size * size} ({size} ranks x {batch_size}); lower the batch or "
+                              f"set drop_remainder=False")
         if device is not None and not cuda_available():
             raise ConfigError(f"device={device} needs CuPy and a CUDA GPU; use device=None for NumPy")
         self.dataset, self.batch_size, self.rank, self.size = dataset, int(batch_size), int(rank), int(size)
