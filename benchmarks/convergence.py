@@ -64,6 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--lr-factors", type=float, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument(
+        "--akiba-bn-variants",
+        nargs="+",
+        choices=tuple(P.AKIBA_BN),
+        default=None,
+        help="the akiba-bn part's BN variants (default all); a subset runs those first",
+    )
+    p.add_argument(
         "--sec-per-epoch",
         type=float,
         default=None,
@@ -87,6 +94,7 @@ def design_from(args) -> D.Design:
         ("recipes", "recipes"),
         ("lr_factors", "lr_factors"),
         ("seeds", "seeds"),
+        ("akiba_bn_variants", "akiba_bn_variants"),
     ):
         if getattr(args, name) is not None:
             setattr(d, attr, tuple(getattr(args, name)))

@@ -471,3 +471,17 @@ def test_cost_model_takes_this_hosts_own_quiet_whole_runs_first():
                for dd, m in ((D.Design(sec_per_epoch=5.0), 17.0), (d, 17.0), (d, None))]
     assert sources == ["design", "host", "vector-class table"]
     assert D.run_cost_seconds(d, s, "avx512", 17.0) == pytest.approx(10 + images * 17 + 40 * 0.5)
+
+
+def test_cli_subsets_narrow_the_design_and_reject_unknown_names():
+    """--akiba-bn-variants (like --recipes and --fixed-batches) narrows the design it names; the
+    default keeps every variant; an unknown name is an argparse error, not a silently empty part."""
+    import convergence
+
+    d = convergence.design_from(convergence.parse_args(["--akiba-bn-variants", "running", "batch-mean"]))
+    assert d.akiba_bn_variants == ("running", "batch-mean")
+    d = convergence.design_from(convergence.parse_args(["--recipes", "goyal", "--fixed-batches", "512"]))
+    assert d.recipes == ("goyal",) and d.fixed_batches == (512,)
+    assert d.akiba_bn_variants == D.Design().akiba_bn_variants == tuple(P.AKIBA_BN)
+    with pytest.raises(SystemExit):
+        convergence.parse_args(["--akiba-bn-variants", "moving"])
